@@ -1,0 +1,217 @@
+"""``cxr``: the shared core's command line (folds, fusion, metric, submissions, synthetic data).
+
+Every subcommand is a thin wrapper over a library function; run ``cxr <command> -h``.
+Errors in input files print one line naming the file, row and value, and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cxr import baseline, fusion, labels as labels_io, metric, predictions, submission, synth
+from cxr.config import load
+from cxr.dataset import SUBMISSION_COLUMNS
+from cxr.folds import fold_class_table, make_folds
+from cxr.io import DataError, read_table, write_json, write_table
+
+
+def _sizes(path: str | None) -> pd.DataFrame | None:
+    return labels_io.read_sizes(path) if path else None
+
+
+def cmd_folds(a: argparse.Namespace) -> None:
+    labels = labels_io.read_train_labels(a.labels)
+    folds = make_folds(labels, a.n_folds, a.seed)
+    write_table(folds, a.out)
+    print(fold_class_table(labels, folds).to_string())
+    print(f"wrote {a.out}: {len(folds)} images in {a.n_folds} folds (seed {a.seed})")
+
+
+def cmd_fuse(a: argparse.Namespace) -> None:
+    labels = labels_io.read_train_labels(a.labels)
+    drop = tuple(a.drop_readers.split(",")) if a.drop_readers else ()
+    if a.count:
+        configs = {m: fusion.FusionConfig(mode=m, iou_thr=a.iou_thr, drop_readers=drop) for m in ("keep_all", "nms", "wbf")}
+        table = fusion.count_boxes(labels, configs)
+        table.loc["total"] = table.sum()
+        print(table.to_string())
+    if a.out:
+        cfg = fusion.FusionConfig(mode=a.mode, iou_thr=a.iou_thr, drop_readers=drop)
+        write_table(fusion.fuse_readers(labels, cfg), a.out)
+        print(f"wrote {a.out} ({cfg})")
+
+
+def _load_predictions(path: str) -> tuple[pd.DataFrame, list[str] | None]:
+    """A submission (PredictionString) or a prediction table; a submission also gives its image list."""
+    header = read_table(path, nrows=0)
+    if list(header.columns) == SUBMISSION_COLUMNS:
+        preds = submission.read_submission(path)
+        ids = read_table(path, dtype={"image_id": str})["image_id"].tolist()
+        return preds, ids
+    return predictions.read_predictions(path), None
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    labels = labels_io.read_labels(a.labels, _sizes(a.sizes))
+    preds, ids = _load_predictions(a.submission)
+    if a.folds:
+        folds = read_table(a.folds, dtype={"image_id": str})
+        ids = folds.loc[folds["fold"] == a.fold, "image_id"].tolist() if a.fold is not None else folds["image_id"].tolist()
+        preds = preds[preds["image_id"].isin(set(ids))]  # --fold picks a subset on purpose
+    gt = metric.ground_truth(labels)
+    if ids is not None:
+        missing = sorted(set(ids) - set(gt["image_id"]))
+        if missing:
+            raise DataError(a.labels, f"{len(missing)} scored image(s) have no labels, e.g. {missing[:3]}")
+    result = metric.mean_average_precision(gt, preds, ids)
+    if a.coco:
+        result.update(metric.coco_ap(gt, preds, ids))
+    print(json.dumps(result))
+
+
+def cmd_check_submission(a: argparse.Namespace) -> None:
+    problems = submission.check_submission(a.submission, a.sample, _sizes(a.sizes))
+    for p in problems:
+        print(p)
+    if problems:
+        sys.exit(1)
+    print(f"{a.submission}: valid")
+
+
+def cmd_submission(a: argparse.Namespace) -> None:
+    sizes = _sizes(a.sizes)
+    preds = predictions.read_predictions(a.predictions, sizes)
+    ids = read_table(a.sample, dtype={"image_id": str})["image_id"].tolist()
+    submission.write_submission(preds, ids, a.out)
+    problems = submission.check_submission(a.out, a.sample, sizes)
+    for p in problems:
+        print(p)
+    if problems:
+        sys.exit(1)
+    print(f"wrote {a.out}: {len(ids)} images, {len(preds)} boxes")
+
+
+def cmd_baseline(a: argparse.Namespace) -> None:
+    train_sizes = labels_io.read_sizes(a.train_sizes)
+    fused = fusion.fuse_readers(labels_io.read_train_labels(a.labels, train_sizes))
+    if a.folds:  # out of fold: every training image predicted by the prior of the other folds
+        folds = read_table(a.folds, dtype={"image_id": str})
+        preds, sizes = baseline.oof_prior(fused, train_sizes, folds), train_sizes
+    else:
+        sizes = labels_io.read_sizes(a.sizes)
+        preds = baseline.predict_prior(baseline.fit_prior(fused, train_sizes), sizes["image_id"].tolist(), sizes)
+    predictions.write_predictions(preds, a.out, sizes)
+    print(f"wrote {a.out}: prior boxes for {preds['image_id'].nunique()} images")
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    overrides = {k: v for k, v in vars(a).items() if k in ("out", "n_train", "n_test", "size", "seed") and v is not None}
+    cfg = load(synth.SynthConfig, a.config, overrides) if a.config else synth.SynthConfig(**overrides)
+    out = synth.generate(cfg)
+    print(f"wrote {out}: {cfg.n_train} train + {cfg.n_test} test images at {cfg.size}px")
+
+
+def cmd_stats(a: argparse.Namespace) -> None:
+    sizes = labels_io.read_sizes(a.sizes)
+    stats = synth.compute_stats(labels_io.read_train_labels(a.labels, sizes), sizes)
+    write_json(stats, a.out)
+    print(f"wrote {a.out}")
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from cxr.images import prepare_png_set
+
+    meta = prepare_png_set(a.src, a.out, a.size, a.workers)
+    print(f"{a.out}: {len(meta)} images at {a.size}px, original sizes in {Path(a.out) / 'meta.csv'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("folds", help="write image_id,fold (grouped by image, stratified over classes)")
+    s.add_argument("--labels", required=True, help="Kaggle train.csv")
+    s.add_argument("--n-folds", type=int, default=5)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_folds)
+
+    s = sub.add_parser("fuse", help="fuse readers' boxes (keep_all / nms / wbf); --count prints boxes per mode")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--mode", choices=["keep_all", "nms", "wbf"], default=fusion.DEFAULT.mode)
+    s.add_argument("--iou-thr", type=float, default=fusion.DEFAULT.iou_thr)
+    s.add_argument("--drop-readers", default="", help="comma-separated rad_ids to ignore, e.g. R8,R9")
+    s.add_argument("--count", action="store_true")
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_fuse)
+
+    s = sub.add_parser("evaluate", help="competition mAP@0.4 as JSON")
+    s.add_argument("--labels", required=True, help="Kaggle train.csv or PhysioNet annotations_test.csv")
+    s.add_argument("--submission", required=True, help="Kaggle submission or prediction table")
+    s.add_argument("--sizes", help="meta CSV: also check label boxes lie inside their images")
+    s.add_argument("--folds", help="score the images of this fold file (prediction tables list no empty images)")
+    s.add_argument("--fold", type=int, help="with --folds: only this fold")
+    s.add_argument("--coco", action="store_true", help="add COCO AP and AP50 (pycocotools)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("check-submission", help="exit 0 if valid, else print each problem and exit 1")
+    s.add_argument("--submission", required=True)
+    s.add_argument("--sample", required=True, help="Kaggle sample_submission.csv (the test ids)")
+    s.add_argument("--sizes", help="test meta CSV: also check boxes lie inside the original images")
+    s.set_defaults(func=cmd_check_submission)
+
+    s = sub.add_parser("submission", help="prediction table -> checked Kaggle submission")
+    s.add_argument("--predictions", required=True)
+    s.add_argument("--sample", required=True)
+    s.add_argument("--sizes")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_submission)
+
+    s = sub.add_parser("baseline", help="prior-box baseline predictions (the floor)")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--train-sizes", required=True, help="train meta CSV")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--sizes", help="meta CSV of the (test) images to predict")
+    g.add_argument("--folds", help="fold file: out-of-fold predictions for every training image")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_baseline)
+
+    s = sub.add_parser("synth", help="generate the synthetic benchmark (Kaggle 256-px PNG layout)")
+    s.add_argument("--config", help="YAML with SynthConfig fields; flags override it")
+    s.add_argument("--out")
+    s.add_argument("--n-train", type=int)
+    s.add_argument("--n-test", type=int)
+    s.add_argument("--size", type=int)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("stats", help="summary statistics of real train labels (feeds synth)")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--sizes", required=True)
+    s.add_argument("--out", default=str(synth.STATS_PATH))
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("prepare", help="convert a DICOM/PNG/JPEG folder to a square PNG set + meta.csv")
+    s.add_argument("--src", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=1024)
+    s.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
+    s.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

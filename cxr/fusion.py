@@ -1,0 +1,99 @@
+"""Reader fusion: turn 3 radiologists' boxes per image into training / scoring labels.
+
+Modes (per image and class, each reader treated as one "model" of ensemble-boxes):
+
+* ``keep_all``: every reader's box is kept (duplicates and all).
+* ``nms``: overlapping boxes (IoU > ``iou_thr``) collapse to one reader's box.
+* ``wbf``: overlapping boxes are averaged by weighted boxes fusion; ``score`` is the
+  share of readers that drew the box (1.0 = all readers agree).
+
+``drop_readers`` removes the named ``rad_id`` s first; an image that loses all its
+readers is removed from the labels (it has no opinion left), not turned into No finding.
+
+ensemble-boxes wants coordinates in [0, 1]. IoU is unchanged and box averages move
+along when each axis is scaled by a constant, so each image is divided by its own largest
+coordinate per axis and multiplied back: fusion needs no image sizes and is exact.
+
+The default (:data:`DEFAULT`), used for OOF scoring and training labels unless a run
+says otherwise: WBF at IoU 0.4, the competition's own matching threshold, so readers'
+boxes the metric would treat as the same object become one box.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from ensemble_boxes import nms, weighted_boxes_fusion
+
+from cxr.dataset import BOX_COLUMNS, NO_FINDING
+
+Mode = Literal["keep_all", "nms", "wbf"]
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    mode: Mode = "wbf"
+    iou_thr: float = 0.4
+    drop_readers: tuple[str, ...] = field(default_factory=tuple)
+
+
+DEFAULT = FusionConfig()
+FUSED_COLUMNS = ["image_id", "class_id", "rad_id", *BOX_COLUMNS, "score"]
+
+
+def fuse_readers(labels: pd.DataFrame, cfg: FusionConfig = DEFAULT) -> pd.DataFrame:
+    """Fuse a label frame (see :mod:`cxr.labels`) into one set of boxes per image.
+
+    Returns the label frame's columns plus ``score`` (reader agreement, 1.0 for
+    ``keep_all``); every image keeps at least one row: an image with no finding box
+    gets a single No-finding row.
+    """
+    labels = labels[~labels["rad_id"].isin(cfg.drop_readers)]
+    findings = labels[labels["class_id"] != NO_FINDING]
+    parts = []
+    if cfg.mode == "keep_all":
+        parts.append(findings.assign(score=1.0))
+    else:
+        readers = labels.groupby("image_id")["rad_id"].unique()
+        for image_id, group in findings.groupby("image_id", sort=True):
+            parts.append(_fuse_image(image_id, group, sorted(readers[image_id]), cfg))
+    normal_ids = sorted(set(labels["image_id"]) - set(findings["image_id"]))
+    normal = pd.DataFrame({"image_id": normal_ids, "class_id": NO_FINDING, "rad_id": "fused", "score": 1.0})
+    normal[BOX_COLUMNS] = np.nan
+    parts.append(normal)
+    out = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else normal
+    out["class_id"] = out["class_id"].astype(int)
+    return out[FUSED_COLUMNS].sort_values(["image_id", "class_id"], kind="stable").reset_index(drop=True)
+
+
+def count_boxes(labels: pd.DataFrame, configs: dict[str, FusionConfig]) -> pd.DataFrame:
+    """Finding boxes kept per class under each fusion config (for reports and closing notes)."""
+    table = {}
+    for name, cfg in configs.items():
+        fused = fuse_readers(labels, cfg)
+        table[name] = fused[fused["class_id"] != NO_FINDING]["class_id"].value_counts()
+    return pd.DataFrame(table).fillna(0).astype(int).sort_index()
+
+
+def _fuse_image(image_id: str, group: pd.DataFrame, readers: list[str], cfg: FusionConfig) -> pd.DataFrame:
+    """Fuse one image's finding boxes; readers who drew nothing still count in the agreement share."""
+    boxes = group[BOX_COLUMNS].to_numpy(dtype=float)
+    extent = np.array([boxes[:, 2].max(), boxes[:, 3].max()] * 2)
+    boxes_list, scores_list, labels_list = [], [], []
+    for reader in readers:
+        mine = group[group["rad_id"] == reader]
+        boxes_list.append((mine[BOX_COLUMNS].to_numpy(dtype=float) / extent).tolist())
+        scores_list.append([1.0] * len(mine))
+        labels_list.append(mine["class_id"].tolist())
+    if cfg.mode == "wbf":
+        b, s, c = weighted_boxes_fusion(boxes_list, scores_list, labels_list, iou_thr=cfg.iou_thr, skip_box_thr=0.0)
+    else:
+        b, s, c = nms(boxes_list, scores_list, labels_list, iou_thr=cfg.iou_thr)
+    fused = pd.DataFrame(np.asarray(b).reshape(-1, 4) * extent, columns=BOX_COLUMNS)
+    fused.insert(0, "image_id", image_id)
+    fused.insert(1, "class_id", np.asarray(c, dtype=int))
+    fused.insert(2, "rad_id", "fused")
+    fused["score"] = np.asarray(s, dtype=float)
+    return fused

@@ -1,0 +1,207 @@
+"""Read and validate label and size files: Kaggle train.csv, PhysioNet test labels, meta CSVs.
+
+Every reader returns plain DataFrames with the columns of :mod:`cxr.dataset` and raises
+:class:`cxr.io.DataError` naming the file, the CSV line and the value at fault.
+
+Label frame (what :func:`read_train_labels` returns): one row per reader box with
+``image_id, class_id, rad_id, x_min, y_min, x_max, y_max`` (original pixels). No-finding
+rows have ``class_id == 14`` and NaN coordinates, as in Kaggle's file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr.dataset import (
+    BOX_COLUMNS,
+    CLASS_ID,
+    CLASS_NAMES,
+    META_COLUMNS,
+    NO_FINDING,
+    PHYSIONET_COLUMNS,
+    TRAIN_COLUMNS,
+)
+from cxr.io import DataError, csv_row, read_table, require_columns, show
+
+LABEL_COLUMNS = ["image_id", "class_id", "rad_id", *BOX_COLUMNS]
+
+
+def read_sizes(path: str | os.PathLike) -> pd.DataFrame:
+    """Original image sizes as ``image_id, width, height`` (ints).
+
+    Accepts Kaggle meta files (``dim0`` = height, ``dim1`` = width) or any table with
+    ``width`` and ``height`` columns (e.g. Kaggle's test.csv).
+    """
+    df = read_table(path, dtype={"image_id": str})
+    if {"width", "height"} <= set(df.columns):
+        sizes = df[["image_id", "width", "height"]].copy()
+    else:
+        require_columns(df, META_COLUMNS, path)
+        sizes = pd.DataFrame({"image_id": df["image_id"], "width": df["dim1"], "height": df["dim0"]})
+    _check_ids(sizes, path)
+    for col in ("width", "height"):
+        values = pd.to_numeric(sizes[col], errors="coerce")
+        bad = ~(values > 0) | (values != values.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(path, f"{col}={show(sizes[col].iloc[i])} is not a positive integer", csv_row(i))
+        sizes[col] = values.astype(int)
+    dup = sizes["image_id"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(path, f"image_id {show(sizes['image_id'].iloc[i])} listed twice", csv_row(i))
+    return sizes.reset_index(drop=True)
+
+
+def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Read Kaggle's ``train.csv`` (several readers per image) into the label frame.
+
+    Checks: required columns, non-empty ids and reader ids, ``class_id`` in 0..14 agreeing
+    with ``class_name``, finite boxes with ``x_min < x_max`` and ``y_min < y_max`` for
+    findings, empty (or ``0 0 1 1``) boxes for No finding, and, when ``sizes`` is given
+    (or the file has ``width``/``height`` columns), boxes inside the image.
+    """
+    df = read_table(path, dtype={"image_id": str, "rad_id": str, "class_name": str})
+    require_columns(df, TRAIN_COLUMNS, path)
+    _check_ids(df, path)
+    rad = df["rad_id"].fillna("").astype(str).str.strip()
+    if (rad == "").any():
+        i = int(np.flatnonzero((rad == "").to_numpy())[0])
+        raise DataError(path, "empty rad_id", csv_row(i))
+    class_id = pd.to_numeric(df["class_id"], errors="coerce")
+    bad = ~class_id.isin(range(len(CLASS_NAMES)))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(path, f"class_id={show(df['class_id'].iloc[i])} is not one of 0..{NO_FINDING}", csv_row(i))
+    class_id = class_id.astype(int)
+    expected = class_id.map(lambda c: CLASS_NAMES[c])
+    bad = df["class_name"].astype(str).str.strip() != expected
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            path,
+            f"class_name={show(df['class_name'].iloc[i])} does not match class_id={class_id.iloc[i]} "
+            f"({show(expected.iloc[i])})",
+            csv_row(i),
+        )
+    out = pd.DataFrame({"image_id": df["image_id"], "class_id": class_id, "rad_id": rad})
+    out[BOX_COLUMNS] = _boxes(df, path)
+    finding = (class_id != NO_FINDING).to_numpy()
+    _check_finding_boxes(out, finding, path)
+    _check_no_finding_boxes(out, ~finding, path)
+    out.loc[~finding, BOX_COLUMNS] = np.nan
+    if sizes is None and {"width", "height"} <= set(df.columns):
+        sizes = pd.DataFrame({"image_id": df["image_id"], "width": df["width"], "height": df["height"]})
+        sizes = sizes.drop_duplicates("image_id")
+    if sizes is not None:
+        check_inside(out, sizes, path)
+    return out
+
+
+def read_physionet_labels(path: str | os.PathLike) -> pd.DataFrame:
+    """Read PhysioNet VinDr-CXR ``annotations_test.csv`` (5-reader consensus) into the label frame.
+
+    Labels outside the 14 competition classes (e.g. "Rib fracture") are ignored; an image
+    left with no finding gets one No-finding row, so every image in the file is kept.
+    The single reader is called ``consensus``.
+    """
+    df = read_table(path, dtype={"image_id": str, "class_name": str})
+    require_columns(df, PHYSIONET_COLUMNS, path)
+    _check_ids(df, path)
+    name = df["class_name"].fillna("").astype(str).str.strip()
+    class_id = name.map(CLASS_ID)
+    keep = class_id.notna() & (class_id != NO_FINDING)
+    boxes = _boxes(df, path)
+    out = pd.DataFrame({"image_id": df["image_id"], "class_id": class_id, "rad_id": "consensus"})
+    out[BOX_COLUMNS] = boxes
+    _check_finding_boxes(out, keep.to_numpy(), path)
+    findings = out[keep].copy()
+    findings["class_id"] = findings["class_id"].astype(int)
+    normal_ids = sorted(set(df["image_id"]) - set(findings["image_id"]))
+    normal = pd.DataFrame({"image_id": normal_ids, "class_id": NO_FINDING, "rad_id": "consensus"})
+    normal[BOX_COLUMNS] = np.nan
+    return pd.concat([findings, normal], ignore_index=True)[LABEL_COLUMNS]
+
+
+def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Read either label format, told apart by its columns (``rad_id``/``class_id`` = Kaggle train)."""
+    header = read_table(path, nrows=0)
+    if {"rad_id", "class_id"} <= set(header.columns):
+        return read_train_labels(path, sizes)
+    return read_physionet_labels(path)
+
+
+def check_inside(labels: pd.DataFrame, sizes: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Every finding box lies inside its image (a 1-pixel tolerance for rounding)."""
+    known = sizes.set_index("image_id")
+    finding = labels["class_id"] != NO_FINDING
+    missing = ~labels["image_id"].isin(known.index)
+    if missing.any():
+        i = int(np.flatnonzero(missing.to_numpy())[0])
+        raise DataError(path, f"image_id {show(labels['image_id'].iloc[i])} has no size in the meta file", csv_row(i))
+    w = labels["image_id"].map(known["width"]).to_numpy()
+    h = labels["image_id"].map(known["height"]).to_numpy()
+    outside = finding.to_numpy() & (
+        (labels["x_max"].to_numpy() > w + 1) | (labels["y_max"].to_numpy() > h + 1)
+    )
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        r = labels.iloc[i]
+        raise DataError(
+            path,
+            f"box ({r.x_min}, {r.y_min}, {r.x_max}, {r.y_max}) lies outside the {w[i]}x{h[i]} image "
+            f"{r.image_id!r}",
+            csv_row(i),
+        )
+
+
+def image_ids(labels: pd.DataFrame) -> list[str]:
+    return sorted(labels["image_id"].unique())
+
+
+def _check_ids(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    ids = df["image_id"].fillna("").astype(str).str.strip()
+    bad = (ids == "") | ids.str.contains(r"[\s,/]", regex=True)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(path, f"bad image_id {show(df['image_id'].iloc[i])}", csv_row(i))
+
+
+def _boxes(df: pd.DataFrame, path: str | os.PathLike) -> np.ndarray:
+    out = np.empty((len(df), 4), dtype=float)
+    for j, col in enumerate(BOX_COLUMNS):
+        raw = df[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = values.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(path, f"{col}={show(raw.iloc[i])} is not a number", csv_row(i))
+        out[:, j] = values.to_numpy(dtype=float)
+    return out
+
+
+def _check_finding_boxes(labels: pd.DataFrame, finding: np.ndarray, path: str | os.PathLike) -> None:
+    b = labels[BOX_COLUMNS].to_numpy(dtype=float)
+    problems = [
+        (~np.isfinite(b).all(axis=1), "a finding needs four finite coordinates"),
+        ((b[:, 0] < 0) | (b[:, 1] < 0), "negative coordinate"),
+        (~(b[:, 0] < b[:, 2]), "x_min must be < x_max"),
+        (~(b[:, 1] < b[:, 3]), "y_min must be < y_max"),
+    ]
+    for bad, message in problems:
+        bad = bad & finding
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(path, f"{message}: box {tuple(b[i])} ({labels['image_id'].iloc[i]})", csv_row(i))
+
+
+def _check_no_finding_boxes(labels: pd.DataFrame, no_finding: np.ndarray, path: str | os.PathLike) -> None:
+    b = labels[BOX_COLUMNS].to_numpy(dtype=float)
+    ok = np.isnan(b).all(axis=1) | (b == np.array([0, 0, 1, 1])).all(axis=1)
+    bad = no_finding & ~ok
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(path, f"No finding must have an empty or 0 0 1 1 box, got {tuple(b[i])}", csv_row(i))

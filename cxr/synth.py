@@ -1,0 +1,293 @@
+"""Embedded synthetic benchmark: chest-radiograph-like images in Kaggle's 256-px PNG layout.
+
+The real training images are not redistributable, so the demo and the tests run on this.
+:func:`compute_stats` reduces the real ``train.csv`` to summary statistics (class
+frequencies, box position/size quantiles, reader agreement and jitter, image sizes),
+committed as ``cxr/vindr_stats.json``; :func:`generate` draws a data set from them:
+
+* ~70% normal images (the real share), each abnormal image's classes drawn with the real
+  per-class frequencies, boxes drawn from the real per-class quantiles;
+* each class painted with its own shape, texture and intensity (learnable, but with
+  anatomy, noise, blur and random amplitude on top, not trivial);
+* every image read by 3 of 17 simulated readers who miss boxes (real per-class
+  agreement), jitter them (real per-class jitter) and add stray boxes, so reader fusion
+  matters;
+* written exactly as Kaggle's resized set: ``train/``, ``test/`` (PNG, squashed to
+  ``size``), ``train.csv`` (original pixels), ``train_meta.csv``/``test_meta.csv``
+  (``dim0`` = original height, ``dim1`` = width, non-square), ``sample_submission.csv``,
+  plus ``test_labels.csv`` in the PhysioNet format for scoring.
+
+Deterministic: image ``i`` of a split uses its own generator seeded by ``(seed, split, i)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxr.boxes import iou_matrix, to_original
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
+from cxr.fusion import fuse_readers
+from cxr.io import atomic_path, write_json, write_table
+from cxr.submission import EMPTY_PREDICTION
+
+STATS_PATH = Path(__file__).with_name("vindr_stats.json")
+QUANTILES = np.linspace(0, 1, 11)
+
+
+@dataclass
+class SynthConfig:
+    out: str = "data/synth"
+    n_train: int = 600
+    n_test: int = 150
+    size: int = 256
+    seed: int = 0
+    normal_share: float | None = None  # None: the real share from the stats (~0.70)
+    stray_boxes: float = 0.15  # mean stray boxes per reader per abnormal image
+    noise: float = 7.0  # pixel noise sigma (0..255 scale)
+    stats: str = str(STATS_PATH)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def compute_stats(labels: pd.DataFrame, sizes: pd.DataFrame) -> dict:
+    """Summary statistics of the real train labels (no image ids, no boxes: safe to commit)."""
+    known = sizes.set_index("image_id")
+    fused = fuse_readers(labels)
+    finding = labels[labels["class_id"] != NO_FINDING]
+    images = labels["image_id"].unique()
+    abnormal = finding["image_id"].unique()
+    wh = known.loc[fused["image_id"], ["width", "height"]].to_numpy(dtype=float)
+    b = fused[BOX_COLUMNS].to_numpy(dtype=float) / np.column_stack([wh, wh])
+    geometry = pd.DataFrame(
+        {"class_id": fused["class_id"], "cx": (b[:, 0] + b[:, 2]) / 2, "cy": (b[:, 1] + b[:, 3]) / 2,
+         "w": b[:, 2] - b[:, 0], "h": b[:, 3] - b[:, 1]}
+    )
+    classes = {}
+    for c in FINDING_CLASSES:
+        mine = finding[finding["class_id"] == c]
+        readers_per_image = mine.groupby("image_id")["rad_id"].nunique()
+        g = geometry[geometry["class_id"] == c]
+        classes[str(c)] = {
+            "name": CLASS_NAMES[c],
+            "image_share": round(len(readers_per_image) / len(abnormal), 5),
+            "boxes_per_image": round(float((fused["class_id"] == c).sum() / max(len(readers_per_image), 1)), 4),
+            "reader_agreement": round(float(readers_per_image.mean() / 3), 4),
+            "jitter": round(_jitter(mine, fused[fused["class_id"] == c]), 4),
+            "quantiles": {k: [round(float(v), 4) for v in g[k].quantile(QUANTILES)] for k in ("cx", "cy", "w", "h")},
+        }
+    reader_share = labels.drop_duplicates(["image_id", "rad_id"])["rad_id"].value_counts(normalize=True)
+    return {
+        "source": "VinBigData train.csv (67,914 rows, 15,000 images), fused with cxr.fusion.DEFAULT",
+        "n_images": int(len(images)),
+        "normal_share": round(1 - len(abnormal) / len(images), 5),
+        "readers": {k: round(float(v), 5) for k, v in reader_share.sort_index().items()},
+        "sizes": {k: [int(v) for v in known.loc[images, k].quantile(QUANTILES)] for k in ("width", "height")},
+        "classes": classes,
+    }
+
+
+def _jitter(readers: pd.DataFrame, fused: pd.DataFrame) -> float:
+    """Robust spread of reader box edges around the fused box they belong to, relative to its size.
+
+    Only fused boxes drawn by at least two readers count: a box one reader drew alone is
+    its own fused box and would report zero jitter.
+    """
+    fused = fused[fused["score"] > 0.34]
+    errors = []
+    fused_by_image = {k: g[BOX_COLUMNS].to_numpy(dtype=float) for k, g in fused.groupby("image_id")}
+    for image_id, g in readers.groupby("image_id"):
+        f = fused_by_image.get(image_id)
+        if f is None:
+            continue
+        r = g[BOX_COLUMNS].to_numpy(dtype=float)
+        iou = iou_matrix(r, f)
+        member = iou.max(axis=1) > 0.4
+        best = f[iou.argmax(axis=1)][member]
+        size = np.column_stack([best[:, 2] - best[:, 0], best[:, 3] - best[:, 1]] * 2)
+        errors.append(((r[member] - best) / size).ravel())
+    if not errors:
+        return 0.0
+    e = np.concatenate(errors)
+    return float(np.median(np.abs(e - np.median(e))) * 1.4826)
+
+
+def load_stats(path: str | os.PathLike = STATS_PATH) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------- drawing
+
+
+def _from_quantiles(rng: np.random.Generator, q: list[float]) -> float:
+    """Draw from the distribution given by its deciles (inverse CDF, linear in between)."""
+    return float(np.interp(rng.uniform(), QUANTILES, q))
+
+
+def _draw_box(rng: np.random.Generator, cls_stats: dict) -> np.ndarray:
+    q = cls_stats["quantiles"]
+    cx, cy, w, h = (_from_quantiles(rng, q[k]) for k in ("cx", "cy", "w", "h"))
+    w, h = max(w, 0.02), max(h, 0.02)
+    box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]).clip(0, 1)
+    return box
+
+
+def _anatomy(rng: np.random.Generator, s: int) -> np.ndarray:
+    y, x = np.mgrid[0:s, 0:s] / s
+    dx, dy = rng.normal(0, 0.015, 2)
+    sx = rng.uniform(0.93, 1.07)
+    img = np.full((s, s), rng.uniform(15, 35), dtype=np.float32)
+    body = ((x - 0.5 - dx) / (0.47 * sx)) ** 2 + ((y - 0.58 - dy) / 0.55) ** 2 < 1
+    img += 85 * body
+    for side in (-1, 1):
+        lung = ((x - 0.5 - dx - side * 0.19 * sx) / (0.15 * sx)) ** 2 + ((y - 0.45 - dy) / 0.29) ** 2 < 1
+        ribs = np.sin(2 * np.pi * (y * 11 + 2.5 * (x - 0.5) ** 2) + rng.uniform(0, 6.3)) > 0.75
+        img += lung * (-55 + 18 * ribs)
+    mediastinum = (np.abs(x - 0.5 - dx) < 0.06) & (y > 0.1) & (y < 0.75)
+    heart = ((x - 0.54 - dx) / 0.13) ** 2 + ((y - 0.64 - dy) / 0.11) ** 2 < 1
+    img += 30 * mediastinum + 25 * heart
+    img = cv2.GaussianBlur(img, (0, 0), s / 90)
+    return img * rng.uniform(0.85, 1.15) + rng.uniform(-10, 10)
+
+
+def _paint(img: np.ndarray, rng: np.random.Generator, c: int, box: np.ndarray) -> None:
+    """Add class ``c``'s pattern inside ``box`` (normalized) of the square image, in place."""
+    s = img.shape[0]
+    x0, y0, x1, y1 = (box * s).round().astype(int)
+    x1, y1 = max(x1, x0 + 2), max(y1, y0 + 2)
+    h, w = img[y0:y1, x0:x1].shape
+    if h < 2 or w < 2:
+        return
+    v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (u + 0.5) / w, (v + 0.5) / h
+    r = np.sqrt(((u - 0.5) / 0.5) ** 2 + ((v - 0.5) / 0.5) ** 2)
+    ellipse = np.clip((1.0 - r) * 6, 0, 1)
+    blob = cv2.GaussianBlur(rng.uniform(0, 1, (h, w)).astype(np.float32), (0, 0), max(min(h, w) / 6, 1))
+    blob = (blob - blob.min()) / (np.ptp(blob) + 1e-6)
+    amp = rng.uniform(0.75, 1.25)
+    patterns = {
+        0: lambda: 55 * ellipse,  # aortic enlargement: bright knob
+        1: lambda: 50 * ellipse * (np.sin(2 * np.pi * 5 * v) > 0.2),  # atelectasis: horizontal streaks
+        2: lambda: 0 * u,  # calcification: dots, below
+        3: lambda: 35 * ellipse,  # cardiomegaly: large soft bright ellipse
+        4: lambda: 75 * ellipse * (blob > 0.35),  # consolidation: dense irregular patch
+        5: lambda: 45 * ellipse * ((np.sin(2 * np.pi * 7 * u) * np.sin(2 * np.pi * 7 * v)) > 0.25),  # ILD: reticular
+        6: lambda: 55 * ellipse * blob,  # infiltration: fluffy
+        7: lambda: 45 * np.exp(-(r**2) / 0.35),  # lung opacity: haze
+        8: lambda: 85.0 * (r < 0.85),  # nodule/mass: hard-edged disk
+        9: lambda: 70.0 * ((r > 0.55) & (r < 0.95)),  # other lesion: ring
+        10: lambda: 85 * v**1.5,  # pleural effusion: bright towards the bottom
+        11: lambda: 65.0 * ((u < 0.22) | (u > 0.78)) * ellipse.clip(0.5, 1),  # pleural thickening: edges
+        12: lambda: -55 * ellipse,  # pneumothorax: dark pocket
+        13: lambda: 55 * ellipse * (np.sin(2 * np.pi * 4 * (u + v)) > 0.3),  # pulmonary fibrosis: diagonal bands
+    }
+    patch = patterns[c]().astype(np.float32)
+    if c == 2:
+        for _ in range(rng.integers(2, 6)):
+            cu, cv = rng.uniform(0.2, 0.8, 2)
+            patch += 120 * (np.sqrt((u - cu) ** 2 + (v - cv) ** 2) < 0.12)
+    img[y0:y1, x0:x1] += amp * patch
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def _read(rng: np.random.Generator, true: list[tuple[int, np.ndarray]], stats: dict, stray: float) -> list[list]:
+    """Boxes each of 3 simulated readers draws: misses, jitter and stray boxes from the stats."""
+    readers = list(stats["readers"])
+    share = np.array(list(stats["readers"].values()))
+    chosen = rng.choice(readers, size=3, replace=False, p=share / share.sum())
+    classes = stats["classes"]
+    image_share = np.array([classes[str(c)]["image_share"] for c in FINDING_CLASSES])
+    rows = []
+    for rad in chosen:
+        mine = []
+        for c, box in true:
+            if rng.uniform() < np.clip(classes[str(c)]["reader_agreement"], 0.35, 0.95):
+                size = np.array([box[2] - box[0], box[3] - box[1]] * 2)
+                mine.append((c, box + rng.normal(0, classes[str(c)]["jitter"], 4) * size))
+        for _ in range(rng.poisson(stray)):
+            c = int(rng.choice(FINDING_CLASSES, p=image_share / image_share.sum()))
+            mine.append((c, _draw_box(rng, classes[str(c)])))
+        if not mine:  # VinDr readers agree on normal vs abnormal: an abnormal image gets a box from everyone
+            c, box = true[int(rng.integers(len(true)))]
+            mine.append((c, box))
+        rows += [[rad, c, b] for c, b in mine]
+    return rows
+
+
+def _sorted_box(box: np.ndarray) -> np.ndarray:
+    box = np.clip(box, 0, 1)
+    x0, x1 = sorted((box[0], box[2]))
+    y0, y1 = sorted((box[1], box[3]))
+    return np.array([x0, y0, max(x1, x0 + 0.01), max(y1, y0 + 0.01)]).clip(0, 1)
+
+
+# ---------------------------------------------------------------------------- data set
+
+
+def _image(cfg: SynthConfig, stats: dict, split: str, index: int) -> tuple[dict, np.ndarray, list, list]:
+    rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
+    image_id = rng.bytes(16).hex()
+    width = int(_from_quantiles(rng, stats["sizes"]["width"]))
+    height = int(_from_quantiles(rng, stats["sizes"]["height"]) * rng.uniform(0.97, 1.12))
+    img = _anatomy(rng, cfg.size)
+    normal_share = stats["normal_share"] if cfg.normal_share is None else cfg.normal_share
+    true: list[tuple[int, np.ndarray]] = []
+    if rng.uniform() >= normal_share:
+        classes = stats["classes"]
+        share = np.array([classes[str(c)]["image_share"] for c in FINDING_CLASSES])
+        present = [c for c in FINDING_CLASSES if rng.uniform() < share[c]]
+        present = present or [int(rng.choice(FINDING_CLASSES, p=share / share.sum()))]
+        for c in present:
+            n = 1 + min(rng.poisson(max(classes[str(c)]["boxes_per_image"] - 1, 0)), 2)
+            true += [(c, _draw_box(rng, classes[str(c)])) for _ in range(n)]
+        for c, box in true:
+            _paint(img, rng, c, box)
+    img = cv2.GaussianBlur(img, (0, 0), 0.8) + rng.normal(0, cfg.noise, img.shape)
+    png = np.clip(img, 0, 255).astype(np.uint8)
+    meta = {"image_id": image_id, "dim0": height, "dim1": width}
+    square, orig = (1.0, 1.0), (width, height)
+    reads = _read(rng, true, stats, cfg.stray_boxes) if true else []
+    reader_rows = [
+        [image_id, CLASS_NAMES[c], c, rad, *to_original(_sorted_box(b), square, orig)[0]] for rad, c, b in reads
+    ]
+    if not true:
+        rads = rng.choice(list(stats["readers"]), size=3, replace=False)
+        reader_rows = [[image_id, CLASS_NAMES[NO_FINDING], NO_FINDING, rad, *[np.nan] * 4] for rad in rads]
+    truth = [[image_id, CLASS_NAMES[c], *to_original(b, square, orig)[0]] for c, b in true]
+    truth = truth or [[image_id, CLASS_NAMES[NO_FINDING], *[np.nan] * 4]]
+    return meta, png, reader_rows, truth
+
+
+def generate(cfg: SynthConfig) -> Path:
+    """Write the synthetic benchmark to ``cfg.out``; returns the folder."""
+    stats = load_stats(cfg.stats)
+    out = Path(cfg.out)
+    train_cols = ["image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS]
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        metas, rows = [], []
+        for i in tqdm(range(n), desc=f"synth {split}", leave=False):
+            meta, png, reader_rows, truth = _image(cfg, stats, split, i)
+            with atomic_path(out / split / f"{meta['image_id']}.png") as tmp:
+                ok, buf = cv2.imencode(".png", png)
+                tmp.write_bytes(buf.tobytes())
+            metas.append(meta)
+            rows += reader_rows if split == "train" else truth
+        write_table(pd.DataFrame(metas), out / f"{split}_meta.csv")
+        if split == "train":
+            write_table(pd.DataFrame(rows, columns=train_cols).round(1), out / "train.csv")
+        else:
+            write_table(pd.DataFrame(rows, columns=["image_id", "class_name", *BOX_COLUMNS]).round(1), out / "test_labels.csv")
+            sample = pd.DataFrame({"image_id": [m["image_id"] for m in metas], "PredictionString": EMPTY_PREDICTION})
+            write_table(sample, out / "sample_submission.csv")
+    write_json({"config": {k: v for k, v in vars(cfg).items()}, "size": cfg.size}, out / "synth.json")
+    return out

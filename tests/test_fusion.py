@@ -1,0 +1,83 @@
+"""Reader fusion on hand-made readers (known answers) and box counts on the real labels."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.fusion import FusionConfig, count_boxes, fuse_readers
+
+B = ["x_min", "y_min", "x_max", "y_max"]
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["image_id", "class_id", "rad_id", *B])
+
+
+READERS = frame(
+    [
+        ["a", 3, "R1", 100, 100, 200, 200],
+        ["a", 3, "R2", 110, 100, 210, 200],  # same finding as R1 (IoU 0.82)
+        ["a", 3, "R3", 600, 600, 700, 700],  # a different place
+        ["a", 8, "R1", 100, 100, 200, 200],  # another class at R1's box: never fused with class 3
+        ["n", 14, "R1", np.nan, np.nan, np.nan, np.nan],
+        ["n", 14, "R2", np.nan, np.nan, np.nan, np.nan],
+    ]
+)
+
+
+def test_keep_all_keeps_every_box():
+    fused = fuse_readers(READERS, FusionConfig(mode="keep_all"))
+    assert (fused["class_id"] != 14).sum() == 4
+    assert fused[fused["image_id"] == "n"]["class_id"].tolist() == [14]  # one No-finding row per normal image
+
+
+def test_wbf_averages_agreeing_readers():
+    fused = fuse_readers(READERS, FusionConfig(mode="wbf", iou_thr=0.4))
+    c3 = fused[fused["class_id"] == 3].sort_values("x_min")
+    assert len(c3) == 2
+    np.testing.assert_allclose(c3[B].iloc[0], [105, 100, 205, 200])
+    np.testing.assert_allclose(c3[B].iloc[1], [600, 600, 700, 700])
+    # 3 readers read image a: two agree on the first box, one drew the second
+    np.testing.assert_allclose(c3["score"], [2 / 3, 1 / 3])
+    assert (fused["class_id"] == 8).sum() == 1
+
+
+def test_nms_keeps_one_reader_box():
+    fused = fuse_readers(READERS, FusionConfig(mode="nms", iou_thr=0.4))
+    c3 = fused[fused["class_id"] == 3].sort_values("x_min")
+    assert len(c3) == 2
+    assert c3[B].iloc[0].tolist() in ([100, 100, 200, 200], [110, 100, 210, 200])
+
+
+def test_iou_threshold_matters():
+    assert (fuse_readers(READERS, FusionConfig(mode="wbf", iou_thr=0.9))["class_id"] == 3).sum() == 3
+
+
+def test_drop_readers():
+    fused = fuse_readers(READERS, FusionConfig(mode="wbf", drop_readers=("R2",)))
+    np.testing.assert_allclose(fused[fused["class_id"] == 3].sort_values("x_min")[B].iloc[0], [100, 100, 200, 200])
+    # an image that loses all its readers leaves the labels instead of becoming "normal"
+    fused = fuse_readers(READERS, FusionConfig(mode="wbf", drop_readers=("R1", "R2")))
+    assert sorted(fused["image_id"].unique()) == ["a"]
+
+
+def test_fusion_needs_no_image_size():
+    """Coordinates far beyond 1 (original pixels) fuse exactly; ensemble-boxes would clip them."""
+    big = READERS.copy()
+    big[B] = big[B] * 10
+    a = fuse_readers(READERS)
+    b = fuse_readers(big)
+    np.testing.assert_allclose(b[B].dropna().to_numpy(), a[B].dropna().to_numpy() * 10)
+
+
+def test_real_label_counts(real_labels):
+    configs = {m: FusionConfig(mode=m) for m in ("keep_all", "nms", "wbf")}
+    counts = count_boxes(real_labels, configs)
+    total = counts.sum()
+    print("\nfinding boxes per fusion mode (IoU 0.4) on the real train labels:\n" + counts.to_string())
+    print(total.to_dict())
+    assert total["keep_all"] == 36_096  # 67,914 rows less 3 No-finding rows on each of 10,606 normal images
+    assert total["wbf"] < 0.75 * total["keep_all"]
+    assert total["nms"] == pytest.approx(total["wbf"], rel=0.05)
+    assert (counts > 0).all().all()

@@ -1,0 +1,120 @@
+"""Prediction format and Kaggle submission: writer, parser, checker on broken files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.cli import main
+from cxr.io import DataError
+from cxr.labels import read_sizes
+from cxr.predictions import read_predictions, validate, write_predictions
+from cxr.submission import EMPTY_PREDICTION, check_submission, read_submission, write_submission
+from tests.conftest import SAMPLE_SUBMISSION, TEST_LABELS, TEST_SIZES, real
+
+COLS = ["image_id", "class_id", "score", "x_min", "y_min", "x_max", "y_max"]
+PREDS = pd.DataFrame(
+    [["a", 3, 0.9, 100.0, 200.0, 900.5, 700.0], ["a", 0, 0.25, 10.0, 20.0, 30.0, 40.0], ["b", 14, 0.6, 0, 0, 1, 1]],
+    columns=COLS,
+)
+SIZES = pd.DataFrame({"image_id": ["a", "b", "c"], "width": [1000] * 3, "height": [1000] * 3})
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "sample.csv"
+    pd.DataFrame({"image_id": ["a", "b", "c"], "PredictionString": EMPTY_PREDICTION}).to_csv(path, index=False)
+    return path
+
+
+def write_raw(tmp_path, rows, columns=("image_id", "PredictionString")):
+    path = tmp_path / "sub.csv"
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path
+
+
+def test_write_read_round_trip(tmp_path, sample):
+    path = write_submission(PREDS, ["a", "b", "c"], tmp_path / "sub.csv")
+    assert check_submission(path, sample, SIZES) == []
+    df = pd.read_csv(path)
+    assert df.loc[2, "PredictionString"] == "14 1 0 0 1 1"  # nothing predicted for c
+    assert df.loc[1, "PredictionString"] == "14 0.600000 0 0 1 1"
+    back = read_submission(path)
+    expected = pd.concat([PREDS, pd.DataFrame([["c", 14, 1.0, 0, 0, 1, 1]], columns=COLS)])
+    pd.testing.assert_frame_equal(
+        back.sort_values(["image_id", "score"]).reset_index(drop=True),
+        validate(expected).sort_values(["image_id", "score"]).reset_index(drop=True),
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        ([["a", "14 1 0 0 1 1"], ["b", "14 1 0 0 1 1"]], "test id 'c' is missing"),
+        ([["a", "14 1 0 0 1 1"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "'c' appears 2 times"),
+        ([["a", "14 1 0 0 1 1"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"], ["d", "14 1 0 0 1 1"]], "'d' is not a test id"),
+        ([["a", "3 0.5 1 2 3"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "row 2 (a): 5 values"),
+        ([["a", ""], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "row 2 (a): 0 values"),
+        ([["a", "15 0.5 1 2 30 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "class '15'"),
+        ([["a", "3 0.5 1 2 x 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "non-number"),
+        ([["a", "3 1.5 1 2 30 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "score 1.5 not in [0, 1]"),
+        ([["a", "14 0.5 0 0 2 2"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "No finding must be '14 p 0 0 1 1'"),
+        ([["a", "3 0.5 50 2 30 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "needs 0 <= x_min < x_max"),
+        ([["a", "3 0.5 10 20 1300 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "outside the 1000x1000"),
+        ([["a", "3 0.5 0.1 0.2 0.3 0.4"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "normalized coordinates"),
+    ],
+)
+def test_checker_finds_problem(tmp_path, sample, rows, problem):
+    problems = check_submission(write_raw(tmp_path, rows), sample, SIZES)
+    assert any(problem in p for p in problems), problems
+
+
+def test_checker_wrong_columns(tmp_path, sample):
+    path = write_raw(tmp_path, [["a", "x"]], ("id", "PredictionString"))
+    assert "columns must be" in check_submission(path, sample)[0]
+
+
+def test_check_submission_cli_exit_codes(tmp_path, sample, capsys):
+    good = write_submission(PREDS, ["a", "b", "c"], tmp_path / "good.csv")
+    main(["check-submission", "--submission", str(good), "--sample", str(sample)])
+    bad = write_raw(tmp_path, [["a", "3 0.5 1 2 3"]])
+    with pytest.raises(SystemExit) as e:
+        main(["check-submission", "--submission", str(bad), "--sample", str(sample)])
+    assert e.value.code == 1
+    assert "test id 'b' is missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (["a", 15, 0.5, 1, 2, 3, 4], "class_id not one of 0..14"),
+        (["a", 3, np.nan, 1, 2, 3, 4], "score not in"),
+        (["a", 3, 0.5, 5, 2, 3, 4], "x_min < x_max"),
+        (["a", 3, 0.5, 1, 2, 3000, 4], "outside the image"),
+        (["a", 14, 0.5, 1, 2, 3, 4], "No finding must be 0 0 1 1"),
+        (["zz", 3, 0.5, 1, 2, 3, 4], "has no known size"),
+    ],
+)
+def test_prediction_format_errors(tmp_path, row, message):
+    with pytest.raises(DataError, match=message) as e:
+        write_predictions(pd.concat([PREDS, pd.DataFrame([row], columns=COLS)]), tmp_path / "p.csv", SIZES)
+    assert "row 5" in str(e.value)
+    assert not (tmp_path / "p.csv").exists()  # nothing half-written
+
+
+def test_prediction_csv_and_parquet_round_trip(tmp_path):
+    for name in ("p.csv", "p.parquet"):
+        write_predictions(PREDS, tmp_path / name, SIZES)
+        pd.testing.assert_frame_equal(read_predictions(tmp_path / name), validate(PREDS))
+
+
+def test_real_sample_submission_is_valid_and_scores_no_finding_only(capsys):
+    sample = real(SAMPLE_SUBMISSION)
+    assert check_submission(sample, sample, None) == []
+    main(["evaluate", "--labels", str(real(TEST_LABELS)), "--submission", str(sample)])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"map", "ap"} and set(result["ap"]) == {str(c) for c in range(15)}
+    assert result["ap"]["14"] > 0.6 and all(result["ap"][str(c)] == 0.0 for c in range(14))
+    assert check_submission(sample, sample, read_sizes(real(TEST_SIZES))) == []

@@ -1,0 +1,93 @@
+"""The synthetic benchmark: Kaggle layout, real-statistics shape, determinism, and the full core on it."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+
+from cxr.cli import main
+from cxr.images import read_image
+from cxr.labels import read_physionet_labels, read_sizes, read_train_labels
+from cxr.synth import SynthConfig, generate, load_stats
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "synth.json":
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_layout_and_labels(synth_dir):
+    for name in ("train.csv", "train_meta.csv", "test_meta.csv", "sample_submission.csv", "test_labels.csv"):
+        assert (synth_dir / name).is_file(), name
+    sizes = read_sizes(synth_dir / "train_meta.csv")
+    labels = read_train_labels(synth_dir / "train.csv", sizes)  # validates boxes inside original sizes
+    assert (sizes["width"] != sizes["height"]).mean() > 0.9  # non-square originals, like VinDr
+    assert sizes["width"].between(800, 3500).all()
+    assert (labels.groupby("image_id")["rad_id"].nunique() == 3).all()
+    normal_share = (labels.groupby("image_id")["class_id"].min() == 14).mean()
+    assert abs(normal_share - load_stats()["normal_share"]) < 0.1
+    images = sorted(p.stem for p in (synth_dir / "train").glob("*.png"))
+    assert images == sorted(sizes["image_id"])
+    assert read_image(synth_dir / "train" / f"{images[0]}.png").shape == (256, 256)
+    test = read_physionet_labels(synth_dir / "test_labels.csv")
+    assert set(test["image_id"]) == set(read_sizes(synth_dir / "test_meta.csv")["image_id"])
+
+
+def test_readers_disagree(synth_dir):
+    labels = read_train_labels(synth_dir / "train.csv")
+    findings = labels[labels["class_id"] != 14]
+    per_reader = findings.groupby(["image_id", "rad_id"]).size().unstack(fill_value=0)
+    assert (per_reader.nunique(axis=1) > 1).mean() > 0.3  # readers often draw different numbers of boxes
+
+
+def test_findings_are_visible(synth_dir):
+    """Inside a finding box the image differs from the same place on normal images."""
+    sizes = read_sizes(synth_dir / "test_meta.csv").set_index("image_id")
+    test = read_physionet_labels(synth_dir / "test_labels.csv")
+    normal_ids = test.loc[test["class_id"] == 14, "image_id"].tolist()
+    normal = np.mean([read_image(synth_dir / "test" / f"{i}.png").astype(float) for i in normal_ids], axis=0)
+    diffs = []
+    for r in test[test["class_id"].isin([0, 3, 8])].itertuples():
+        w, h = sizes.loc[r.image_id, ["width", "height"]]
+        x0, x1 = int(r.x_min / w * 256), int(np.ceil(r.x_max / w * 256))
+        y0, y1 = int(r.y_min / h * 256), int(np.ceil(r.y_max / h * 256))
+        img = read_image(synth_dir / "test" / f"{r.image_id}.png").astype(float)
+        diffs.append(img[y0:y1, x0:x1].mean() - normal[y0:y1, x0:x1].mean())
+    assert np.median(diffs) > 10  # bright findings are brighter than normal anatomy
+
+
+def test_deterministic(tmp_path):
+    a = generate(SynthConfig(out=str(tmp_path / "a"), n_train=12, n_test=4, seed=5))
+    b = generate(SynthConfig(out=str(tmp_path / "b"), n_train=12, n_test=4, seed=5))
+    c = generate(SynthConfig(out=str(tmp_path / "c"), n_train=12, n_test=4, seed=6))
+    assert digest(a) == digest(b) != digest(c)
+
+
+def test_core_pipeline_on_synth(synth_dir, tmp_path, capsys):
+    """folds -> prior baseline (OOF + test) -> evaluate -> submission -> check, through the CLI."""
+    d = synth_dir
+    main(["folds", "--labels", str(d / "train.csv"), "--n-folds", "3", "--seed", "0", "--out", str(tmp_path / "folds.csv")])
+    main(["baseline", "--labels", str(d / "train.csv"), "--train-sizes", str(d / "train_meta.csv"),
+          "--folds", str(tmp_path / "folds.csv"), "--out", str(tmp_path / "oof.csv")])
+    main(["baseline", "--labels", str(d / "train.csv"), "--train-sizes", str(d / "train_meta.csv"),
+          "--sizes", str(d / "test_meta.csv"), "--out", str(tmp_path / "test.csv")])
+    capsys.readouterr()
+    main(["evaluate", "--labels", str(d / "train.csv"), "--submission", str(tmp_path / "oof.csv"),
+          "--folds", str(tmp_path / "folds.csv"), "--fold", "0"])
+    oof = json.loads(capsys.readouterr().out)
+    main(["submission", "--predictions", str(tmp_path / "test.csv"), "--sample", str(d / "sample_submission.csv"),
+          "--sizes", str(d / "test_meta.csv"), "--out", str(tmp_path / "sub.csv")])
+    capsys.readouterr()
+    main(["evaluate", "--labels", str(d / "test_labels.csv"), "--submission", str(tmp_path / "sub.csv"), "--coco"])
+    test = json.loads(capsys.readouterr().out)
+    print(f"\nprior-box baseline on synth: OOF fold 0 mAP {oof['map']:.4f}, test mAP {test['map']:.4f}")
+    for r in (oof, test):
+        assert 0.01 < r["map"] < 0.3 and r["ap"]["14"] > 0.5
+    assert {"coco_ap", "coco_ap50"} <= set(test)
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert len(sub) == len(pd.read_csv(d / "sample_submission.csv"))
