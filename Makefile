@@ -1,0 +1,86 @@
+# VinBigData / VinDr-CXR ensemble pipeline. `make help` lists the targets.
+# Variables: DATA (a folder in Kaggle's resized-PNG layout), NAME (names fold/run/submission files),
+# N_FOLDS, SEED. The demo uses the embedded synthetic benchmark in data/demo.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+CXR     := $(VENV)/bin/cxr
+STAMP   := $(VENV)/.installed
+DATA    ?= data/demo
+NAME    ?= demo
+N_FOLDS ?= 5
+SEED    ?= 42
+FOLDS   := folds/$(NAME).csv
+RUN     := runs/$(NAME)
+
+# Nothing downloads at run time: no weights, fonts or update checks.
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := false
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+
+# detectron2 is not on PyPI: the sal-detectron2 redistribution's pure-Python wheel is tagged cp310;
+# it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
+D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
+
+.PHONY: help install test demo demo-data folds baseline submission evaluate prepare clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv with the pinned stack (torch, ultralytics, detectron2, effdet, ...); no-op when done
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	@mkdir -p $(VENV)/wheels
+	@test -f $(VENV)/wheels/$(D2_WHEEL) || { \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
+	    --abi none --platform any sal-detectron2==0.7.2 -d $(VENV)/wheels/tmp && \
+	  mv $(VENV)/wheels/tmp/sal_detectron2-0.7.2-*.whl $(VENV)/wheels/$(D2_WHEEL); }
+	$(PY) -m pip install -q --no-deps $(VENV)/wheels/$(D2_WHEEL)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, torchvision, ultralytics, detectron2, effdet, timm, ensemble_boxes, pydicom, cxr"
+	@touch $@
+
+test: install ## run the test suite (real-data tests read ../shared/data)
+	$(PY) -m pytest
+
+demo-data: $(DATA)/train.csv ## generate the embedded synthetic benchmark in data/demo (Kaggle 256-px layout)
+
+$(DATA)/train.csv: | $(STAMP)
+	@if [ "$(DATA)" = data/demo ]; then $(CXR) synth --out $(DATA) --n-train 600 --n-test 150 --seed 0; \
+	else echo "$@ not found: DATA must be a folder in Kaggle's resized-PNG layout (see README)" >&2; exit 1; fi
+
+$(FOLDS): $(DATA)/train.csv
+	$(CXR) folds --labels $(DATA)/train.csv --n-folds $(N_FOLDS) --seed $(SEED) --out $@
+
+folds: $(FOLDS) ## write folds/$(NAME).csv (grouped by image, stratified over the 15 classes)
+
+$(RUN)/prior_boxes/oof.csv: $(FOLDS)
+	$(CXR) baseline --labels $(DATA)/train.csv --train-sizes $(DATA)/train_meta.csv --folds $(FOLDS) --out $@
+
+$(RUN)/prior_boxes/test.csv: $(DATA)/train.csv
+	$(CXR) baseline --labels $(DATA)/train.csv --train-sizes $(DATA)/train_meta.csv --sizes $(DATA)/test_meta.csv --out $@
+
+baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box floor: OOF and test predictions
+
+submissions/$(NAME)_prior_boxes.csv: $(RUN)/prior_boxes/test.csv
+	$(CXR) submission --predictions $< --sample $(DATA)/sample_submission.csv --sizes $(DATA)/test_meta.csv --out $@
+
+submission: submissions/$(NAME)_prior_boxes.csv ## write and check the submission
+
+evaluate: baseline ## print OOF mAP@0.4 (and test mAP when DATA has test_labels.csv)
+	@echo "prior boxes, OOF:"; $(CXR) evaluate --labels $(DATA)/train.csv --submission $(RUN)/prior_boxes/oof.csv --folds $(FOLDS)
+	@if [ -f $(DATA)/test_labels.csv ]; then echo "prior boxes, test:"; \
+	  $(CXR) evaluate --labels $(DATA)/test_labels.csv --submission $(RUN)/prior_boxes/test.csv; fi
+
+demo: install demo-data folds baseline submission evaluate ## the whole pipeline on the synthetic benchmark
+
+prepare: $(STAMP) ## convert SRC (DICOM/PNG folder) to OUT at SIZE px: make prepare SRC=... OUT=... SIZE=1024
+	$(CXR) prepare --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024)
+
+clean: ## remove generated data, runs, folds and submissions (keeps .venv)
+	rm -rf data/demo runs folds/*.csv submissions/*.csv reports
