@@ -73,12 +73,15 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def cmd_check_submission(a: argparse.Namespace) -> None:
-    problems = submission.check_submission(a.submission, a.sample, _sizes(a.sizes))
+def _exit_on_problems(problems: list[str]) -> None:
     for p in problems:
         print(p)
     if problems:
         sys.exit(1)
+
+
+def cmd_check_submission(a: argparse.Namespace) -> None:
+    _exit_on_problems(submission.check_submission(a.submission, a.sample, _sizes(a.sizes)))
     print(f"{a.submission}: valid")
 
 
@@ -87,11 +90,7 @@ def cmd_submission(a: argparse.Namespace) -> None:
     preds = predictions.read_predictions(a.predictions, sizes)
     ids = read_table(a.sample, dtype={"image_id": str})["image_id"].tolist()
     submission.write_submission(preds, ids, a.out)
-    problems = submission.check_submission(a.out, a.sample, sizes)
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    _exit_on_problems(submission.check_submission(a.out, a.sample, sizes))
     print(f"wrote {a.out}: {len(ids)} images, {len(preds)} boxes")
 
 

@@ -56,18 +56,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file, DICOM read from its header only."""
-    path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Columns), int(ds.Rows)
-    h, w = read_image(path).shape[:2]
-    return w, h
-
-
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Squash to ``size`` x ``size`` like Kaggle's resized sets (per-axis factors, see cxr.boxes)."""
     interpolation = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_LINEAR

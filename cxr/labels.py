@@ -10,7 +10,6 @@ rows have ``class_id == 14`` and NaN coordinates, as in Kaggle's file.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -156,10 +155,6 @@ def check_inside(labels: pd.DataFrame, sizes: pd.DataFrame, path: str | os.PathL
             f"{r.image_id!r}",
             csv_row(i),
         )
-
-
-def image_ids(labels: pd.DataFrame) -> list[str]:
-    return sorted(labels["image_id"].unique())
 
 
 def _check_ids(df: pd.DataFrame, path: str | os.PathLike) -> None:

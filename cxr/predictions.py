@@ -18,12 +18,6 @@ from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PR
 from cxr.io import DataError, csv_row, read_table, require_columns, write_table
 
 
-def empty() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=str if c == "image_id" else float) for c in PREDICTION_COLUMNS}).astype(
-        {"class_id": int}
-    )
-
-
 def validate(df: pd.DataFrame, path: str | os.PathLike = "<predictions>", sizes: pd.DataFrame | None = None) -> pd.DataFrame:
     """Check a prediction table and return it with canonical dtypes and column order.
 

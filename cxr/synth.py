@@ -34,7 +34,8 @@ from tqdm import tqdm
 from cxr.boxes import iou_matrix, to_original
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import fuse_readers
-from cxr.io import atomic_path, write_json, write_table
+from cxr.config import save
+from cxr.io import atomic_path, write_table
 from cxr.submission import EMPTY_PREDICTION
 
 STATS_PATH = Path(__file__).with_name("vindr_stats.json")
@@ -289,5 +290,5 @@ def generate(cfg: SynthConfig) -> Path:
             write_table(pd.DataFrame(rows, columns=["image_id", "class_name", *BOX_COLUMNS]).round(1), out / "test_labels.csv")
             sample = pd.DataFrame({"image_id": [m["image_id"] for m in metas], "PredictionString": EMPTY_PREDICTION})
             write_table(sample, out / "sample_submission.csv")
-    write_json({"config": {k: v for k, v in vars(cfg).items()}, "size": cfg.size}, out / "synth.json")
+    save(cfg, out / "synth.yaml")  # how this data set was made
     return out

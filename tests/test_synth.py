@@ -16,7 +16,7 @@ from cxr.synth import SynthConfig, generate, load_stats
 def digest(folder):
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "synth.json":
+        if p.is_file() and p.name != "synth.yaml":  # it names its own output folder
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
 
