@@ -14,6 +14,13 @@ N_FOLDS ?= 5
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
+MODEL   ?= yolo
+FOLD    ?= 0
+PROFILE ?= demo
+FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
+MODELS  = $(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run $(RUN)
+# Run the tests with no network where the kernel allows it: proof that nothing downloads.
+NONET   := $(shell unshare -n true 2>/dev/null && echo unshare -n)
 
 # Nothing downloads at run time: no weights, fonts or update checks.
 export YOLO_OFFLINE := 1
@@ -25,7 +32,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: help install test demo demo-data folds baseline submission evaluate prepare clean
+.PHONY: help install test demo demo-data folds baseline submission evaluate prepare clean train predict oof
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,8 +52,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -c "import torch, torchvision, ultralytics, detectron2, effdet, timm, ensemble_boxes, pydicom, cxr"
 	@touch $@
 
-test: install ## run the test suite (real-data tests read ../shared/data)
-	$(PY) -m pytest
+test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works
+	$(NONET) $(PY) -m pytest
 
 demo-data: $(DATA)/train.csv ## generate the embedded synthetic benchmark in data/demo (Kaggle 256-px layout)
 
@@ -76,6 +83,21 @@ evaluate: baseline ## print OOF mAP@0.4 (and test mAP when DATA has test_labels.
 	@echo "prior boxes, OOF:"; $(CXR) evaluate --labels $(DATA)/train.csv --submission $(RUN)/prior_boxes/oof.csv --folds $(FOLDS)
 	@if [ -f $(DATA)/test_labels.csv ]; then echo "prior boxes, test:"; \
 	  $(CXR) evaluate --labels $(DATA)/test_labels.csv --submission $(RUN)/prior_boxes/test.csv; fi
+
+train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
+	$(call MODELS,train) --fold $(FOLD)
+
+predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
+	$(call MODELS,predict) --fold $(FOLD)
+
+$(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
+	$(call MODELS,train) --fold $*
+	$(call MODELS,predict) --fold $*
+
+$(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
+	$(call MODELS,merge)
+
+oof: $(RUN)/$(MODEL)/oof.csv ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe
 
 demo: install demo-data folds baseline submission evaluate ## the whole pipeline on the synthetic benchmark
 

@@ -1,0 +1,63 @@
+"""GPU check: a few hundred full-profile training iterations per model with AMP; prints images/s and peak memory.
+
+    .venv/bin/python bench/gpu_check.py [--models yolo] [--imgsz 640] [--n-train 1600]
+
+Runs the real adapters (``train`` then ``predict``) on a synthetic data set generated at
+``--imgsz`` px, one epoch budget per model sized to a few hundred iterations. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cxr.config import load
+from cxr.data import DataFolder
+from cxr.folds import make_folds
+from cxr.io import write_table
+from cxr.synth import SynthConfig, generate
+
+OVERRIDES = {  # full profile, shortened: iterations, not convergence
+    "yolo": lambda a: {"imgsz": a.imgsz, "epochs": 3, "tta": False},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default=",".join(OVERRIDES))
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--n-train", type=int, default=1600)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs CUDA")
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = DataFolder(generate(SynthConfig(out=f"{tmp}/data", n_train=a.n_train, n_test=200, size=a.imgsz, seed=0)))
+        folds = make_folds(data.labels, n_folds=5, seed=0)
+        write_table(folds, f"{tmp}/folds.csv")
+        n_fit = int((folds["fold"] != 0).sum())
+        for name in a.models.split(","):
+            adapter = importlib.import_module(f"models.{name}.{name}")
+            cfg = load(adapter.Config, Path("models") / name / "full.yaml", OVERRIDES[name](a))
+            out = Path(tmp) / "run" / name / "fold0"
+            out.mkdir(parents=True)
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            adapter.train(cfg, data, folds, 0, out)
+            train_s = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            start = time.perf_counter()
+            adapter.predict(cfg, data, folds, 0, out)
+            pred_s = time.perf_counter() - start
+            n_pred = int((folds["fold"] == 0).sum()) + len(data.test_ids())
+            epochs = getattr(cfg, "epochs", 1)
+            print(f"{name}: train {n_fit * epochs / train_s:.1f} img/s ({epochs} epochs of {n_fit} at {a.imgsz}px, "
+                  f"incl. validation), peak {peak:.1f} GiB; predict {n_pred / pred_s:.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Run one verb of one model adapter: ``python -m models MODEL VERB --fold K ...`` (what the Makefile calls).
+
+Verbs: ``prepare``, ``train``, ``predict`` (one fold) and ``merge`` (all folds: ``oof.csv`` =
+every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF).
+Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` overrides a field.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from cxr.config import load
+from cxr.data import DataFolder, read_folds
+from cxr.io import DataError
+from cxr.predictions import read_predictions, write_predictions
+from cxr.wbf import fuse_predictions
+from models.common import fold_dir
+
+# An explicit table, not a registry: the module is imported only when its model is asked for.
+ADAPTERS = {"yolo": "models.yolo.yolo", "classifier": "models.classifier.classifier"}
+HERE = Path(__file__).parent
+
+
+def merge(model: str, output: str, data: DataFolder, folds: pd.DataFrame, run: Path) -> tuple[Path, Path]:
+    """All folds of ``model`` -> ``RUN/MODEL/oof.csv`` (out-of-fold) and ``RUN/MODEL/test.csv``.
+
+    Detections: the folds' test tables are fused with WBF. Probabilities (the classifier):
+    the folds' test probabilities are averaged, and an OOF ROC AUC report is written.
+    """
+    ks = sorted(folds["fold"].unique())
+    missing = [k for k in ks if not (fold_dir(run, model, k) / "oof.csv").exists()]
+    if missing:
+        raise DataError(run / model, f"no predictions for fold(s) {missing}: run make oof MODEL={model}")
+    if output == "probabilities":
+        from models.classifier.report import merge_probabilities
+
+        return merge_probabilities([fold_dir(run, model, k) for k in ks], data, folds, run / model)
+    oof = pd.concat([read_predictions(fold_dir(run, model, k) / "oof.csv") for k in ks], ignore_index=True)
+    test = fuse_predictions([read_predictions(fold_dir(run, model, k) / "test.csv") for k in ks], data.test_sizes)
+    return (
+        write_predictions(oof, run / model / "oof.csv", data.train_sizes),
+        write_predictions(test, run / model / "test.csv", data.test_sizes),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m models", description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=sorted(ADAPTERS))
+    p.add_argument("verb", choices=["prepare", "train", "predict", "merge"])
+    p.add_argument("--data", required=True, help="folder in Kaggle's resized-PNG layout")
+    p.add_argument("--folds", required=True, help="fold file (image_id,fold)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
+    p.add_argument("--run", default="runs/demo", help="run root; outputs go to RUN/MODEL/foldK")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
+    a = p.parse_args(argv)
+    try:
+        adapter = importlib.import_module(ADAPTERS[a.model])
+        profile = Path(a.profile) if a.profile.endswith(".yaml") else HERE / a.model / f"{a.profile}.yaml"
+        overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+        cfg = load(adapter.Config, profile, overrides)
+        data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run)
+        if a.verb == "merge":
+            print(*merge(a.model, adapter.OUTPUT, data, folds, run))
+            return
+        out = fold_dir(run, a.model, a.fold)
+        out.mkdir(parents=True, exist_ok=True)
+        print(getattr(adapter, a.verb)(cfg, data, folds, a.fold, out))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

