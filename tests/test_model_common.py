@@ -24,7 +24,7 @@ def test_normalized_boxes_go_back_to_original_pixels(synth_dir):
         return [(np.array([[0.25, 0.5, 0.75, 1.0]]), np.array([0.8]), np.array([3])) for _ in images]
 
     preds = predict_split(infer, data, "test", ids, batch_size=2)
-    assert seen == [(256, 256)] * 3  # the model sees the squashed square image
+    assert seen == [(128, 128)] * 3  # the model sees the squashed square image
     for image_id in ids:
         w, h = sizes.loc[image_id, ["width", "height"]]
         row = preds[(preds["image_id"] == image_id) & (preds["class_id"] == 3)]
