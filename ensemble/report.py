@@ -1,0 +1,98 @@
+"""The report: OOF mAP@0.4 per model, ensemble, gated ensemble and prior-box floor; per-class AP;
+PR curves; a few test images with the submission's boxes drawn. Markdown + PNG + summary.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display, no font downloads
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cxr.data import DataFolder  # noqa: E402
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NUM_CLASSES  # noqa: E402
+from cxr.images import read_image  # noqa: E402
+from cxr.io import atomic_path, write_json  # noqa: E402
+from cxr.metric import class_pr, mean_average_precision  # noqa: E402
+
+
+def write_report(
+    out: Path,
+    results: dict[str, pd.DataFrame],
+    gt: pd.DataFrame,
+    image_ids: list[str],
+    data: DataFolder,
+    test_preds: pd.DataFrame,
+    search: pd.DataFrame,
+    n_images: int = 4,
+) -> dict:
+    """``results``: name -> OOF predictions (models, ``ensemble``, ``ensemble_gated``, ``prior_boxes``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores = {name: mean_average_precision(gt, preds, image_ids) for name, preds in results.items()}
+    summary = {name: s["map"] for name, s in scores.items()}
+    write_json(summary, out / "summary.json")
+    ap = pd.DataFrame({name: s["ap"] for name, s in scores.items()})
+    ap.index = [f"{i} {CLASS_NAMES[int(i)]}" for i in ap.index]
+    _plot_pr(gt, results["ensemble_gated"], out / "pr_curves.png")
+    drawn = _draw_test_images(data, test_preds, out, n_images)
+    search.to_csv(out / "search.csv", index=False)
+    lines = [
+        "# Ensemble report", "",
+        f"Out-of-fold mAP@0.4 over {len(image_ids)} training images (competition metric, `cxr.metric`).", "",
+        "| predictions | OOF mAP@0.4 |", "| --- | --- |",
+        *[f"| {name} | {m:.4f} |" for name, m in summary.items()], "",
+        "## Per-class AP", "", ap.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}").to_markdown(), "",
+        "## Precision-recall (gated ensemble, OOF)", "", "![PR curves](pr_curves.png)", "",
+        "## Test images (submission boxes with score >= 0.3)", "", *[f"![{p.stem}]({p.name})" for p in drawn], "",
+        f"Every fusion/gate candidate tried is in `search.csv` ({len(search)} rows).", "",
+    ]
+    with atomic_path(out / "index.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    return summary
+
+
+def _plot_pr(gt: pd.DataFrame, preds: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(3, 5, figsize=(15, 9), sharex=True, sharey=True)
+    for c, ax in zip(range(NUM_CLASSES), axes.ravel()):
+        g, p = gt[gt["class_id"] == c], preds[preds["class_id"] == c]
+        if len(g) and len(p):
+            precision, recall = class_pr(g, p)
+            ax.plot(recall, precision)
+        ax.set_title(CLASS_NAMES[c], fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _draw_test_images(data: DataFolder, preds: pd.DataFrame, out: Path, n: int, min_score: float = 0.3) -> list[Path]:
+    """Test PNGs with boxes (converted from original pixels to the PNG's), class names and scores."""
+    boxes = preds[(preds["class_id"] != NO_FINDING) & (preds["score"] >= min_score)]
+    ranked = boxes.groupby("image_id")["score"].max().sort_values(ascending=False)
+    sizes = data.test_sizes.set_index("image_id")
+    paths = []
+    rng = np.random.default_rng(0)
+    for image_id in list(ranked.index[:n]):
+        image = cv2.cvtColor(read_image(data.image("test", image_id)), cv2.COLOR_GRAY2BGR)
+        h, w = image.shape[:2]
+        ow, oh = sizes.loc[image_id, ["width", "height"]]
+        image = cv2.resize(image, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)  # room for labels
+        for r in boxes[boxes["image_id"] == image_id].itertuples():
+            color = tuple(int(v) for v in rng.integers(80, 255, 3))
+            scale = np.array([2 * w / ow, 2 * h / oh] * 2)
+            x0, y0, x1, y1 = (np.array([getattr(r, c) for c in BOX_COLUMNS]) * scale).astype(int)
+            cv2.rectangle(image, (x0, y0), (x1, y1), color, 1)
+            cv2.putText(image, f"{CLASS_NAMES[r.class_id]} {r.score:.2f}", (x0, max(y0 - 3, 10)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+        path = out / f"test_{image_id[:12]}.png"
+        with atomic_path(path) as tmp:
+            ok, buf = cv2.imencode(".png", image)
+            tmp.write_bytes(buf.tobytes())
+        paths.append(path)
+    return paths
