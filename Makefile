@@ -10,17 +10,19 @@ CXR     := $(VENV)/bin/cxr
 STAMP   := $(VENV)/.installed
 DATA    ?= data/demo
 NAME    ?= demo
-N_FOLDS ?= 5
+N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)  # the demo: 3 folds to fit 2 CPU cores
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
+MODELS_ALL := yolo detectron effdet classifier
 MODEL   ?= yolo
 FOLD    ?= 0
 PROFILE ?= demo
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
-MODELS  = $(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run $(RUN)
-# Run the tests with no network where the kernel allows it: proof that nothing downloads.
-NONET   := $(shell unshare -n true 2>/dev/null && echo unshare -n)
+MODELS  = $(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN)
+# Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
+# allows: proof that nothing downloads. Elsewhere they run as they are.
+OFFLINE := $(shell unshare -n ip link set lo up 2>/dev/null && echo yes)
 
 # Nothing downloads at run time: no weights, fonts or update checks.
 export YOLO_OFFLINE := 1
@@ -32,7 +34,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: help install test demo demo-data folds baseline submission evaluate prepare clean train predict oof
+.PHONY: help install test demo demo-data folds baseline evaluate prepare clean train predict oof all-oof ensemble submission pipeline
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,12 +55,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@touch $@
 
 test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works
-	$(NONET) $(PY) -m pytest
+	$(if $(OFFLINE),unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest $(PYTEST_ARGS)',$(PY) -m pytest $(PYTEST_ARGS))
 
-demo-data: $(DATA)/train.csv ## generate the embedded synthetic benchmark in data/demo (Kaggle 256-px layout)
+demo-data: $(DATA)/train.csv ## generate the synthetic benchmark in data/demo (Kaggle layout, 128 px for CPU)
 
 $(DATA)/train.csv: | $(STAMP)
-	@if [ "$(DATA)" = data/demo ]; then $(CXR) synth --out $(DATA) --n-train 600 --n-test 150 --seed 0; \
+	@if [ "$(DATA)" = data/demo ]; then $(CXR) synth --out $(DATA) --n-train 300 --n-test 100 --size 128 --seed 0; \
 	else echo "$@ not found: DATA must be a folder in Kaggle's resized-PNG layout (see README)" >&2; exit 1; fi
 
 $(FOLDS): $(DATA)/train.csv
@@ -73,33 +75,26 @@ $(RUN)/prior_boxes/test.csv: $(DATA)/train.csv
 	$(CXR) baseline --labels $(DATA)/train.csv --train-sizes $(DATA)/train_meta.csv --sizes $(DATA)/test_meta.csv --out $@
 
 baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box floor: OOF and test predictions
+	$(CXR) submission --predictions $(RUN)/prior_boxes/test.csv --sample $(DATA)/sample_submission.csv \
+	  --sizes $(DATA)/test_meta.csv --out submissions/$(NAME)_prior_boxes.csv
 
-submissions/$(NAME)_prior_boxes.csv: $(RUN)/prior_boxes/test.csv
-	$(CXR) submission --predictions $< --sample $(DATA)/sample_submission.csv --sizes $(DATA)/test_meta.csv --out $@
+all-oof: $(FOLDS) ## OOF + test predictions of every model (yolo, detectron, effdet, classifier)
+	@for m in $(MODELS_ALL); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
 
-submission: submissions/$(NAME)_prior_boxes.csv ## write and check the submission
+$(RUN)/ensemble/params.json: $(foreach m,$(MODELS_ALL),$(RUN)/$(m)/oof.csv)
+	$(PY) -m ensemble tune --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) $(if $(EXCLUDE),--exclude $(EXCLUDE))
 
-evaluate: baseline ## print OOF mAP@0.4 (and test mAP when DATA has test_labels.csv)
-	@echo "prior boxes, OOF:"; $(CXR) evaluate --labels $(DATA)/train.csv --submission $(RUN)/prior_boxes/oof.csv --folds $(FOLDS)
-	@if [ -f $(DATA)/test_labels.csv ]; then echo "prior boxes, test:"; \
-	  $(CXR) evaluate --labels $(DATA)/test_labels.csv --submission $(RUN)/prior_boxes/test.csv; fi
+ensemble: all-oof ## tune WBF weights/iou/conf and the classifier gate on OOF (EXCLUDE=model leaves one out)
+	@$(MAKE) --no-print-directory $(RUN)/ensemble/params.json
 
-train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
-	$(call MODELS,train) --fold $(FOLD)
+submission: ensemble ## apply the tuned ensemble to test: checked submissions/$(NAME).csv + reports/$(NAME)/
+	$(PY) -m ensemble submit --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --name $(NAME)
 
-predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
-	$(call MODELS,predict) --fold $(FOLD)
+pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
-$(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
-	$(call MODELS,train) --fold $*
-	$(call MODELS,predict) --fold $*
-
-$(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
-	$(call MODELS,merge)
-
-oof: $(RUN)/$(MODEL)/oof.csv ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe
-
-demo: install demo-data folds baseline submission evaluate ## the whole pipeline on the synthetic benchmark
+demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-running skips finished work)
+	@start=$$(date +%s); $(MAKE) --no-print-directory pipeline evaluate; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.md"
 
 prepare: $(STAMP) ## convert SRC (DICOM/PNG folder) to OUT at SIZE px: make prepare SRC=... OUT=... SIZE=1024
 	$(CXR) prepare --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024)

@@ -22,7 +22,12 @@ from cxr.wbf import fuse_predictions
 from models.common import fold_dir
 
 # An explicit table, not a registry: the module is imported only when its model is asked for.
-ADAPTERS = {"yolo": "models.yolo.yolo", "classifier": "models.classifier.classifier"}
+ADAPTERS = {
+    "yolo": "models.yolo.yolo",
+    "detectron": "models.detectron.detectron",
+    "effdet": "models.effdet.effdet",
+    "classifier": "models.classifier.classifier",
+}
 HERE = Path(__file__).parent
 
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", required=True, help="fold file (image_id,fold)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
-    p.add_argument("--run", default="runs/demo", help="run root; outputs go to RUN/MODEL/foldK")
+    p.add_argument("--run-dir", default="runs/demo", help="run root; outputs go to RUN_DIR/MODEL/foldK")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
     a = p.parse_args(argv)
     try:
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         profile = Path(a.profile) if a.profile.endswith(".yaml") else HERE / a.model / f"{a.profile}.yaml"
         overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
         cfg = load(adapter.Config, profile, overrides)
-        data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run)
+        data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
         if a.verb == "merge":
             print(*merge(a.model, adapter.OUTPUT, data, folds, run))
             return

@@ -28,7 +28,7 @@ def setup(synth_dir, tmp_path_factory):
 def args(verb, setup, fold=0, *extra, run=None):
     data, folds, default_run = setup
     return ["classifier", verb, "--data", str(data), "--folds", str(folds), "--fold", str(fold),
-            "--run", str(run or default_run), *extra]
+            "--run-dir", str(run or default_run), *extra]
 
 
 def test_labels_fused_and_any_reader_agree_on_vindr_like_data(setup):

@@ -33,7 +33,7 @@ def test_layout_and_labels(synth_dir):
     assert abs(normal_share - load_stats()["normal_share"]) < 0.1
     images = sorted(p.stem for p in (synth_dir / "train").glob("*.png"))
     assert images == sorted(sizes["image_id"])
-    assert read_image(synth_dir / "train" / f"{images[0]}.png").shape == (256, 256)
+    assert read_image(synth_dir / "train" / f"{images[0]}.png").shape == (128, 128)
     test = read_physionet_labels(synth_dir / "test_labels.csv")
     assert set(test["image_id"]) == set(read_sizes(synth_dir / "test_meta.csv")["image_id"])
 
@@ -54,8 +54,8 @@ def test_findings_are_visible(synth_dir):
     diffs = []
     for r in test[test["class_id"].isin([0, 3, 8])].itertuples():
         w, h = sizes.loc[r.image_id, ["width", "height"]]
-        x0, x1 = int(r.x_min / w * 256), int(np.ceil(r.x_max / w * 256))
-        y0, y1 = int(r.y_min / h * 256), int(np.ceil(r.y_max / h * 256))
+        x0, x1 = int(r.x_min / w * 128), int(np.ceil(r.x_max / w * 128))
+        y0, y1 = int(r.y_min / h * 128), int(np.ceil(r.y_max / h * 128))
         img = read_image(synth_dir / "test" / f"{r.image_id}.png").astype(float)
         diffs.append(img[y0:y1, x0:x1].mean() - normal[y0:y1, x0:x1].mean())
     assert np.median(diffs) > 10  # bright findings are brighter than normal anatomy

@@ -1,24 +1,22 @@
 """YOLOv8 adapter through its real entry point (python -m models yolo ...), offline, on the synthetic benchmark."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.cli import main as cxr_main
 from cxr.data import DataFolder
 from cxr.folds import make_folds
 from cxr.io import write_table
 from cxr.predictions import read_predictions
 from models.__main__ import main
+from tests.conftest import demo_beats_prior
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -33,7 +31,7 @@ def setup(synth_dir, tmp_path_factory):
 
 def args(verb, setup, *extra, run=None):
     data, folds, default_run = setup
-    return ["yolo", verb, "--data", str(data), "--folds", str(folds), "--fold", "0", "--run", str(run or default_run), *extra]
+    return ["yolo", verb, "--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(run or default_run), *extra]
 
 
 def test_prepare_writes_yolo_dataset(setup):
@@ -86,25 +84,7 @@ def test_resume_after_kill(setup, tmp_path):
 
 @pytest.mark.slow
 def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
-    """After the demo profile (fold 0 of 3 on 300 synthetic images), OOF mAP@0.4 > prior-box OOF mAP."""
-    from cxr.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("yolo_demo")
-    data = generate(SynthConfig(out=str(root / "data"), n_train=300, n_test=20, seed=1))
-    folds = root / "folds.csv"
-    write_table(make_folds(DataFolder(data).labels, n_folds=3, seed=0), folds)
-    common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run", str(root / "run")]
-    start = time.time()
-    main(["yolo", "train", *common])
-    main(["yolo", "predict", *common])
-    minutes = (time.time() - start) / 60
-    cxr_main(["baseline", "--labels", str(data / "train.csv"), "--train-sizes", str(data / "train_meta.csv"),
-              "--folds", str(folds), "--out", str(root / "prior.csv")])
-    capsys.readouterr()
-    scores = {}
-    for name, path in (("yolo", root / "run" / "yolo" / "fold0" / "oof.csv"), ("prior", root / "prior.csv")):
-        cxr_main(["evaluate", "--labels", str(data / "train.csv"), "--submission", str(path), "--folds", str(folds), "--fold", "0"])
-        scores[name] = json.loads(capsys.readouterr().out)["map"]
+    ours, prior, minutes = demo_beats_prior("yolo", tmp_path_factory.mktemp("yolo_demo"))
     with capsys.disabled():
-        print(f"\nyolo demo fold 0: OOF mAP@0.4 {scores['yolo']:.4f} vs prior boxes {scores['prior']:.4f} ({minutes:.1f} min)")
-    assert scores["yolo"] > scores["prior"]
+        print(f"\nyolo demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min)")
+    assert ours > prior
