@@ -10,7 +10,8 @@ CXR     := $(VENV)/bin/cxr
 STAMP   := $(VENV)/.installed
 DATA    ?= data/demo
 NAME    ?= demo
-N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)  # the demo: 3 folds to fit 2 CPU cores
+# the demo: 3 folds, to fit 2 CPU cores
+N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
@@ -78,6 +79,21 @@ baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box fl
 	$(CXR) submission --predictions $(RUN)/prior_boxes/test.csv --sample $(DATA)/sample_submission.csv \
 	  --sizes $(DATA)/test_meta.csv --out submissions/$(NAME)_prior_boxes.csv
 
+train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
+	$(call MODELS,train) --fold $(FOLD)
+
+predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
+	$(call MODELS,predict) --fold $(FOLD)
+
+$(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
+	$(call MODELS,train) --fold $*
+	$(call MODELS,predict) --fold $*
+
+$(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
+	$(call MODELS,merge)
+
+oof: $(RUN)/$(MODEL)/oof.csv ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe
+
 all-oof: $(FOLDS) ## OOF + test predictions of every model (yolo, detectron, effdet, classifier)
 	@for m in $(MODELS_ALL); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
 
@@ -93,7 +109,7 @@ submission: ensemble ## apply the tuned ensemble to test: checked submissions/$(
 pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
 demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-running skips finished work)
-	@start=$$(date +%s); $(MAKE) --no-print-directory pipeline evaluate; \
+	@start=$$(date +%s); $(MAKE) --no-print-directory pipeline evaluate && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.md"
 
 prepare: $(STAMP) ## convert SRC (DICOM/PNG folder) to OUT at SIZE px: make prepare SRC=... OUT=... SIZE=1024

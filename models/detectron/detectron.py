@@ -36,7 +36,7 @@ from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.images import read_image
 from cxr.io import atomic_path
 from cxr.metric import ground_truth, mean_average_precision
-from models.common import Detections, device, predict_split, write_fold_predictions
+from models.common import Detections, Infer, device, predict_split, write_fold_predictions
 
 OUTPUT = "detections"
 
@@ -304,7 +304,7 @@ def plot_curves(metrics_json: Path, path: Path) -> Path:
     return path
 
 
-def _infer_fn(model: torch.nn.Module, cfg: Config):
+def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
     dev = next(model.parameters()).device
 
     @torch.no_grad()
@@ -326,13 +326,18 @@ def _infer_fn(model: torch.nn.Module, cfg: Config):
     return infer
 
 
-def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+def load_infer(cfg: Config, out: Path) -> Infer:
+    """The trained fold model as an ``infer`` function (see models/common.py)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     weights = out / "weights.pth"
     if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train fold {fold} first (make train MODEL=detectron FOLD={fold})")
+        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=detectron FOLD=k)")
     model = build_model(build_cfg(cfg, out))
     DetectionCheckpointer(model).load(str(weights))
-    return write_fold_predictions(_infer_fn(model, cfg), data, folds, fold, out, cfg.tta, cfg.batch)
+    return _infer_fn(model, cfg)
+
+
+def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch)

@@ -37,7 +37,7 @@ from cxr.dataset import BOX_COLUMNS, NO_FINDING
 from cxr.images import read_image
 from cxr.io import atomic_path, write_table
 from cxr.metric import ground_truth, mean_average_precision
-from models.common import Detections, device, load_efficientnet_lite0, predict_split, write_fold_predictions
+from models.common import Detections, Infer, device, load_efficientnet_lite0, predict_split, write_fold_predictions
 
 OUTPUT = "detections"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -243,7 +243,7 @@ def _unwrap(bench: torch.nn.Module) -> torch.nn.Module:
     return bench.module if isinstance(bench, torch.nn.parallel.DistributedDataParallel) else bench
 
 
-def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str):
+def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
     from effdet import DetBenchPredict
 
     bench = DetBenchPredict(model).to(dev).eval()
@@ -264,11 +264,16 @@ def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str):
     return infer
 
 
-def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+def load_infer(cfg: Config, out: Path) -> Infer:
+    """The trained fold model (EMA weights) as an ``infer`` function (see models/common.py)."""
     weights = out / "weights.pt"
     if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train fold {fold} first (make train MODEL=effdet FOLD={fold})")
+        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=effdet FOLD=k)")
     dev = device(cfg.device)
     model = build(Config(**{**vars(cfg), "backbone_init": None, "weights": None})).model
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
-    return write_fold_predictions(_infer_fn(model.to(dev), cfg, dev), data, folds, fold, out, cfg.tta, cfg.batch)
+    return _infer_fn(model.to(dev), cfg, dev)
+
+
+def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch)

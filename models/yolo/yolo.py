@@ -32,7 +32,7 @@ from cxr.config import save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.io import atomic_path
-from models.common import Detections, device, write_fold_predictions
+from models.common import Detections, Infer, device, write_fold_predictions
 
 OUTPUT = "detections"  # what merge does with the folds' tables (see models/__main__.py)
 
@@ -134,13 +134,13 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
     return final
 
 
-def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
-    """Write ``oof.csv`` and ``test.csv`` for ``fold`` from its trained weights."""
+def load_infer(cfg: Config, out: Path) -> Infer:
+    """The trained fold model as an ``infer`` function (see models/common.py)."""
     from ultralytics import YOLO
 
     weights = out / "weights.pt"
     if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train fold {fold} first (make train MODEL=yolo FOLD={fold})")
+        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=yolo FOLD=k)")
     model = YOLO(str(weights), task="detect")
 
     def infer(images: list[np.ndarray]) -> list[Detections]:
@@ -149,4 +149,9 @@ def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
                                 device=_device(cfg), verbose=False)
         return [(r.boxes.xyxyn.cpu().numpy(), r.boxes.conf.cpu().numpy(), r.boxes.cls.cpu().numpy()) for r in results]
 
-    return write_fold_predictions(infer, data, folds, fold, out, cfg.tta, cfg.predict_batch)
+    return infer
+
+
+def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+    """Write ``oof.csv`` and ``test.csv`` for ``fold`` from its trained weights."""
+    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.predict_batch)
