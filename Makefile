@@ -106,6 +106,9 @@ ensemble: all-oof ## tune WBF weights/iou/conf and the classifier gate on OOF (E
 submission: ensemble ## apply the tuned ensemble to test: checked submissions/$(NAME).csv + reports/$(NAME)/
 	$(PY) -m ensemble submit --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --name $(NAME)
 
+evaluate: ## print test mAP@0.4 of submissions/$(NAME).csv (DATA with test_labels.csv: synthetic or PhysioNet)
+	$(CXR) evaluate --labels $(DATA)/test_labels.csv --submission submissions/$(NAME).csv
+
 pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
 demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-running skips finished work)

@@ -46,7 +46,7 @@ def write_report(
         *[f"| {name} | {m:.4f} |" for name, m in summary.items()], "",
         "## Per-class AP", "", ap.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}").to_markdown(), "",
         "## Precision-recall (gated ensemble, OOF)", "", "![PR curves](pr_curves.png)", "",
-        "## Test images (submission boxes with score >= 0.3)", "", *[f"![{p.stem}]({p.name})" for p in drawn], "",
+        "## Test images (the most confident findings of the submission, top 5 boxes each)", "", *[f"![{p.stem}]({p.name})" for p in drawn], "",
         f"Every fusion/gate candidate tried is in `search.csv` ({len(search)} rows).", "",
     ]
     with atomic_path(out / "index.md") as tmp:
@@ -71,10 +71,11 @@ def _plot_pr(gt: pd.DataFrame, preds: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _draw_test_images(data: DataFolder, preds: pd.DataFrame, out: Path, n: int, min_score: float = 0.3) -> list[Path]:
-    """Test PNGs with boxes (converted from original pixels to the PNG's), class names and scores."""
-    boxes = preds[(preds["class_id"] != NO_FINDING) & (preds["score"] >= min_score)]
-    ranked = boxes.groupby("image_id")["score"].max().sort_values(ascending=False)
+def _draw_test_images(data: DataFolder, preds: pd.DataFrame, out: Path, n: int, per_image: int = 5) -> list[Path]:
+    """The ``n`` test images with the most confident findings, their top boxes drawn (original pixels
+    converted to the PNG's), with class names and scores."""
+    boxes = preds[preds["class_id"] != NO_FINDING].sort_values("score", ascending=False, kind="stable")
+    ranked = boxes.groupby("image_id", sort=False)["score"].max().sort_values(ascending=False, kind="stable")
     sizes = data.test_sizes.set_index("image_id")
     paths = []
     rng = np.random.default_rng(0)
@@ -82,14 +83,15 @@ def _draw_test_images(data: DataFolder, preds: pd.DataFrame, out: Path, n: int, 
         image = cv2.cvtColor(read_image(data.image("test", image_id)), cv2.COLOR_GRAY2BGR)
         h, w = image.shape[:2]
         ow, oh = sizes.loc[image_id, ["width", "height"]]
-        image = cv2.resize(image, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)  # room for labels
-        for r in boxes[boxes["image_id"] == image_id].itertuples():
+        zoom = max(1, 512 // max(h, w))  # room for the labels on small PNGs
+        image = cv2.resize(image, (zoom * w, zoom * h), interpolation=cv2.INTER_LINEAR)
+        scale = np.array([zoom * w / ow, zoom * h / oh] * 2)
+        for r in boxes[boxes["image_id"] == image_id].head(per_image).itertuples():
             color = tuple(int(v) for v in rng.integers(80, 255, 3))
-            scale = np.array([2 * w / ow, 2 * h / oh] * 2)
             x0, y0, x1, y1 = (np.array([getattr(r, c) for c in BOX_COLUMNS]) * scale).astype(int)
             cv2.rectangle(image, (x0, y0), (x1, y1), color, 1)
             cv2.putText(image, f"{CLASS_NAMES[r.class_id]} {r.score:.2f}", (x0, max(y0 - 3, 10)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1, cv2.LINE_AA)
         path = out / f"test_{image_id[:12]}.png"
         with atomic_path(path) as tmp:
             ok, buf = cv2.imencode(".png", image)
