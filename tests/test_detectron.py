@@ -102,3 +102,11 @@ def test_train_predict_and_resume(setup, tmp_path):
     log = done.stdout + done.stderr
     assert "Loading from" in log and checkpoint in log, log[-3000:]  # resumed from that checkpoint
     assert (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
+
+
+@pytest.mark.slow
+def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
+    ours, prior, minutes = demo_beats_prior("detectron", tmp_path_factory.mktemp("detectron_demo"))
+    with capsys.disabled():
+        print(f"\ndetectron demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min)")
+    assert ours > prior
