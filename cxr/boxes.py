@@ -17,20 +17,8 @@ def to_original(boxes: np.ndarray, resized_wh: tuple[float, float], orig_wh: tup
     return _scale(boxes, orig_wh[0] / resized_wh[0], orig_wh[1] / resized_wh[1])
 
 
-def normalize(boxes: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
-    """Pixels -> [0, 1] coordinates (what ensemble-boxes expects)."""
-    return _scale(boxes, 1.0 / wh[0], 1.0 / wh[1])
-
-
 def denormalize(boxes: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
     return _scale(boxes, wh[0], wh[1])
-
-
-def clip(boxes: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
-    b = np.asarray(boxes, dtype=float).reshape(-1, 4).copy()
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, wh[0])
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, wh[1])
-    return b
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

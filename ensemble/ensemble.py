@@ -174,8 +174,3 @@ def apply(params: Params, tables: list[pd.DataFrame], sizes: pd.DataFrame, p_abn
 
 def params_from_dict(d: dict) -> Params:
     return Params(FusionParams(**d["fusion"]), GateParams(**d["gate"]), d.get("oof_map", {}))
-
-
-def summary_numbers(params: Params, prior_map: float) -> dict[str, float]:
-    return {**{k: float(v) for k, v in params.oof_map.items()}, "prior_boxes": float(prior_map)}
-
