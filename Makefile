@@ -15,7 +15,8 @@ N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
-MODELS_ALL := yolo detectron effdet classifier
+# the model table (models/__init__.py) is the one list of models; it imports only the stdlib
+MODELS_ALL := $(shell python3 -c 'import models; print(*models.names())')
 MODEL   ?= yolo
 FOLD    ?= 0
 PROFILE ?= demo
@@ -52,7 +53,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	  mv $(VENV)/wheels/tmp/sal_detectron2-0.7.2-*.whl $(VENV)/wheels/$(D2_WHEEL); }
 	$(PY) -m pip install -q --no-deps $(VENV)/wheels/$(D2_WHEEL)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -c "import torch, torchvision, ultralytics, detectron2, effdet, timm, ensemble_boxes, pydicom, cxr"
+	$(PY) -c "import models, ensemble_boxes, pydicom, cxr; [models.adapter(m) for m in models.names()]"
 	@touch $@
 
 test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works

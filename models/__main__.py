@@ -1,5 +1,7 @@
 """Run one verb of one model adapter: ``python -m models MODEL VERB --fold K ...`` (what the Makefile calls).
 
+``python -m models list [--kind detector|classifier]`` prints the model table's names.
+
 Verbs: ``prepare``, ``train``, ``predict`` (one fold) and ``merge`` (all folds: ``oof.csv`` =
 every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF).
 Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` overrides a field.
@@ -7,7 +9,6 @@ Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -19,19 +20,13 @@ from cxr.data import DataFolder, read_folds
 from cxr.io import DataError
 from cxr.predictions import read_predictions, write_predictions
 from cxr.wbf import fuse_predictions
+from models import MODELS, adapter as import_adapter, kind, names
 from models.common import fold_dir
 
-# An explicit table, not a registry: the module is imported only when its model is asked for.
-ADAPTERS = {
-    "yolo": "models.yolo.yolo",
-    "detectron": "models.detectron.detectron",
-    "effdet": "models.effdet.effdet",
-    "classifier": "models.classifier.classifier",
-}
 HERE = Path(__file__).parent
 
 
-def merge(model: str, output: str, data: DataFolder, folds: pd.DataFrame, run: Path) -> tuple[Path, Path]:
+def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path) -> tuple[Path, Path]:
     """All folds of ``model`` -> ``RUN/MODEL/oof.csv`` (out-of-fold) and ``RUN/MODEL/test.csv``.
 
     Detections: the folds' test tables are fused with WBF. Probabilities (the classifier):
@@ -41,7 +36,7 @@ def merge(model: str, output: str, data: DataFolder, folds: pd.DataFrame, run: P
     missing = [k for k in ks if not (fold_dir(run, model, k) / "oof.csv").exists()]
     if missing:
         raise DataError(run / model, f"no predictions for fold(s) {missing}: run make oof MODEL={model}")
-    if output == "probabilities":
+    if kind(model) == "classifier":
         from models.classifier.report import merge_probabilities
 
         return merge_probabilities([fold_dir(run, model, k) for k in ks], data, folds, run / model)
@@ -53,9 +48,29 @@ def merge(model: str, output: str, data: DataFolder, folds: pd.DataFrame, run: P
     )
 
 
+def parse_overrides(pairs: list[str], where: str = "--set") -> dict:
+    """``["epochs=5", "imgsz=512"]`` -> ``{"epochs": 5, "imgsz": 512}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise DataError(where, f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise DataError(where, f"value of {key!r} is not valid YAML: {value!r} ({e.__class__.__name__})") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["list"]:
+        lp = argparse.ArgumentParser(prog="python -m models list", description="print the model table's names")
+        lp.add_argument("--kind", choices=["detector", "classifier"])
+        print(*names(lp.parse_args(argv[1:]).kind))
+        return
     p = argparse.ArgumentParser(prog="python -m models", description=__doc__.splitlines()[0])
-    p.add_argument("model", choices=sorted(ADAPTERS))
+    p.add_argument("model", choices=list(MODELS))
     p.add_argument("verb", choices=["prepare", "train", "predict", "merge"])
     p.add_argument("--data", required=True, help="folder in Kaggle's resized-PNG layout")
     p.add_argument("--folds", required=True, help="fold file (image_id,fold)")
@@ -65,13 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
     a = p.parse_args(argv)
     try:
-        adapter = importlib.import_module(ADAPTERS[a.model])
+        adapter = import_adapter(a.model)
         profile = Path(a.profile) if a.profile.endswith(".yaml") else HERE / a.model / f"{a.profile}.yaml"
-        overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+        overrides = parse_overrides(a.set)
         cfg = load(adapter.Config, profile, overrides)
         data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
         if a.verb == "merge":
-            print(*merge(a.model, adapter.OUTPUT, data, folds, run))
+            print(*merge(a.model, data, folds, run))
             return
         out = fold_dir(run, a.model, a.fold)
         out.mkdir(parents=True, exist_ok=True)
