@@ -36,7 +36,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: help install test demo demo-data folds baseline evaluate prepare clean train predict oof all-oof ensemble submission pipeline
+.PHONY: weights help install test demo demo-data folds baseline evaluate prepare clean train predict oof all-oof ensemble submission pipeline
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import models, ensemble_boxes, pydicom, cxr; [models.adapter(m) for m in models.names()]"
 	@touch $@
+
+weights: $(STAMP) ## download the full profiles' public checkpoints into weights/ and check sha256 (online machines only)
+	$(PY) -m models.weights
 
 test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works
 	$(if $(OFFLINE),unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest $(PYTEST_ARGS)',$(PY) -m pytest $(PYTEST_ARGS))

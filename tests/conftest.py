@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -57,6 +58,52 @@ def real_labels(real_train_csv: Path) -> pd.DataFrame:
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     return generate(SynthConfig(out=str(out), n_train=150, n_test=40, size=128, seed=3))
+
+
+@pytest.fixture(scope="module")
+def fold_setup(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data folder, 3-fold file, run root) shared by the tests of one model module."""
+    from cxr.data import DataFolder
+    from cxr.folds import make_folds
+    from cxr.io import write_table
+
+    run = tmp_path_factory.mktemp("run")
+    folds = run / "folds.csv"
+    write_table(make_folds(DataFolder(synth_dir).labels, n_folds=3, seed=0), folds)
+    return synth_dir, folds, run
+
+
+def model_args(model: str, verb: str, setup: tuple[Path, Path, Path], *extra: str, fold: int = 0,
+               run: Path | None = None) -> list[str]:
+    """argv for ``python -m models MODEL VERB`` on ``setup`` (see :func:`fold_setup`)."""
+    data, folds, default_run = setup
+    return [model, verb, "--data", str(data), "--folds", str(folds), "--fold", str(fold),
+            "--run-dir", str(run or default_run), *extra]
+
+
+def kill_when(argv: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
+    """Start ``python -m models ARGV`` in its own process group and SIGKILL the group as soon as
+    ``ready()`` holds (poll it for a COMPLETE checkpoint, never a sleep: a fast run would race it).
+
+    Fails the test if the run ends or times out before ``ready()``.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "models", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"run ended (rc {proc.returncode}) or timed out before the kill point: {argv}")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def demo_beats_prior(model: str, root: Path) -> tuple[float, float, float]:
