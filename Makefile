@@ -21,7 +21,17 @@ MODEL   ?= yolo
 FOLD    ?= 0
 PROFILE ?= demo
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
-MODELS  = $(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN)
+# GPUs: DEVICE=1 picks a card; DEVICES=0,1,2,3 runs fold k of `make oof` on card k mod 4, folds in parallel
+DEVICE  ?=
+DEVICES ?=
+comma   := ,
+DEVICE_LIST = $(subst $(comma), ,$(DEVICES))
+fold_device = $(if $(DEVICES),$(word $(shell echo $$(( $(1) % $(words $(DEVICE_LIST)) + 1 ))),$(DEVICE_LIST)),$(DEVICE))
+# SET="epochs=5 imgsz=512" overrides profile fields (python -m models ... --set)
+SET     ?=
+# $(call ADAPTER,verb[,card]): one verb of MODEL's adapter
+ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
+  --profile $(PROFILE) --run-dir $(RUN)$(if $(SET), --set $(SET))
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
 # allows: proof that nothing downloads. Elsewhere they run as they are.
 OFFLINE := $(shell unshare -n ip link set lo up 2>/dev/null && echo yes)
@@ -84,19 +94,20 @@ baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box fl
 	  --sizes $(DATA)/test_meta.csv --out submissions/$(NAME)_prior_boxes.csv
 
 train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
-	$(call MODELS,train) --fold $(FOLD)
+	$(call ADAPTER,train,$(DEVICE)) --fold $(FOLD)
 
 predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
-	$(call MODELS,predict) --fold $(FOLD)
+	$(call ADAPTER,predict,$(DEVICE)) --fold $(FOLD)
 
 $(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
-	$(call MODELS,train) --fold $*
-	$(call MODELS,predict) --fold $*
+	$(call ADAPTER,train,$(call fold_device,$*)) --fold $*
+	$(call ADAPTER,predict,$(call fold_device,$*)) --fold $*
 
 $(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
-	$(call MODELS,merge)
+	$(call ADAPTER,merge)
 
-oof: $(RUN)/$(MODEL)/oof.csv ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe
+oof: ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1 = a fold per card
+	@$(MAKE) --no-print-directory $(if $(DEVICES),-j$(words $(DEVICE_LIST))) $(RUN)/$(MODEL)/oof.csv
 
 all-oof: $(FOLDS) ## OOF + test predictions of every model (yolo, detectron, effdet, classifier)
 	@for m in $(MODELS_ALL); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done

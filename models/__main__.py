@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cxr.config import load
+from cxr.config import load, to_dict
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError
 from cxr.predictions import read_predictions, write_predictions
@@ -62,6 +62,24 @@ def parse_overrides(pairs: list[str], where: str = "--set") -> dict:
     return out
 
 
+def check_run_config(cfg: object, out: Path) -> None:
+    """A fold folder trained with another config is never silently reused: stop, naming what differs.
+
+    ``config.yaml`` is written by the adapter's ``train``; a killed run resumes only with the
+    same settings, and a finished one is not re-labelled as if trained with the new ones.
+    """
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    diff = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    if diff:
+        changes = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff)
+        raise DataError(saved, f"this fold was trained with another config ({changes}): use another NAME/--run-dir "
+                               f"for these settings, or delete {out} to retrain it")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         out = fold_dir(run, a.model, a.fold)
         out.mkdir(parents=True, exist_ok=True)
+        if a.verb == "train":
+            check_run_config(cfg, out)
         print(getattr(adapter, a.verb)(cfg, data, folds, a.fold, out))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
