@@ -8,13 +8,13 @@ Runs the real adapters (``train`` then ``predict``) on a synthetic data set gene
 from __future__ import annotations
 
 import argparse
-import importlib
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import models
 from cxr.config import load
 from cxr.data import DataFolder
 from cxr.folds import make_folds
@@ -31,7 +31,7 @@ OVERRIDES = {  # full profile, shortened to a few hundred iterations: throughput
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", default=",".join(OVERRIDES))
+    p.add_argument("--models", default=",".join(models.names()))
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--n-train", type=int, default=1600)
     a = p.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
         write_table(folds, f"{tmp}/folds.csv")
         n_fit = int((folds["fold"] != 0).sum())
         for name in a.models.split(","):
-            adapter = importlib.import_module(f"models.{name}.{name}")
+            adapter = models.adapter(name)
             cfg = load(adapter.Config, Path("models") / name / "full.yaml", OVERRIDES[name](a))
             out = Path(tmp) / "run" / name / "fold0"
             out.mkdir(parents=True)

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=false NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-.venv/bin/python bench/gpu_check.py --models "${1:-yolo,detectron,effdet,classifier}"
+.venv/bin/python bench/gpu_check.py ${1:+--models "$1"}  # default: every model in models/__init__.py
