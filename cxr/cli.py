@@ -1,7 +1,8 @@
 """``cxr``: the shared core's command line (folds, fusion, metric, submissions, synthetic data).
 
 Every subcommand is a thin wrapper over a library function; run ``cxr <command> -h``.
-Errors in input files print one line naming the file, row and value, and exit 2.
+Errors in input files (and unwritable outputs) print one line naming the file, row and value,
+and exit 2; nothing invalid is left at an output path.
 """
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxr import baseline, fusion, labels as labels_io, metric, predictions, submission, synth
 from cxr.config import load
 from cxr.dataset import SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
-from cxr.io import DataError, read_table, write_json, write_table
+from cxr.data import read_folds
+from cxr.io import DataError, atomic_path, csv_row, read_table, require_columns, write_json, write_table
 
 
 def _sizes(path: str | None) -> pd.DataFrame | None:
@@ -25,6 +28,9 @@ def _sizes(path: str | None) -> pd.DataFrame | None:
 
 def cmd_folds(a: argparse.Namespace) -> None:
     labels = labels_io.read_train_labels(a.labels)
+    n_images = labels["image_id"].nunique()
+    if not 2 <= a.n_folds <= n_images:
+        raise DataError(a.labels, f"--n-folds {a.n_folds}: need 2 <= n_folds <= {n_images} (the images in the file)")
     folds = make_folds(labels, a.n_folds, a.seed)
     write_table(folds, a.out)
     print(fold_class_table(labels, folds).to_string())
@@ -45,28 +51,58 @@ def cmd_fuse(a: argparse.Namespace) -> None:
         print(f"wrote {a.out} ({cfg})")
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _load_predictions(path: str) -> tuple[pd.DataFrame, list[str] | None]:
-    """A submission (PredictionString) or a prediction table; a submission also gives its image list."""
+    """A submission (PredictionString) or a prediction table; a submission also gives its image list.
+
+    Boxes Kaggle's scorer accepts but our format does not (negative or outside coordinates, a
+    No-finding box other than 0 0 1 1) are scored as written, with a warning.
+    """
     header = read_table(path, nrows=0)
     if list(header.columns) == SUBMISSION_COLUMNS:
-        preds = submission.read_submission(path)
+        preds = submission.read_submission(path, warn=_warn)  # a repeated image_id is an error
         ids = read_table(path, dtype={"image_id": str})["image_id"].tolist()
         return preds, ids
-    return predictions.read_predictions(path), None
+    return predictions.validate(read_table(path, dtype={"image_id": str}), path, warn=_warn), None
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
+    """Score like Kaggle: every labelled image counts; one the submission lacks has no prediction (missed).
+
+    ``--folds`` (optionally ``--fold K``) or ``--subset`` (a submission's own image list) pick the images.
+    """
+    if a.fold is not None and not a.folds:
+        raise DataError("--fold", "needs --folds (the fold file that says which images are in the fold)")
     labels = labels_io.read_labels(a.labels, _sizes(a.sizes))
-    preds, ids = _load_predictions(a.submission)
-    if a.folds:
-        folds = read_table(a.folds, dtype={"image_id": str})
-        ids = folds.loc[folds["fold"] == a.fold, "image_id"].tolist() if a.fold is not None else folds["image_id"].tolist()
-        preds = preds[preds["image_id"].isin(set(ids))]  # --fold picks a subset on purpose
     gt = metric.ground_truth(labels)
-    if ids is not None:
-        missing = sorted(set(ids) - set(gt["image_id"]))
-        if missing:
-            raise DataError(a.labels, f"{len(missing)} scored image(s) have no labels, e.g. {missing[:3]}")
+    labelled = sorted(set(gt["image_id"]))
+    preds, listed = _load_predictions(a.submission)
+    if a.folds:
+        folds = read_folds(a.folds)
+        if a.fold is not None:
+            if a.fold not in set(folds["fold"]):
+                raise DataError(a.folds, f"fold {a.fold} not in the fold file (folds {sorted(set(folds['fold']))})")
+            folds = folds[folds["fold"] == a.fold]
+        ids = folds["image_id"].tolist()
+        preds = preds[preds["image_id"].isin(set(ids))]  # the fold file picks a subset on purpose
+    elif a.subset:
+        if listed is None:
+            raise DataError(a.submission, "--subset needs a submission (a prediction table lists no empty images); use --folds")
+        ids = listed
+    else:
+        ids = labelled
+        if listed is not None and len(set(labelled) - set(listed)):
+            _warn(f"{a.submission} lacks {len(set(labelled) - set(listed))} of {len(labelled)} labelled images: "
+                  "scored as missed (Kaggle refuses such a file); --subset scores only the listed images")
+    missing = sorted(set(ids) - set(gt["image_id"]))
+    if missing:
+        raise DataError(a.labels, f"{len(missing)} scored image(s) have no labels, e.g. {missing[:3]}")
+    unknown = sorted(set(preds["image_id"]) - set(ids))
+    if unknown:
+        raise DataError(a.submission, f"{len(unknown)} predicted image(s) are not in the labels, e.g. {unknown[:3]}")
     result = metric.mean_average_precision(gt, preds, ids)
     if a.coco:
         result.update(metric.coco_ap(gt, preds, ids))
@@ -88,9 +124,20 @@ def cmd_check_submission(a: argparse.Namespace) -> None:
 def cmd_submission(a: argparse.Namespace) -> None:
     sizes = _sizes(a.sizes)
     preds = predictions.read_predictions(a.predictions, sizes)
-    ids = read_table(a.sample, dtype={"image_id": str})["image_id"].tolist()
-    submission.write_submission(preds, ids, a.out)
-    _exit_on_problems(submission.check_submission(a.out, a.sample, sizes))
+    sample = read_table(a.sample, dtype={"image_id": str})
+    require_columns(sample, SUBMISSION_COLUMNS[:1], a.sample)
+    ids = sample["image_id"].tolist()
+    unknown = sorted(set(preds["image_id"]) - set(ids))
+    if unknown:
+        i = int(np.flatnonzero(preds["image_id"].isin(unknown).to_numpy())[0])
+        raise DataError(a.predictions, f"image_id {preds['image_id'].iloc[i]!r} is not in {a.sample} "
+                                       f"({len(unknown)} such image(s))", csv_row(i))
+    with atomic_path(a.out) as tmp:  # checked before it is renamed onto --out: an invalid file never lands there
+        write_table(submission.format_predictions(preds, ids), tmp)
+        problems = [p.replace(str(tmp), str(a.out)) for p in submission.check_submission(tmp, a.sample, sizes)]
+        if problems:
+            print(*problems, sep="\n")
+            raise DataError(a.out, f"not written: {len(problems)} problem(s) above")
     print(f"wrote {a.out}: {len(ids)} images, {len(preds)} boxes")
 
 
@@ -98,7 +145,7 @@ def cmd_baseline(a: argparse.Namespace) -> None:
     train_sizes = labels_io.read_sizes(a.train_sizes)
     fused = fusion.fuse_readers(labels_io.read_train_labels(a.labels, train_sizes))
     if a.folds:  # out of fold: every training image predicted by the prior of the other folds
-        folds = read_table(a.folds, dtype={"image_id": str})
+        folds = read_folds(a.folds)
         preds, sizes = baseline.oof_prior(fused, train_sizes, folds), train_sizes
     else:
         sizes = labels_io.read_sizes(a.sizes)
@@ -121,11 +168,34 @@ def cmd_stats(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}")
 
 
-def cmd_prepare(a: argparse.Namespace) -> None:
-    from cxr.images import prepare_png_set
+def _report_failures(result, out: Path) -> None:
+    for row in result.failed.head(10).itertuples():
+        print(f"failed: {row.file}: {row.reason}", file=sys.stderr)
+    if len(result.failed) > 10:
+        print(f"failed: ... and {len(result.failed) - 10} more", file=sys.stderr)
 
-    meta = prepare_png_set(a.src, a.out, a.size, a.workers)
-    print(f"{a.out}: {len(meta)} images at {a.size}px, original sizes in {Path(a.out) / 'meta.csv'}")
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from cxr.images import FAILED_NAME, META_NAME, prepare_png_set
+
+    result = prepare_png_set(a.src, a.out, a.size, a.workers)
+    rate = result.converted / result.seconds if result.seconds else 0.0
+    print(f"{a.out}: {len(result.meta)} images at {a.size}px ({result.converted} converted now, {rate:.1f} images/s), "
+          f"original sizes in {Path(a.out) / META_NAME}")
+    if len(result.failed):
+        _report_failures(result, Path(a.out))
+        raise DataError(Path(a.out) / FAILED_NAME, f"{len(result.failed)} file(s) failed and were skipped (file, reason)")
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    from cxr.kaggle import build
+
+    summary, results = build(a.src, a.out, a.size, a.labels, a.sample, a.workers)
+    for split, r in results.items():
+        rate = r.converted / r.seconds if r.seconds else 0.0
+        print(f"{split}: {len(r.meta)} images ({r.converted} converted now, {rate:.1f} images/s)")
+    print(json.dumps(summary, indent=1))
+    print(f"{a.out}: valid DATA folder; next: make folds DATA={a.out} NAME=<name>")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", help="meta CSV: also check label boxes lie inside their images")
     s.add_argument("--folds", help="score the images of this fold file (prediction tables list no empty images)")
     s.add_argument("--fold", type=int, help="with --folds: only this fold")
+    s.add_argument("--subset", action="store_true",
+                   help="score only the images the submission lists (default: every labelled image; unlisted = missed)")
     s.add_argument("--coco", action="store_true", help="add COCO AP and AP50 (pycocotools)")
     s.set_defaults(func=cmd_evaluate)
 
@@ -194,7 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=str(synth.STATS_PATH))
     s.set_defaults(func=cmd_stats)
 
-    s = sub.add_parser("prepare", help="convert a DICOM/PNG/JPEG folder to a square PNG set + meta.csv")
+    s = sub.add_parser("data", help="Kaggle download (DICOMs) or a resized-PNG set -> checked DATA folder")
+    s.add_argument("--src", required=True, help="folder with train/, test/, train.csv (+ sample_submission.csv, *_meta.csv)")
+    s.add_argument("--out", required=True, help="the DATA folder to write")
+    s.add_argument("--size", type=int, default=1024)
+    s.add_argument("--labels", help="train.csv when it is not in SRC")
+    s.add_argument("--sample", help="sample_submission.csv when it is not in SRC")
+    s.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
+    s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("prepare", help="convert a DICOM/PNG/JPEG folder to a square PNG set + meta.csv (+ failed.csv)")
     s.add_argument("--src", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--size", type=int, default=1024)
@@ -209,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an unwritable output folder, a full disk: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
 

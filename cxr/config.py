@@ -47,7 +47,14 @@ def load(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "config file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from None
+    except yaml.YAMLError as e:  # the line and column of a syntax error, on one line
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise DataError(path, f"YAML syntax error at {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise DataError(path, "top level must be a mapping")
     data.update(overrides or {})

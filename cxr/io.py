@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 
 
@@ -17,7 +18,20 @@ class DataError(ValueError):
     def __init__(self, path: str | os.PathLike, message: str, row: int | None = None):
         where = f"{path}" if row is None else f"{path}, row {row}"
         super().__init__(f"{where}: {message}")
-        self.path, self.row = str(path), row
+        self.path, self.message, self.row = str(path), message, row
+
+    def __reduce__(self):  # picklable, so a worker process can hand one back to the parent
+        return DataError, (self.path, self.message, self.row)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; outputs get the mode a plain open() would give them (0644 under umask 022).
+FILE_MODE = 0o666 & ~_umask()
 
 
 def show(value: Any) -> str:
@@ -25,9 +39,33 @@ def show(value: Any) -> str:
     return repr(value.item() if hasattr(value, "item") else value)
 
 
+# Image ids become file names: no path separator, no leading '.' (so never '..' or a hidden file),
+# no whitespace, comma or quote.
+SAFE_ID = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"
+
+
+def check_ids(ids: pd.Series, path: str | os.PathLike) -> None:
+    """Raise :class:`DataError` at the first empty or unsafe image id (see :data:`SAFE_ID`)."""
+    text = ids.fillna("").astype(str)
+    bad = ~text.str.fullmatch(SAFE_ID)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(path, f"unsafe image_id {show(ids.iloc[i])} (ids name files: letters, digits, '_', '-', '.')",
+                        csv_row(i))
+
+
 def csv_row(index: int) -> int:
     """Line number in the CSV file (1-based, header is line 1) of DataFrame row ``index``."""
     return int(index) + 2
+
+
+TMP_SUFFIX = ".tmp"  # atomic_path's temp files are ``.<name>.<random>.tmp`` beside the target
+
+
+def is_temp(path: str | os.PathLike) -> bool:
+    """A file atomic_path left behind when its process was killed (hidden, ``.tmp``)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 @contextlib.contextmanager
@@ -38,10 +76,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -66,11 +105,21 @@ def read_table(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(path, "file not found")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises its own types (ArrowInvalid, OSError) for a corrupt file
+            raise DataError(path, f"not a readable Parquet file: {_first_line(e)}") from None
+        return df.head(kwargs["nrows"]) if kwargs.get("nrows") is not None else df
     try:
         return pd.read_csv(path, **kwargs)
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        raise DataError(path, f"not a readable CSV: {e}") from e
+        raise DataError(path, f"not a readable CSV: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -23,7 +23,7 @@ from cxr.dataset import (
     PHYSIONET_COLUMNS,
     TRAIN_COLUMNS,
 )
-from cxr.io import DataError, csv_row, read_table, require_columns, show
+from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show
 
 LABEL_COLUMNS = ["image_id", "class_id", "rad_id", *BOX_COLUMNS]
 
@@ -126,10 +126,20 @@ def read_physionet_labels(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Read either label format, told apart by its columns (``rad_id``/``class_id`` = Kaggle train)."""
+    """Read either label format, told apart by its columns.
+
+    A file with any Kaggle-only column (``rad_id`` or ``class_id``) is Kaggle train labels and
+    must have all of them; otherwise it must have the PhysioNet columns. A Kaggle file that
+    lost a column is an error naming it, never silently read as single-reader labels.
+    """
     header = read_table(path, nrows=0)
-    if {"rad_id", "class_id"} <= set(header.columns):
+    columns = set(header.columns)
+    if columns & (set(TRAIN_COLUMNS) - set(PHYSIONET_COLUMNS)):
+        require_columns(header, TRAIN_COLUMNS, path)
         return read_train_labels(path, sizes)
+    if not set(PHYSIONET_COLUMNS) <= columns:
+        raise DataError(path, f"not a label file: expected Kaggle train columns {TRAIN_COLUMNS} or PhysioNet "
+                              f"columns {PHYSIONET_COLUMNS}; found {list(header.columns)}")
     return read_physionet_labels(path)
 
 
@@ -158,11 +168,7 @@ def check_inside(labels: pd.DataFrame, sizes: pd.DataFrame, path: str | os.PathL
 
 
 def _check_ids(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    ids = df["image_id"].fillna("").astype(str).str.strip()
-    bad = (ids == "") | ids.str.contains(r"[\s,/]", regex=True)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(path, f"bad image_id {show(df['image_id'].iloc[i])}", csv_row(i))
+    check_ids(df["image_id"], path)
 
 
 def _boxes(df: pd.DataFrame, path: str | os.PathLike) -> np.ndarray:

@@ -10,22 +10,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PREDICTION_COLUMNS
-from cxr.io import DataError, csv_row, read_table, require_columns, write_table
+from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show, write_table
 
 
-def validate(df: pd.DataFrame, path: str | os.PathLike = "<predictions>", sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+# Problems Kaggle's scorer accepts (it scores the box as written): with ``warn`` they are reported, not refused.
+SCORABLE = ("negative coordinate", "outside the image", "No finding must be 0 0 1 1")
+
+
+def validate(
+    df: pd.DataFrame,
+    path: str | os.PathLike = "<predictions>",
+    sizes: pd.DataFrame | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
     """Check a prediction table and return it with canonical dtypes and column order.
 
     ``sizes`` (``image_id, width, height``) additionally checks that boxes lie inside
-    their image, which catches predictions left in resized pixels.
+    their image, which catches predictions left in resized pixels. With ``warn``, the
+    problems Kaggle's scorer still scores (:data:`SCORABLE`) go to ``warn`` (count and
+    first row) instead of raising; everything else is always a :class:`DataError`.
     """
     require_columns(df, PREDICTION_COLUMNS, path)
     df = df[PREDICTION_COLUMNS].copy()
+    check_ids(df["image_id"], path)
     df["image_id"] = df["image_id"].astype(str)
     num = df[["class_id", "score", *BOX_COLUMNS]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     cls, score, b = num[:, 0], num[:, 1], num[:, 2:]
@@ -43,11 +56,16 @@ def validate(df: pd.DataFrame, path: str | os.PathLike = "<predictions>", sizes:
         checks.append((missing, "image_id", "has no known size"))
         w = df["image_id"].map(known["width"]).to_numpy(dtype=float)
         h = df["image_id"].map(known["height"]).to_numpy(dtype=float)
-        checks.append((~missing & ((b[:, 2] > w + 1) | (b[:, 3] > h + 1)), "box", "outside the image"))
+        outside = ~missing & (cls != NO_FINDING) & ((b[:, 2] > w + 1) | (b[:, 3] > h + 1))
+        checks.append((outside, "box", "outside the image"))
     for bad, what, message in checks:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             value = df.iloc[i][["image_id", "class_id", "score", *BOX_COLUMNS]].tolist()
+            if warn is not None and message in SCORABLE:
+                warn(f"{path}, row {csv_row(i)}: {int(bad.sum())} box(es) with {what} {message} "
+                     f"(scored as written, like Kaggle), e.g. {value}")
+                continue
             raise DataError(path, f"{what} {message}: {value}", csv_row(i))
     df["class_id"] = cls.astype(int)
     df["score"] = score
@@ -62,3 +80,32 @@ def read_predictions(path: str | os.PathLike, sizes: pd.DataFrame | None = None)
 def write_predictions(df: pd.DataFrame, path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> Path:
     """Validate, then write atomically (a crashed model never leaves a half table)."""
     return write_table(validate(df, path, sizes), path)
+
+
+PROBABILITY_COLUMNS = ["image_id", "p_abnormal"]
+
+
+def read_probabilities(path: str | os.PathLike, image_ids: Sequence[str]) -> pd.Series:
+    """The classifier's table ``image_id, p_abnormal`` as a Series indexed by image_id, in ``image_ids`` order.
+
+    Checks: safe ids, one row per image, ``p_abnormal`` a finite number in [0, 1], and a
+    row for every id in ``image_ids`` (extra ids are allowed and dropped).
+    """
+    df = read_table(path, dtype={"image_id": str})
+    require_columns(df, PROBABILITY_COLUMNS, path)
+    check_ids(df["image_id"], path)
+    dup = df["image_id"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(path, f"image_id {show(df['image_id'].iloc[i])} listed twice", csv_row(i))
+    p = pd.to_numeric(df["p_abnormal"], errors="coerce").to_numpy(dtype=float)
+    bad = ~((p >= 0) & (p <= 1))  # NaN, inf and text (coerced to NaN) fail too
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(path, f"p_abnormal={show(df['p_abnormal'].iloc[i])} is not a probability in [0, 1]", csv_row(i))
+    series = pd.Series(p, index=df["image_id"].to_numpy(), name="p_abnormal")
+    series.index.name = "image_id"
+    missing = [i for i in image_ids if i not in series.index]
+    if missing:
+        raise DataError(path, f"no p_abnormal for {len(missing)} image(s), e.g. {missing[:3]}")
+    return series.loc[list(image_ids)]

@@ -48,7 +48,7 @@ def test_sixteen_bit_png_and_errors(tmp_path):
     image = read_image(tmp_path / "x.png")
     assert image.dtype == np.uint8 and image.shape == (32, 64) and image.max() == 255
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="bad.png: cannot read image"):
+    with pytest.raises(DataError, match="bad.png: not a PNG file"):
         read_image(tmp_path / "bad.png")
     with pytest.raises(DataError, match="unsupported image type '.gif'"):
         read_image(tmp_path / "x.gif")
@@ -60,14 +60,14 @@ def test_sixteen_bit_png_and_errors(tmp_path):
 def test_prepare_dicom_folder_and_skip_done_work(manifest, tmp_path):
     src = real("vindr-cxr-images/dfloreaa")
     out = tmp_path / "png64"
-    meta = prepare_png_set(src, out, size=64, workers=2)
+    meta = prepare_png_set(src, out, size=64, workers=2, progress=False).meta
     truth = manifest[manifest["format"].str.startswith("DICOM")].set_index("image_id")
     assert sorted(meta["image_id"]) == sorted(truth.index)
     for row in meta.itertuples():
         assert (row.dim0, row.dim1) == (truth.loc[row.image_id, "height"], truth.loc[row.image_id, "width"])
         assert read_image(out / f"{row.image_id}.png").shape == (64, 64)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    prepare_png_set(src, out, size=64)
+    assert prepare_png_set(src, out, size=64, progress=False).converted == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps  # nothing redone
     assert not list(out.glob("*.tmp"))
 

@@ -42,8 +42,8 @@ def test_reads_good_file(tmp_path):
         (["a2", "Atelectasis", "x", "R1", 10, 20, 30, 40], "class_id='x'"),
         (["a2", "Cardiomegaly", 1, "R1", 10, 20, 30, 40], "does not match class_id=1"),
         (["a2", "Atelectasis", 1, None, 10, 20, 30, 40], "empty rad_id"),
-        (["", "Atelectasis", 1, "R1", 10, 20, 30, 40], "bad image_id"),
-        (["a 2", "Atelectasis", 1, "R1", 10, 20, 30, 40], "bad image_id"),
+        (["", "Atelectasis", 1, "R1", 10, 20, 30, 40], "unsafe image_id"),
+        (["a 2", "Atelectasis", 1, "R1", 10, 20, 30, 40], "unsafe image_id"),
         (["n2", "No finding", 14, "R1", 10, 20, 30, 40], "No finding must have an empty or 0 0 1 1 box"),
     ],
 )

@@ -1,0 +1,102 @@
+"""From a download to the DATA folder the pipeline reads (``cxr data`` / ``make data``).
+
+Two sources are understood, told apart by what ``SRC/train`` holds:
+
+* Kaggle's competition download: ``SRC/train/<id>.dicom``, ``SRC/test/<id>.dicom``,
+  ``SRC/train.csv``, ``SRC/sample_submission.csv``. The DICOMs are converted to squashed
+  PNGs (:func:`cxr.images.prepare_png_set`) and the original sizes come from the DICOMs.
+* A public resized-PNG set: ``SRC/train/<id>.png``, ``SRC/test/<id>.png``,
+  ``SRC/train_meta.csv``, ``SRC/test_meta.csv`` (``image_id, dim0, dim1``: ORIGINAL sizes,
+  since the PNGs are already resized), with ``train.csv`` / ``sample_submission.csv`` in
+  ``SRC`` or passed with ``--labels`` / ``--sample`` (from the competition download).
+  The PNGs are converted to ``SIZE`` like DICOMs; the original sizes come from the meta files.
+
+The result is the layout of :mod:`cxr.data`, checked by :func:`cxr.data.check_folder`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from cxr.data import check_folder
+from cxr.dataset import DICOM_SUFFIXES, SUBMISSION_COLUMNS
+from cxr.images import FAILED_NAME, PrepareResult, find_images, prepare_png_set
+from cxr.io import DataError, atomic_path, read_table, require_columns, write_table
+from cxr.labels import read_sizes, read_train_labels
+from cxr.submission import EMPTY_PREDICTION
+
+SPLITS = ("train", "test")
+
+
+def source_kind(src: Path) -> str:
+    """``"dicom"`` (Kaggle competition download) or ``"png"`` (a resized-PNG set) from SRC/train's files."""
+    for split in SPLITS:
+        if not (src / split).is_dir():
+            raise DataError(src / split, f"not found: SRC must hold train/ and test/ image folders")
+    images = find_images(src / "train")
+    if not images:
+        raise DataError(src / "train", "no DICOM/PNG/JPEG files found")
+    dicoms = sum(p.suffix.lower() in DICOM_SUFFIXES for p in images.values())
+    return "dicom" if dicoms > len(images) / 2 else "png"
+
+
+def build(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    size: int = 1024,
+    labels: str | os.PathLike | None = None,
+    sample: str | os.PathLike | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[dict, dict[str, PrepareResult]]:
+    """Convert and copy ``src`` into the DATA layout at ``out``; return (check summary, per-split results).
+
+    Re-running resumes (finished images are kept). When an image fails to convert, the other
+    images and files are still done, and a :class:`DataError` names the failure lists at the end.
+    """
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise DataError(out, "OUT must differ from SRC")
+    kind = source_kind(src)
+    labels = Path(labels) if labels else src / "train.csv"
+    sample = Path(sample) if sample else src / "sample_submission.csv"
+    for path in (labels, *(src / f"{s}_meta.csv" for s in SPLITS if kind == "png")):
+        if not path.is_file():
+            raise DataError(path, "file not found" + (" (pass --labels)" if path == labels else ""))
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = {s: prepare_png_set(src / s, out / s, size, workers, progress) for s in SPLITS}
+    for s in SPLITS:
+        sizes = _dicom_sizes(results[s]) if kind == "dicom" else read_sizes(src / f"{s}_meta.csv")
+        write_table(pd.DataFrame({"image_id": sizes["image_id"], "dim0": sizes["height"], "dim1": sizes["width"]}),
+                    out / f"{s}_meta.csv")
+    failed = {s: r for s, r in results.items() if len(r.failed)}
+    if failed:
+        lists = ", ".join(f"{len(r.failed)} in {out / s / FAILED_NAME}" for s, r in failed.items())
+        raise DataError(out, f"images failed to convert ({lists}); fix or remove them and re-run (finished images are kept)")
+    read_train_labels(labels, read_sizes(out / "train_meta.csv"))  # fails early, naming the row
+    _copy(labels, out / "train.csv")
+    if sample.is_file():
+        require_columns(read_table(sample, nrows=0), SUBMISSION_COLUMNS, sample)
+        _copy(sample, out / "sample_submission.csv")
+    elif kind == "png":  # the PNG sets ship no sample; Kaggle's is every test id with the No-finding row
+        ids = read_sizes(out / "test_meta.csv")["image_id"]
+        write_table(pd.DataFrame({"image_id": ids, "PredictionString": EMPTY_PREDICTION}), out / "sample_submission.csv")
+    else:
+        raise DataError(sample, "file not found (pass --sample)")
+
+    return check_folder(out), results
+
+
+def _dicom_sizes(result: PrepareResult) -> pd.DataFrame:
+    meta = result.meta
+    return pd.DataFrame({"image_id": meta["image_id"], "width": meta["dim1"], "height": meta["dim0"]})
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Byte copy (the pipeline reads Kaggle's files as they are), atomic, normal mode."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
