@@ -2,9 +2,26 @@
 
 One function serves all three, so the ensemble fuses models exactly the way a model fuses
 its own TTA views. Inputs and output are in the shared prediction format (original pixels).
-ensemble-boxes wants [0, 1] coordinates, so boxes are divided by each image's original size
-and multiplied back. No-finding rows (class 14, box 0 0 1 1) are not boxes to fuse: their
-scores are averaged with the same weights, an input without the row counting as 0.
+Boxes are divided by each image's original size (WBF works in [0, 1]) and multiplied back.
+No-finding rows (class 14, box 0 0 1 1) are not boxes to fuse: their scores are averaged with
+the same weights, an input without the row counting as 0.
+
+The fusion is ensemble-boxes' ``weighted_boxes_fusion`` (ZFTurbo, v1.0.9), re-implemented to
+run on every image and class at once; ensemble-boxes stays the reference of the parity tests
+(``tests/test_wbf.py``, tolerance 1e-6) and of ``bench/wbf_bench.py``. Its algorithm, per image
+and class:
+
+1. drop boxes scoring under ``skip_box_thr`` and boxes of zero area (after clipping to [0, 1]);
+   a box's weighted score is ``score * weight[model]``;
+2. walk the boxes by weighted score, highest first; each joins the cluster whose current fused
+   box overlaps it most if that IoU is > ``iou_thr``, else starts a cluster;
+3. a cluster's fused box is the weighted-score-weighted mean of its members (kept in float32,
+   as ensemble-boxes does), its score the mean weighted score (``max``: the highest), then
+   rescaled by ``conf_type``.
+
+Step 2 is sequential within one image and class but independent across them, so the walk runs
+in lockstep: step r takes the r-th box of every (image, class) group at once, with numpy.
+Ties in score are broken later-input-first (what ensemble-boxes' ``argsort()[::-1]`` gives).
 """
 from __future__ import annotations
 
@@ -12,11 +29,141 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from ensemble_boxes import weighted_boxes_fusion
 
-from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
+from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PREDICTION_COLUMNS
 
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
+CONF_TYPES: tuple[str, ...] = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+CHUNK_BOXES = 400_000  # boxes fused per lockstep pass: bounds memory, costs nothing in speed
+
+
+def wbf(
+    group: np.ndarray,
+    model: np.ndarray,
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    weights: Sequence[float],
+    iou_thr: float = 0.55,
+    skip_box_thr: float = 0.0,
+    conf_type: ConfType = "avg",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WBF of many independent groups (one group = one image and class) in one call.
+
+    Inputs, one entry per box, in the order ensemble-boxes would see them (model by model, then
+    row by row): ``group`` int keys, ``model`` index into ``weights``, raw ``scores``, ``boxes``
+    ``(N, 4)`` in [0, 1] (clipped here). Returns ``(group, boxes, scores)`` of the fused boxes,
+    sorted by group, then score (highest first). For one group this equals
+    ``ensemble_boxes.weighted_boxes_fusion`` (within 1e-6).
+    """
+    if conf_type not in CONF_TYPES:
+        raise ValueError(f"conf_type must be one of {CONF_TYPES}, got {conf_type!r}")
+    w = np.asarray(weights, dtype=float)
+    group = np.asarray(group, dtype=np.int64)
+    model = np.asarray(model, dtype=np.int64)
+    scores = np.asarray(scores, dtype=float)
+    b = np.clip(np.asarray(boxes, dtype=float).reshape(-1, 4), 0.0, 1.0)
+    b = np.column_stack([np.minimum(b[:, 0], b[:, 2]), np.minimum(b[:, 1], b[:, 3]),
+                         np.maximum(b[:, 0], b[:, 2]), np.maximum(b[:, 1], b[:, 3])])
+    keep = (scores >= skip_box_thr) & ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) != 0.0)
+    index = np.flatnonzero(keep)
+    if len(index) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4)), np.zeros(0)
+    group, model, b = group[index], model[index], b[index]
+    weighted = scores[index] * w[model]
+    # by group, then weighted score (highest first), ties later input first: a stable sort of
+    # the reversed input; then chunks of whole groups
+    order = len(index) - 1 - np.lexsort((-weighted[::-1], group[::-1]))
+    group, model, weighted, b = group[order], model[order], weighted[order], b[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    cuts = [0]
+    for s in starts[1:]:
+        if s - cuts[-1] >= CHUNK_BOXES:
+            cuts.append(int(s))
+    cuts.append(len(group))
+    out = [_wbf_sorted(group[i:j], model[i:j], weighted[i:j], b[i:j], w, iou_thr, conf_type)
+           for i, j in zip(cuts[:-1], cuts[1:])]
+    g, fused, s = (np.concatenate(parts) for parts in zip(*out))
+    order = np.lexsort((-s, g))
+    return g[order], fused[order], s[order]
+
+
+def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
+    """The lockstep walk over boxes already sorted by group, then weighted score (highest first)."""
+    n = len(group)
+    first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    size = np.diff(np.r_[first, n])
+    by_size = np.argsort(-size, kind="stable")  # active groups at step r are a prefix
+    start, size = first[by_size], size[by_size]
+    n_groups = len(start)
+    # cluster k of group i lives in slot start[i] + k (a group has at most as many clusters as boxes)
+    coords = np.zeros((n, 4))  # the fused box used for matching (float32 values once fused, like ensemble-boxes)
+    acc = np.zeros((n, 4), dtype=np.float32)  # sum of weighted score * box, accumulated in float32
+    conf = np.zeros(n)  # sum of weighted scores
+    wsum = np.zeros(n)  # sum of model weights
+    top = np.zeros(n)  # highest weighted score
+    count = np.zeros(n, dtype=np.int64)
+    needs_models = conf_type in ("box_and_model_avg", "absent_model_aware_avg")
+    present = np.zeros((n, len(w)), dtype=bool) if needs_models else None
+    clusters = np.zeros(n_groups, dtype=np.int64)
+    active = n_groups
+    for r in range(int(size[0])):
+        while active and size[active - 1] <= r:
+            active -= 1
+        box = start[:active] + r
+        nb = b[box]
+        k = int(clusters[:active].max())
+        join = np.zeros(active, dtype=bool)
+        slot = start[:active] + clusters[:active]
+        if k:
+            slots = start[:active, None] + np.arange(k)[None, :]
+            valid = np.arange(k)[None, :] < clusters[:active, None]
+            slots = np.where(valid, slots, 0)
+            c = coords[slots]  # (active, k, 4)
+            x_a = np.maximum(c[..., 0], nb[:, None, 0])
+            y_a = np.maximum(c[..., 1], nb[:, None, 1])
+            x_b = np.minimum(c[..., 2], nb[:, None, 2])
+            y_b = np.minimum(c[..., 3], nb[:, None, 3])
+            inter = np.maximum(x_b - x_a, 0) * np.maximum(y_b - y_a, 0)
+            area_c = (c[..., 2] - c[..., 0]) * (c[..., 3] - c[..., 1])
+            area_b = (nb[:, 2] - nb[:, 0]) * (nb[:, 3] - nb[:, 1])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                iou = inter / (area_c + area_b[:, None] - inter)
+            iou[~valid] = -1
+            best = np.argmax(iou, axis=1)
+            join = iou[np.arange(active), best] > iou_thr
+            slot = np.where(join, slots[np.arange(active), best], slot)
+        new = ~join
+        clusters[:active] += new
+        s, bs, ws = slot, box, weighted[box]
+        acc[s] = (acc[s].astype(float) + ws[:, None] * nb).astype(np.float32)
+        conf[s] += ws
+        wsum[s] += w[model[bs]]
+        top[s] = np.maximum(top[s], ws)
+        count[s] += 1
+        if needs_models:
+            present[s, model[bs]] = True
+        # a new cluster is the box itself; a grown one is the float32 weighted mean
+        j = s[join]
+        coords[j] = (acc[j].astype(float) / conf[j][:, None]).astype(np.float32)
+        coords[s[new]] = nb[new]
+    # every group's clusters: slots start[i] .. start[i] + clusters[i] - 1
+    offset = np.arange(int(clusters.sum())) - np.repeat(np.cumsum(clusters) - clusters, clusters)
+    slots = np.repeat(start, clusters) + offset
+    cnt, conf_s, wsum_s = count[slots], conf[slots], wsum[slots]
+    single = cnt == 1
+    # ensemble-boxes keeps a one-box cluster as the box (float64); a fused one in float32
+    score = np.where(single, conf_s, (conf_s / cnt).astype(np.float32).astype(float))
+    weight = np.where(single, wsum_s, wsum_s.astype(np.float32).astype(float))
+    if conf_type == "max":
+        score = np.where(single, conf_s, top[slots].astype(np.float32).astype(float)) / w.max()
+    elif conf_type == "box_and_model_avg":
+        score = score * cnt / weight
+        score = score * (present[slots] * w).sum(axis=1) / w.sum()
+    elif conf_type == "absent_model_aware_avg":
+        score = score * cnt / (weight + (~present[slots] * w).sum(axis=1))
+    else:
+        score = score * np.minimum(len(w), cnt) / w.sum()
+    return group[slots], coords[slots], score
 
 
 def fuse_predictions(
@@ -27,10 +174,74 @@ def fuse_predictions(
     skip_box_thr: float = 0.0,
     conf_type: ConfType = "avg",
 ) -> pd.DataFrame:
-    """Fuse ``tables`` (one per model / fold / TTA view) image by image with WBF."""
+    """Fuse ``tables`` (one per model / fold / TTA view) image by image with WBF.
+
+    ``sizes``: ``image_id, width, height`` (original pixels) of every image in the tables.
+    Returns one table in the prediction format: per image (sorted ids) its fused boxes, highest
+    score first, then its No-finding row (the weighted mean of the inputs' No-finding scores)
+    when that is above 0. Scores are clipped to [0, 1].
+    """
     weights = list(weights) if weights is not None else [1.0] * len(tables)
     if len(weights) != len(tables):
         raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
+    if not tables:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    w = np.asarray(weights, dtype=float)
+    all_rows = pd.concat([t[PREDICTION_COLUMNS] for t in tables], ignore_index=True)
+    model = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
+    code, image_ids = pd.factorize(all_rows["image_id"].astype(str), sort=True)
+    image_ids = np.asarray(image_ids, dtype=object)
+    known = sizes.assign(image_id=sizes["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
+    unknown = sorted(set(image_ids) - set(known.index))
+    if unknown:
+        raise ValueError(f"{len(unknown)} image(s) have no size, e.g. {unknown[:3]}")
+    wh = known.loc[image_ids, ["width", "height"]].to_numpy(dtype=float)
+    scale = np.column_stack([wh, wh])
+    cls = all_rows["class_id"].to_numpy(dtype=np.int64)
+    score = all_rows["score"].to_numpy(dtype=float)
+    finding = cls != NO_FINDING
+    f = np.flatnonzero(finding)
+    boxes = all_rows[BOX_COLUMNS].to_numpy(dtype=float)[f] / scale[code[f]]
+    g, fused, s = wbf(code[f] * NUM_CLASSES + cls[f], model[f], score[f], boxes, w, iou_thr, skip_box_thr, conf_type)
+    by_score = np.lexsort((-s, g // NUM_CLASSES))  # per image, highest score first
+    g, fused, s = g[by_score], fused[by_score], s[by_score]
+    image = g // NUM_CLASSES
+    fused = fused * scale[image]
+    parts = pd.DataFrame(fused, columns=BOX_COLUMNS)
+    parts.insert(0, "class_id", (g % NUM_CLASSES).astype(int))
+    parts.insert(1, "score", np.clip(s, 0, 1))
+    parts.insert(0, "_image", image)
+    parts["_nf"] = 0
+    # No finding: per image, the weighted sum over inputs of each input's highest No-finding score
+    nf = np.flatnonzero(~finding)
+    normal = np.zeros(len(image_ids))
+    if len(nf):
+        best = pd.Series(score[nf]).groupby([code[nf], model[nf]]).max()
+        img, m = (best.index.get_level_values(i).to_numpy() for i in (0, 1))
+        np.add.at(normal, img, w[m] * best.to_numpy())
+    has = np.flatnonzero(normal > 0)
+    rows = pd.DataFrame({"_image": has, "class_id": NO_FINDING, "score": normal[has] / w.sum(), "_nf": 1})
+    rows[BOX_COLUMNS] = np.tile(np.asarray(NO_FINDING_BOX, dtype=float), (len(has), 1))
+    out = pd.concat([parts, rows], ignore_index=True)
+    out = out.sort_values(["_image", "_nf"], kind="stable")
+    out.insert(0, "image_id", image_ids[out["_image"].to_numpy()])
+    out = out[PREDICTION_COLUMNS].astype({"class_id": int, "score": float})
+    return out[(out["x_max"] > out["x_min"]) & (out["y_max"] > out["y_min"])].reset_index(drop=True)
+
+
+def reference_fuse_predictions(
+    tables: Sequence[pd.DataFrame],
+    sizes: pd.DataFrame,
+    weights: Sequence[float] | None = None,
+    iou_thr: float = 0.55,
+    skip_box_thr: float = 0.0,
+    conf_type: ConfType = "avg",
+) -> pd.DataFrame:
+    """:func:`fuse_predictions` by calling ensemble-boxes image by image: the parity reference
+    of the tests and the bench (slow: ~30 ms per image of three models with 100 boxes each)."""
+    from ensemble_boxes import weighted_boxes_fusion
+
+    weights = list(weights) if weights is not None else [1.0] * len(tables)
     known = sizes.set_index("image_id")
     groups = [dict(tuple(t.groupby("image_id"))) for t in tables]
     image_ids = sorted(set().union(*[g.keys() for g in groups]))
