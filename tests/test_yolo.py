@@ -1,90 +1,209 @@
 """YOLOv8 adapter through its real entry point (python -m models yolo ...), offline, on the synthetic benchmark."""
 from __future__ import annotations
 
-import os
-import signal
+import resource
 import subprocess
 import sys
 import time
+import zipfile
+from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 
+from cxr.config import load
 from cxr.data import DataFolder
 from cxr.folds import make_folds
 from cxr.io import write_table
+from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import read_predictions
+from cxr.synth import SynthConfig, generate
 from models.__main__ import main
-from tests.conftest import demo_beats_prior
+from tests.conftest import demo_beats_prior, kill_when, model_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def setup(synth_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("yolo_run")
-    folds = run / "folds.csv"
-    write_table(make_folds(DataFolder(synth_dir).labels, n_folds=3, seed=0), folds)
-    return synth_dir, folds, run
+PROFILES = Path(__file__).resolve().parents[1] / "models" / "yolo"
 
 
 def args(verb, setup, *extra, run=None):
-    data, folds, default_run = setup
-    return ["yolo", verb, "--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(run or default_run), *extra]
+    return model_args("yolo", verb, setup, *extra, run=run)
 
 
-def test_prepare_writes_yolo_dataset(setup):
-    main(args("prepare", setup))
-    data, folds, run = setup
+@pytest.fixture(scope="module")
+def trained(fold_setup):
+    """Fold 0 trained for one epoch and predicted (with flip TTA) once, shared by the tests below."""
+    main(args("train", fold_setup, "--set", "epochs=1"))
+    main(args("predict", fold_setup, "--set", "tta=true"))
+    return fold_setup[2] / "yolo" / "fold0"
+
+
+def _label_lines(root: Path, part: str) -> list[str]:
+    return [l for p in (root / "labels" / part).glob("*.txt") for l in p.read_text().splitlines()]
+
+
+def test_prepare_writes_yolo_dataset(fold_setup):
+    main(args("prepare", fold_setup))
+    data, folds, run = fold_setup
     root = run / "yolo" / "fold0" / "dataset"
     f = pd.read_csv(folds)
     val = f.loc[f["fold"] == 0, "image_id"]
     assert len(list((root / "images" / "val").glob("*.png"))) == len(val)
     assert len(list((root / "labels" / "train").glob("*.txt"))) == (f["fold"] != 0).sum()
-    lines = [l for p in (root / "labels" / "train").glob("*.txt") for l in p.read_text().splitlines()]
-    values = np.array([[float(v) for v in l.split()] for l in lines])
+    values = np.array([[float(v) for v in l.split()] for l in _label_lines(root, "train")])
     assert values[:, 0].max() <= 13 and (values[:, 1:] >= 0).all() and (values[:, 1:] <= 1).all()
     assert any(p.read_text() == "" for p in (root / "labels" / "train").glob("*.txt"))  # normal = background
 
 
-def test_train_one_epoch_and_predict(setup):
-    main(args("train", setup, "--set", "epochs=1"))
-    data, folds, run = setup
-    out = run / "yolo" / "fold0"
-    assert (out / "weights.pt").exists() and (out / "config.yaml").exists()
-    assert (out / "train" / "results.csv").exists()  # per-epoch metrics log
-    main(args("predict", setup, "--set", "tta=true"))
+def test_prepare_uses_the_profiles_reader_fusion(fold_setup, tmp_path):
+    """``labels:`` picks the training labels' fusion: keep_all writes every reader's box, and
+    dropping readers removes theirs (the default WBF writes fewer boxes than keep_all)."""
+    data, folds, _ = fold_setup
     d = DataFolder(data)
-    oof = read_predictions(out / "oof.csv", d.train_sizes)  # validates format and in-image boxes
-    test = read_predictions(out / "test.csv", d.test_sizes)
-    f = pd.read_csv(folds)
+    val = set(pd.read_csv(folds, dtype={"image_id": str}).query("fold == 0")["image_id"])
+    counts = {}
+    dropped = tuple(d.labels["rad_id"].value_counts().index[:2])  # the two busiest readers
+    for name, labels in {"default": None, "keep_all": "{mode: keep_all}",
+                         "drop": "{mode: keep_all, drop_readers: [%s]}" % ", ".join(dropped)}.items():
+        extra = ["--set", f"labels={labels}"] if labels else []
+        main(args("prepare", fold_setup, *extra, run=tmp_path / name))
+        counts[name] = len(_label_lines(tmp_path / name / "yolo" / "fold0" / "dataset", "train"))
+    train_labels = d.labels[~d.labels["image_id"].isin(val) & (d.labels["class_id"] != 14)]
+    assert counts["keep_all"] == len(train_labels)
+    assert counts["drop"] == (~train_labels["rad_id"].isin(dropped)).sum() < counts["keep_all"]
+    assert counts["default"] < counts["keep_all"]
+
+
+def test_train_one_epoch_and_predict(fold_setup, trained):
+    data, folds, _ = fold_setup
+    assert (trained / "weights.pt").exists() and (trained / "config.yaml").exists()
+    assert (trained / "train" / "results.csv").exists()  # per-epoch metrics log
+    d = DataFolder(data)
+    oof = read_predictions(trained / "oof.csv", d.train_sizes)  # validates format and in-image boxes
+    test = read_predictions(trained / "test.csv", d.test_sizes)
+    f = pd.read_csv(folds, dtype={"image_id": str})
     assert set(oof["image_id"]) == set(f.loc[f["fold"] == 0, "image_id"])  # a No-finding row per image at least
     assert set(test["image_id"]) == set(d.test_ids())
 
 
-def test_resume_after_kill(setup, tmp_path):
-    cmd = [sys.executable, "-m", "models", *args("train", setup, "--set", "epochs=3", run=tmp_path)]
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    last = tmp_path / "yolo" / "fold0" / "train" / "weights" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def _complete(path: Path) -> bool:
+    """A torch zip checkpoint whose central directory (written last) is there: fully written."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def test_resume_after_kill(fold_setup, tmp_path):
+    weights = tmp_path / "yolo" / "fold0" / "train" / "weights"
+    argv = args("train", fold_setup, "--set", "epochs=3", run=tmp_path)
+    # epoch 1 always writes last.pt and then best.pt (first fitness is the best): kill once both are complete
+    kill_when(argv, lambda: _complete(weights / "last.pt") and _complete(weights / "best.pt"))
+    assert not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
+    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Resuming training" in done.stdout + done.stderr
     results = pd.read_csv(tmp_path / "yolo" / "fold0" / "train" / "results.csv")
     assert results["epoch"].tolist() == [1, 2, 3]
 
 
+def write_ultralytics_checkpoint(path: Path, nc: int = 80) -> dict[str, torch.Tensor]:
+    """A YOLOv8n checkpoint with ``nc`` classes in the format ultralytics publishes (yolov8x.pt):
+    saved with torch.save, then stripped by ultralytics' own strip_optimizer (FP16 network under
+    'model', no optimizer, epoch -1). Returns the network's tensors as they are in the file."""
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    torch.manual_seed(1)
+    model = DetectionModel("yolov8n.yaml", nc=nc, verbose=False)
+    torch.save({"model": deepcopy(model), "ema": None, "optimizer": None, "epoch": 0, "train_args": {}}, path)
+    strip_optimizer(path)
+    return {k: v.float() for k, v in torch.load(path, weights_only=False)["model"].state_dict().items()}
+
+
+def test_pretrained_checkpoint_transfers(fold_setup, tmp_path, capfd):
+    """--set weights=FILE lr0=0: backbone (and neck) conv weights after a training step equal the
+    file's; the class branch is re-initialised with 14 outputs; other ultralytics keys pass through."""
+    source = write_ultralytics_checkpoint(tmp_path / "coco80.pt")
+    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr0=0", "warmup_epochs=0",
+              "epochs=1", "train_args={degrees: 7.0, mixup: 0.1}", run=tmp_path / "run"))
+    out = tmp_path / "run" / "yolo" / "fold0"
+    log = capfd.readouterr().out
+    assert f"tensors from {tmp_path / 'coco80.pt'}; re-initialised: " in log and "model.22.cv3" in log
+    trained = torch.load(out / "weights.pt", weights_only=False)
+    net = (trained.get("ema") or trained["model"]).float()
+    state = net.state_dict()
+    convs = [k for k in state if k.endswith("conv.weight") and int(k.split(".")[1]) < 22]  # backbone + neck
+    assert len(convs) >= 45
+    for k in convs:
+        torch.testing.assert_close(state[k], source[k], rtol=0, atol=0, msg=k)
+    assert net.model[-1].nc == 14 and state["model.22.cv3.0.2.weight"].shape[0] == 14
+    assert source["model.22.cv3.0.2.weight"].shape[0] == 80
+    train_args = yaml.safe_load((out / "train" / "args.yaml").read_text())
+    assert train_args["degrees"] == 7.0 and train_args["mixup"] == 0.1
+    assert train_args["pretrained"] == str(tmp_path / "coco80.pt")
+
+
+def test_train_args_are_checked(fold_setup, tmp_path, capsys):
+    """Unknown ultralytics keys, keys that have their own field, bad types and a missing
+    checkpoint each stop with one line (exit 2) before any work."""
+    for bad, says in [("train_args={mixupp: 0.1}", "unknown ultralytics train key(s) ['mixupp']"),
+                      ("train_args={lr0: 0.1}", "['lr0'] are set by their own field"),
+                      ("train_args={mixup: high}", "mixup"),
+                      (f"weights={tmp_path / 'yolov8x.pt'}", "`make weights` downloads it")]:
+        with pytest.raises(SystemExit) as e:
+            main(args("train", fold_setup, "--set", bad, run=tmp_path))
+        assert e.value.code == 2 and says in capsys.readouterr().err, bad
+    assert not (tmp_path / "yolo" / "fold0" / "dataset").exists()
+
+
+@pytest.mark.slow
+def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
+    """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation and train_args),
+    except epochs=1 and weights=null (the COCO file is not here): 4 training images = one optimizer
+    step, then a prediction on 2 images. Prints seconds per step and peak memory."""
+    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=8, n_test=2, size=128, seed=5))
+    folds = tmp_path / "folds.csv"
+    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    cfg = load(__import__("models.yolo.yolo", fromlist=["Config"]).Config, PROFILES / "full.yaml")
+    n_train = (pd.read_csv(folds)["fold"] != 0).sum()
+    assert n_train <= cfg.batch, "one batch = one optimizer step (ultralytics caps accumulation at the epoch)"
+    common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
+              "--profile", "full", "--set", "epochs=1", "weights=null"]
+    start = time.time()
+    main(["yolo", "train", *common])
+    train_s = time.time() - start
+    out = tmp_path / "run" / "yolo" / "fold0"
+    saved = yaml.safe_load((out / "train" / "args.yaml").read_text())
+    assert saved["imgsz"] == 1024 and saved["batch"] == cfg.batch and saved["model"] == "yolov8x.yaml"
+    start = time.time()
+    main(["yolo", "predict", *common])
+    predict_s = time.time() - start
+    d = DataFolder(data)
+    assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with capsys.disabled():
+        print(f"\nyolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
+              f"predict {predict_s:.0f} s (2 test + {len(d.train_sizes) - n_train} val images, TTA), "
+              f"peak RSS {rss:.1f} GiB")
+
+
 @pytest.mark.slow
 def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
-    ours, prior, minutes = demo_beats_prior("yolo", tmp_path_factory.mktemp("yolo_demo"))
+    root = tmp_path_factory.mktemp("yolo_demo")
+    ours, prior, minutes = demo_beats_prior("yolo", root)
+    labels = DataFolder(root / "data").labels
+    folds = pd.read_csv(root / "folds.csv", dtype={"image_id": str})
+    val = folds.loc[folds["fold"] == 0, "image_id"].tolist()
+    oof = read_predictions(root / "run" / "yolo" / "fold0" / "oof.csv")
+    ap = mean_average_precision(ground_truth(labels[labels["image_id"].isin(val)]), oof, val)["ap"]
+    found = sorted(int(c) for c, v in ap.items() if c != "14" and v)
     with capsys.disabled():
-        print(f"\nyolo demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min)")
+        print(f"\nyolo demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min); "
+              f"finding classes with AP > 0: {found}")
     assert ours > prior
+    assert len(found) >= 3  # it finds boxes, not only the No-finding row

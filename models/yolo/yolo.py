@@ -2,7 +2,7 @@
 
 Contract (same as every model folder, see models/README.md):
 
-* ``prepare``: fused labels (``cxr.fusion.DEFAULT``) and the fold file -> a YOLO dataset
+* ``prepare``: fused labels (``labels:``, default ``cxr.fusion.DEFAULT``) and the fold file -> a YOLO dataset
   in ``<run>/yolo/fold<k>/dataset``: symlinks to the squashed PNGs, one txt per image
   (``class cx cy w h`` normalized: because the PNGs are squashed, dividing original pixels
   by the original width/height gives exactly the normalized position in the PNG), an empty
@@ -14,25 +14,40 @@ Contract (same as every model folder, see models/README.md):
 * ``predict``: ``oof.csv`` for fold k's images and ``test.csv`` for the test set in the
   shared prediction format, original pixels, low score threshold, optional flip TTA.
 
-The network is built from ultralytics' model yaml: nothing is downloaded; a local ``.pt``
-(``weights:``) initializes it when given.
+The network is built from ultralytics' model yaml (``model:``) with 14 classes; nothing is
+downloaded. ``weights:`` names a local ultralytics ``.pt`` (e.g. the COCO ``yolov8x.pt``, 80
+classes): :class:`PretrainedTrainer` copies every tensor that fits through
+:func:`models.weights.transfer` (one ``loaded N of M tensors`` line; the class branch of the
+Detect head is re-initialised for 14 classes). ultralytics' own ``train(pretrained=False)`` would
+throw the file away, and its ``load`` rebuilds the class branch at the file's width.
+
+Every ultralytics train key without a field here (``mixup``, ``translate``, ``degrees``, ``hsv_v``,
+``lrf``, ...) goes in ``train_args`` and is passed through: checked against ultralytics' own
+default-config keys and types, so a misspelt key is a clear error, not a silent no-op.
 """
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import yaml
+from ultralytics import YOLO
+from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import RANK
 
 from cxr.config import save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
-from cxr.io import atomic_path
+from cxr.fusion import DEFAULT, FusionConfig
+from cxr.io import DataError, atomic_path
 from models.common import Detections, Infer, device, write_fold_predictions
+from models.weights import resolve, transfer
 
 OUTPUT = "detections"  # what merge does with the folds' tables (see models/__main__.py)
 
@@ -42,7 +57,8 @@ class Config:
     """A profile (models/yolo/demo.yaml, full.yaml); every field maps to an ultralytics train/predict arg."""
 
     model: str = "yolov8n.yaml"  # architecture yaml shipped in ultralytics (n/s/m/l/x)
-    weights: str | None = None  # optional local .pt to start from
+    weights: str | None = None  # local ultralytics .pt to start from (e.g. weights/yolov8x.pt); None: from scratch
+    labels: FusionConfig = field(default_factory=lambda: DEFAULT)  # reader fusion of the training labels
     imgsz: int = 256
     epochs: int = 10
     batch: int = 16
@@ -65,6 +81,56 @@ class Config:
     max_det: int = 300
     tta: bool = False  # horizontal-flip TTA merged with WBF
     predict_batch: int = 16
+    train_args: dict[str, Any] = field(default_factory=dict)  # any other ultralytics train key: {mixup: 0.1, degrees: 10}
+
+
+# ultralytics keys the adapter sets itself (where the data and the run live, how the start is made)
+_OWNED = {"task", "mode", "model", "data", "project", "name", "exist_ok", "pretrained", "resume", "plots", "verbose"}
+
+
+def train_kwargs(cfg: Config, data_yaml: Path, out: Path) -> dict[str, Any]:
+    """The ``YOLO.train`` arguments of ``cfg``: its fields, then ``train_args`` checked against
+    ultralytics' own default config (unknown keys, keys set elsewhere and wrong types are errors)."""
+    explicit = {f.name for f in fields(Config)} & set(DEFAULT_CFG_DICT)
+    unknown = sorted(set(cfg.train_args) - set(DEFAULT_CFG_DICT))
+    if unknown:
+        raise DataError("train_args", f"unknown ultralytics train key(s) {unknown}; known: see ultralytics/cfg/default.yaml")
+    taken = sorted(set(cfg.train_args) & (explicit | _OWNED))
+    if taken:
+        raise DataError("train_args", f"{taken} are set by their own field or by the adapter, not in train_args")
+    extra = dict(cfg.train_args)
+    try:
+        check_cfg(extra)
+    except (TypeError, ValueError) as e:
+        raise DataError("train_args", str(e)) from None
+    return dict(
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, nbs=cfg.nbs,
+        warmup_epochs=cfg.warmup_epochs, workers=cfg.workers, device=_device(cfg), optimizer=cfg.optimizer,
+        lr0=cfg.lr0, cos_lr=cfg.cos_lr, mosaic=cfg.mosaic, close_mosaic=cfg.close_mosaic, fliplr=cfg.fliplr,
+        scale=cfg.scale, amp=cfg.amp, patience=cfg.patience, seed=cfg.seed, **extra,
+        project=str(out.resolve()), name="train", exist_ok=True, plots=False, verbose=False,
+        # a path: the trainer's get_model receives the file's network and transfers it (PretrainedTrainer)
+        pretrained=str(resolve(cfg.weights)) if cfg.weights else False,
+    )
+
+
+class PretrainedTrainer(DetectionTrainer):
+    """ultralytics' detection trainer, except that a start checkpoint (``pretrained=PATH``) is
+    copied in by :func:`models.weights.transfer`: what fits by name and shape loads, the rest
+    (the 80-class branch of the head) keeps its fresh init, and one line says which."""
+
+    def get_model(self, cfg=None, weights=None, verbose: bool = True):
+        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        if weights is not None:
+            source = (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+            n_backbone = len(model.yaml["backbone"])  # layers model.0 .. model.{n-1}
+
+            def is_backbone(name: str) -> bool:
+                return name.startswith("model.") and int(name.split(".")[1]) < n_backbone
+
+            transfer(model, source.float().state_dict(), self.args.pretrained, is_backbone,
+                     log=print if RANK in {-1, 0} else lambda _: None)
+        return model
 
 
 def _device(cfg: Config) -> str:
@@ -78,7 +144,7 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     data_yaml = root / "data.yaml"
     if data_yaml.exists():
         return data_yaml
-    fused = data.fused()
+    fused = data.fused(cfg.labels)
     fused = fused[fused["class_id"] != NO_FINDING]
     by_image = dict(tuple(fused.groupby("image_id")))
     sizes = data.train_sizes.set_index("image_id")
@@ -106,28 +172,18 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
     """Train fold ``fold`` with ultralytics' trainer (resuming a killed run); returns the best weights."""
-    from ultralytics import YOLO
-
     final = out / "weights.pt"
     if final.exists():
         return final
-    data_yaml = prepare(cfg, data, folds, fold, out)
-    save(cfg, out / "config.yaml")
     last = out / "train" / "weights" / "last.pt"
-    if last.exists():
-        YOLO(str(last)).train(resume=True)
+    # bad train_args or a missing start checkpoint stop here, before any work
+    kwargs = None if last.exists() else train_kwargs(cfg, out / "dataset" / "data.yaml", out)
+    prepare(cfg, data, folds, fold, out)
+    save(cfg, out / "config.yaml")
+    if kwargs is None:
+        YOLO(str(last)).train(resume=True)  # the checkpoint holds the network and every train argument
     else:
-        model = YOLO(cfg.model, task="detect")
-        if cfg.weights:
-            model.load(cfg.weights)
-        model.train(
-            data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, nbs=cfg.nbs,
-            warmup_epochs=cfg.warmup_epochs, workers=cfg.workers,
-            device=_device(cfg), optimizer=cfg.optimizer, lr0=cfg.lr0, cos_lr=cfg.cos_lr, mosaic=cfg.mosaic,
-            close_mosaic=cfg.close_mosaic, fliplr=cfg.fliplr, scale=cfg.scale, amp=cfg.amp, patience=cfg.patience,
-            seed=cfg.seed, project=str(out.resolve()), name="train", exist_ok=True, pretrained=False,
-            plots=False, verbose=False,
-        )
+        YOLO(cfg.model, task="detect").train(trainer=PretrainedTrainer, **kwargs)
     best = out / "train" / "weights" / "best.pt"
     with atomic_path(final) as tmp:
         shutil.copyfile(best if best.exists() else last, tmp)
@@ -136,8 +192,6 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
 
 def load_infer(cfg: Config, out: Path) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py)."""
-    from ultralytics import YOLO
-
     weights = out / "weights.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=yolo FOLD=k)")
