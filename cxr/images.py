@@ -188,6 +188,9 @@ def prepare_png_set(
     journal_path = out / JOURNAL_NAME
     if not journal_path.exists():
         journal_path.write_text(",".join(JOURNAL_COLUMNS) + "\n")
+    elif not journal_path.read_bytes().endswith(b"\n"):  # a kill cut the last line: end it before appending
+        with open(journal_path, "a") as journal:
+            journal.write("\n")
     converted = 0
     if todo:
         workers = workers or os.cpu_count() or 1

@@ -1,0 +1,161 @@
+"""`cxr data`: Kaggle's DICOM download or a resized-PNG set -> a checked DATA folder (issue 11).
+
+Sources are written by the test (pydicom DICOMs, cv2 PNGs), so this runs without ../shared/data;
+one test also feeds the real JPEG-2000 DICOMs through the same route when they are present.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.cli import main
+from cxr.data import DataFolder, check_folder, read_folds
+from cxr.images import png_size
+from cxr.io import DataError
+from tests.conftest import real
+from tests.test_bad_input import write_dicom
+
+COLUMNS = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
+TRAIN = {"t0": (60, 50), "t1": (48, 64), "t2": (40, 40), "t3": (52, 44)}  # id -> (height, width)
+TEST = {"s0": (44, 36), "s1": (50, 50)}
+
+
+def labels_table() -> pd.DataFrame:
+    rows = []
+    for i, (h, w) in TRAIN.items():
+        for r in ("R1", "R2", "R3"):
+            if i in ("t0", "t2"):
+                rows.append([i, "No finding", 14, r, None, None, None, None])
+            else:
+                rows.append([i, "Cardiomegaly", 3, r, 5, 6, w - 5, h - 6])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def sample_table(ids) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": list(ids), "PredictionString": "14 1 0 0 1 1"})
+
+
+def kaggle_download(root: Path) -> Path:
+    """Kaggle's competition layout: train/ and test/ DICOMs (one MONOCHROME1), train.csv, sample_submission.csv."""
+    for split, images in (("train", TRAIN), ("test", TEST)):
+        (root / split).mkdir(parents=True)
+        for k, (i, (h, w)) in enumerate(images.items()):
+            px = np.linspace(0, 4000, h * w).reshape(h, w)
+            write_dicom(root / split / f"{i}.dicom", px, "MONOCHROME1" if k == 0 else "MONOCHROME2")
+    labels_table().to_csv(root / "train.csv", index=False)
+    sample_table(TEST).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def png_set(root: Path, size: int = 32) -> Path:
+    """A public resized-PNG set: squashed PNGs plus meta CSVs with the ORIGINAL sizes; no labels, no sample."""
+    for split, images in (("train", TRAIN), ("test", TEST)):
+        (root / split).mkdir(parents=True)
+        for i in images:
+            cv2.imwrite(str(root / split / f"{i}.png"), np.full((size, size), 120, np.uint8))
+        pd.DataFrame({"image_id": list(images), "dim0": [h for h, _ in images.values()],
+                      "dim1": [w for _, w in images.values()]}).to_csv(root / f"{split}_meta.csv", index=False)
+    return root
+
+
+def run_data(capsys, *args) -> str:
+    main(["data", *map(str, args)])
+    return capsys.readouterr().out
+
+
+def test_kaggle_download_route(tmp_path, capsys):
+    src, out = kaggle_download(tmp_path / "kaggle"), tmp_path / "DATA"
+    text = run_data(capsys, "--src", src, "--out", out, "--size", 24, "--workers", 2)
+    summary = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert summary["train_images"] == 4 and summary["test_images"] == 2 and summary["train_png_sizes"] == ["24x24"]
+    assert summary["normal_images"] == 2 and summary["finding_boxes"] == 6 and summary["readers"] == 3
+    data = DataFolder(out)
+    assert data.train_sizes.set_index("image_id").loc["t1"].tolist() == [64, 48]  # width, height from the DICOM
+    assert data.test_sizes["image_id"].tolist() == ["s0", "s1"] and data.test_ids() == ["s0", "s1"]
+    assert (out / "train.csv").read_bytes() == (src / "train.csv").read_bytes()
+    assert png_size(data.image("train", "t0")) == (24, 24)
+    # what `make folds` / `make pipeline` run next accepts the folder
+    main(["folds", "--labels", str(out / "train.csv"), "--n-folds", "2", "--out", str(tmp_path / "folds.csv")])
+    assert len(read_folds(tmp_path / "folds.csv")) == 4
+    # a re-run converts nothing and still checks the folder
+    assert "0 converted now" in run_data(capsys, "--src", src, "--out", out, "--size", 24)
+
+
+def test_png_set_route(tmp_path, capsys):
+    src, out = png_set(tmp_path / "png"), tmp_path / "DATA"
+    labels = tmp_path / "train.csv"
+    labels_table().to_csv(labels, index=False)
+    run_data(capsys, "--src", src, "--out", out, "--size", 16, "--labels", labels)
+    data = DataFolder(out)
+    # original sizes come from the meta files, not from the (already resized) PNGs
+    assert data.train_sizes.set_index("image_id").loc["t0"].tolist() == [50, 60]
+    assert data.test_ids() == ["s0", "s1"]  # the PNG sets ship no sample: built from the test ids
+    assert all(png_size(p) == (16, 16) for p in (out / "train").glob("*.png"))
+    assert len(data.labels) == 12
+
+
+def test_broken_image_stops_with_the_failure_list(tmp_path, capsys):
+    src = kaggle_download(tmp_path / "kaggle")
+    (src / "train" / "t3.dicom").write_bytes((src / "train" / "t3.dicom").read_bytes()[:-100])
+    out = tmp_path / "DATA"
+    with pytest.raises(SystemExit) as e:
+        main(["data", "--src", str(src), "--out", str(out), "--size", "16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"1 in {out / 'train' / 'failed.csv'}" in err
+    assert len(list((out / "train").glob("*.png"))) == 3 and len(list((out / "test").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda out: (out / "train" / "t1.png").unlink(), "1 image(s) have no train/<id>.png, e.g. ['t1']"),
+        (lambda out: shutil.copy(out / "test" / "s0.png", out / "test" / "s9.png"), "no size in test_meta.csv"),
+        (lambda out: sample_table(["s0"]).to_csv(out / "sample_submission.csv", index=False), "1 test image(s) missing"),
+        (lambda out: sample_table(["s0", "s1", "s1"]).to_csv(out / "sample_submission.csv", index=False), "'s1' listed twice"),
+        (lambda out: labels_table().assign(image_id="zz").to_csv(out / "train.csv", index=False), "'zz' has no size"),
+    ],
+)
+def test_check_folder_finds_problem(tmp_path, capsys, break_it, message):
+    src, out = png_set(tmp_path / "png"), tmp_path / "DATA"
+    labels_table().to_csv(src / "train.csv", index=False)
+    run_data(capsys, "--src", src, "--out", out, "--size", 16)
+    check_folder(out)
+    break_it(out)
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        check_folder(out)
+
+
+def test_missing_source_files_are_named(tmp_path, capsys):
+    src = png_set(tmp_path / "png")
+    with pytest.raises(SystemExit):
+        main(["data", "--src", str(src), "--out", str(tmp_path / "DATA")])
+    assert f"{src / 'train.csv'}: file not found (pass --labels)" in capsys.readouterr().err
+    (src / "test_meta.csv").unlink()
+    labels_table().to_csv(src / "train.csv", index=False)
+    with pytest.raises(SystemExit):
+        main(["data", "--src", str(src), "--out", str(tmp_path / "DATA")])
+    assert "test_meta.csv: file not found" in capsys.readouterr().err
+
+
+def test_real_jpeg2000_dicoms_through_the_kaggle_route(tmp_path, capsys):
+    """The 5 real VinDr train DICOMs (JPEG 2000, MONOCHROME1) as train, one copied as test."""
+    real_dir = real("vindr-cxr-images/dfloreaa")
+    src = tmp_path / "kaggle"
+    (src / "train").mkdir(parents=True)
+    (src / "test").mkdir()
+    files = sorted(real_dir.rglob("*.dicom"))
+    for f in files:
+        (src / "train" / f.name).symlink_to(f)
+    (src / "test" / "x0.dicom").symlink_to(files[0])
+    ids = [f.stem for f in files]
+    pd.DataFrame([[i, "No finding", 14, "R1", None, None, None, None] for i in ids], columns=COLUMNS).to_csv(src / "train.csv", index=False)
+    sample_table(["x0"]).to_csv(src / "sample_submission.csv", index=False)
+    run_data(capsys, "--src", src, "--out", tmp_path / "DATA", "--size", 64)
+    sizes = DataFolder(tmp_path / "DATA").train_sizes
+    assert len(sizes) == 5 and (sizes["width"] > 1500).all() and (sizes["height"] > 1500).all()
