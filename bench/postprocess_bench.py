@@ -1,46 +1,67 @@
-"""Post-processing wall time at competition scale (prints figures; not a test).
+"""Test-time post-processing at competition scale (prints figures; not a test).
 
 3,000 test images x 3 models x 5 folds, ~100 boxes per image per model-fold, built around the real
-PhysioNet test labels when given (``--labels``), else around random boxes. Times, on this machine:
-WBF of the 5 folds per model, WBF of the 3 models, the classifier gate, and the mAP@0.4.
+PhysioNet test labels when found (``--labels``), else around random boxes. Times, on this machine,
+the path ``make submission`` takes: WBF of the 5 folds per model (``python -m models MODEL merge``),
+then :func:`ensemble.ensemble.apply` (WBF across the 3 models + classifier gate), then the checked
+Kaggle submission; the mAP@0.4 of the result is timed apart. Target: fusion + gate + submission
+of 3,000 images in at most 30 s.
 
-    .venv/bin/python bench/postprocess_bench.py [--labels ../shared/data/.../annotations_test.csv] [--images 3000]
+    .venv/bin/python bench/postprocess_bench.py [--labels .../annotations_test.csv] [--images 3000]
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxr.labels import read_physionet_labels
 from cxr.metric import ground_truth, mean_average_precision
+from cxr.submission import check_submission, write_submission
 from cxr.wbf import fuse_predictions
-from ensemble.ensemble import GateParams, gate
+from ensemble.ensemble import FusionParams, GateParams, Params, apply
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_LABELS = REPO.parent / "shared" / "data" / "vindr-cxr-test-annotations/Tuprott991/vindr_physionet_384/annotations_test.csv"
+
+
+def default_labels() -> str | None:
+    """The real PhysioNet test labels when staged beside the repo (never copied into it)."""
+    return str(TEST_LABELS) if TEST_LABELS.exists() else None
+
+
+def make_truth(labels: str | None, n_images: int, rng: np.random.Generator) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(ground truth, image ids, sizes): the first ``n_images`` of the real test labels, else random boxes."""
+    if labels:
+        gt = ground_truth(read_physionet_labels(labels))
+        ids = sorted(gt["image_id"].unique())[:n_images]
+        gt = gt[gt["image_id"].isin(ids)]
+    else:
+        ids = [f"img{i:05d}" for i in range(n_images)]
+        gt = pd.DataFrame({"image_id": ids, "class_id": rng.integers(0, 15, len(ids))})
+        gt[["x_min", "y_min"]] = rng.uniform(0, 1000, (len(ids), 2))
+        gt[["x_max", "y_max"]] = gt[["x_min", "y_min"]].to_numpy() + rng.uniform(50, 500, (len(ids), 2))
+        gt.loc[gt["class_id"] == 14, ["x_min", "y_min", "x_max", "y_max"]] = [0, 0, 1, 1]
+    sizes = pd.DataFrame({"image_id": ids, "width": 3000, "height": 3000})
+    gt = gt.copy()
+    gt[["x_max", "y_max"]] = gt[["x_max", "y_max"]].clip(upper=3000)
+    return gt, ids, sizes
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--labels", help="PhysioNet annotations_test.csv (real test labels); random boxes without it")
+    p.add_argument("--labels", default=default_labels(), help="PhysioNet annotations_test.csv (real test labels); random boxes without it")
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--boxes", type=int, default=100)
     a = p.parse_args()
     rng = np.random.default_rng(0)
-    if a.labels:
-        gt = ground_truth(read_physionet_labels(a.labels))
-        ids = sorted(gt["image_id"].unique())[: a.images]
-        gt = gt[gt["image_id"].isin(ids)]
-    else:
-        ids = [f"img{i:05d}" for i in range(a.images)]
-        gt = pd.DataFrame({"image_id": ids, "class_id": rng.integers(0, 15, len(ids))})
-        gt[["x_min", "y_min"]] = rng.uniform(0, 1000, (len(ids), 2))
-        gt[["x_max", "y_max"]] = gt[["x_min", "y_min"]].to_numpy() + rng.uniform(50, 500, (len(ids), 2))
-        gt.loc[gt["class_id"] == 14, ["x_min", "y_min", "x_max", "y_max"]] = [0, 0, 1, 1]
-    sizes = pd.DataFrame({"image_id": ids, "width": 3000, "height": 3000})
-    gt[["x_max", "y_max"]] = gt[["x_max", "y_max"]].clip(upper=3000)
+    gt, ids, sizes = make_truth(a.labels, a.images, rng)
     start = time.perf_counter()
     per_model_folds = [[make_table(gt, sizes, a.boxes, rng) for _ in range(a.folds)] for _ in range(a.models)]
     t_make = time.perf_counter() - start
@@ -48,19 +69,28 @@ def main() -> None:
     start = time.perf_counter()
     per_model = [fuse_predictions(folds, sizes) for folds in per_model_folds]
     t_folds = time.perf_counter() - start
-    start = time.perf_counter()
-    fused = fuse_predictions(per_model, sizes, weights=[2, 1, 1][: a.models], iou_thr=0.5, conf_type="avg")
-    t_models = time.perf_counter() - start
     p_abnormal = pd.Series(rng.uniform(0, 1, len(ids)), index=ids)
+    params = Params(FusionParams([f"m{i}" for i in range(a.models)], [2.0] + [1.0] * (a.models - 1), 0.5, 0.0, "avg"),
+                    GateParams("hard", 0.3, 0.9))
     start = time.perf_counter()
-    gated = gate(fused, p_abnormal, GateParams("hard", 0.3, 0.9))
-    t_gate = time.perf_counter() - start
+    test = apply(params, per_model, sizes, p_abnormal)
+    t_apply = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "sample_submission.csv"
+        pd.DataFrame({"image_id": ids, "PredictionString": "14 1 0 0 1 1"}).to_csv(sample, index=False)
+        start = time.perf_counter()
+        out = write_submission(test, ids, Path(tmp) / "submission.csv")
+        problems = check_submission(out, sample, sizes)
+        t_sub = time.perf_counter() - start
     start = time.perf_counter()
-    result = mean_average_precision(gt, gated, ids)
+    result = mean_average_precision(gt, test, ids)
     t_metric = time.perf_counter() - start
-    print(f"{a.images} images x {a.models} models x {a.folds} folds, {n_boxes:,} input boxes (built in {t_make:.1f} s)")
-    print(f"WBF folds per model {t_folds:7.1f} s | WBF across models {t_models:6.1f} s | gate {t_gate:5.2f} s | "
-          f"mAP@0.4 {t_metric:5.1f} s | total {t_folds + t_models + t_gate + t_metric:7.1f} s (mAP {result['map']:.3f})")
+    total = t_folds + t_apply + t_sub
+    print(f"{a.images} images x {a.models} models x {a.folds} folds, {n_boxes:,} input boxes "
+          f"({'real PhysioNet test labels' if a.labels else 'random truth'}; built in {t_make:.1f} s)")
+    print(f"WBF folds per model {t_folds:6.1f} s | ensemble.apply (WBF across models + hard gate) {t_apply:5.1f} s | "
+          f"submission write + check {t_sub:5.1f} s{' (' + str(len(problems)) + ' problems)' if problems else ''}")
+    print(f"fusion + gate + submission: {total:.1f} s (target 30 s) | mAP@0.4 {result['map']:.3f} in {t_metric:.1f} s")
 
 
 def make_table(gt: pd.DataFrame, sizes: pd.DataFrame, boxes: int, rng: np.random.Generator) -> pd.DataFrame:

@@ -92,6 +92,8 @@ def test_edge_cases_match_ensemble_boxes(conf_type):
         [([box, [0.5, 0.5, 0.9, 0.9]], [0.01, 0.02], [1, 1]), ([box], [0.03], [5]), empty],  # all under skip
         [([[0.3, 0.3, 0.3, 0.8], box], [0.9, 0.4], [0, 0]), one, ([[1.2, 1.2, 1.5, 1.5]], [0.8], [0])],  # zero area
         [([box, [0.12, 0.21, 0.41, 0.62]], [0.8, 0.6], [4, 4]), ([[0.11, 0.2, 0.4, 0.61]], [0.7], [4]), empty],
+        # equal scores, chained overlaps (A~B, B~C, not A~C): the walk order decides the clusters
+        [([[0.1, 0.1, 0.5, 0.5], [0.2, 0.1, 0.6, 0.5]], [0.6, 0.6], [1, 1]), ([[0.3, 0.1, 0.7, 0.5]], [0.6], [1]), empty],
     ]
     for skip in (0.0, 0.05):
         assert_same(images, [1.0, 2.0, 0.5], 0.55, skip, conf_type)
