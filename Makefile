@@ -46,7 +46,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate prepare clean train predict oof all-oof ensemble submission pipeline
+.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -130,7 +130,12 @@ demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-run
 	@start=$$(date +%s); $(MAKE) --no-print-directory pipeline evaluate && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.md"
 
-prepare: $(STAMP) ## convert SRC (DICOM/PNG folder) to OUT at SIZE px: make prepare SRC=... OUT=... SIZE=1024
+data: $(STAMP) ## Kaggle download or resized-PNG set -> checked DATA folder: make data SRC=... OUT=... SIZE=1024
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=<Kaggle download or PNG set> OUT=<DATA folder> [SIZE=1024]" >&2; exit 2; }
+	$(CXR) data --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024) $(if $(LABELS),--labels $(LABELS)) $(if $(SAMPLE),--sample $(SAMPLE))
+
+prepare: $(STAMP) ## one folder: DICOM/PNG/JPEG -> OUT/<id>.png at SIZE px + meta.csv (+ failed.csv); resumes
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make prepare SRC=<image folder> OUT=<folder> [SIZE=1024]" >&2; exit 2; }
 	$(CXR) prepare --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024)
 
 clean: ## remove generated data, runs, folds and submissions (keeps .venv)
