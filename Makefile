@@ -46,7 +46,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline
+.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -123,6 +123,14 @@ submission: ensemble ## apply the tuned ensemble to test: checked submissions/$(
 
 evaluate: ## print test mAP@0.4 of submissions/$(NAME).csv (DATA with test_labels.csv: synthetic or PhysioNet)
 	$(CXR) evaluate --labels $(DATA)/test_labels.csv --submission submissions/$(NAME).csv
+
+# Blend finished submissions from any source (ensemble/blend.py; ensemble/blend.yaml documents every setting).
+# SUBS, WEIGHTS, GROUPS: one entry per submission; BLEND: a YAML instead of / under them; GATE: image_id + one
+# probability column; LABELS: test labels for the score table (report only); BLEND_ARGS: any other flag.
+blend: ## fuse submissions: make blend SUBS="a.csv b.csv" [WEIGHTS="2 1"] [GROUPS="m m"] [GATE=p.csv] NAME=x
+	$(PY) -m ensemble.blend --data $(DATA) $(if $(BLEND),--config $(BLEND)) $(if $(SUBS),--subs $(SUBS)) \
+	  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(GROUPS),--groups $(GROUPS)) $(if $(GATE),--gate $(GATE)) \
+	  $(if $(LABELS),--labels $(LABELS)) $(BLEND_ARGS) --out submissions/$(NAME).csv --report-dir reports/$(NAME)
 
 pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
