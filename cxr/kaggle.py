@@ -35,7 +35,7 @@ def source_kind(src: Path) -> str:
     """``"dicom"`` (Kaggle competition download) or ``"png"`` (a resized-PNG set) from SRC/train's files."""
     for split in SPLITS:
         if not (src / split).is_dir():
-            raise DataError(src / split, f"not found: SRC must hold train/ and test/ image folders")
+            raise DataError(src / split, "not found: SRC must hold train/ and test/ image folders")
     images = find_images(src / "train")
     if not images:
         raise DataError(src / "train", "no DICOM/PNG/JPEG files found")
@@ -54,8 +54,9 @@ def build(
 ) -> tuple[dict, dict[str, PrepareResult]]:
     """Convert and copy ``src`` into the DATA layout at ``out``; return (check summary, per-split results).
 
-    Re-running resumes (finished images are kept). When an image fails to convert, the other
-    images and files are still done, and a :class:`DataError` names the failure lists at the end.
+    Every input file is checked to exist before converting. Re-running resumes (finished images
+    are kept). When an image fails to convert, every other image is still converted and the meta
+    files written, then a :class:`DataError` names the failure lists (``OUT/<split>/failed.csv``).
     """
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
@@ -63,9 +64,12 @@ def build(
     kind = source_kind(src)
     labels = Path(labels) if labels else src / "train.csv"
     sample = Path(sample) if sample else src / "sample_submission.csv"
-    for path in (labels, *(src / f"{s}_meta.csv" for s in SPLITS if kind == "png")):
+    # every input file is checked before the (hours-long) conversion starts
+    needed = [labels, *(src / f"{s}_meta.csv" for s in SPLITS if kind == "png"), *([sample] if kind == "dicom" else [])]
+    for path in needed:
         if not path.is_file():
-            raise DataError(path, "file not found" + (" (pass --labels)" if path == labels else ""))
+            flag = {labels: " (pass --labels)", sample: " (pass --sample)"}.get(path, "")
+            raise DataError(path, f"file not found{flag}")
     out.mkdir(parents=True, exist_ok=True)
 
     results = {s: prepare_png_set(src / s, out / s, size, workers, progress) for s in SPLITS}
