@@ -194,7 +194,8 @@ def cmd_data(a: argparse.Namespace) -> None:
     for split, r in results.items():
         rate = r.converted / r.seconds if r.seconds else 0.0
         print(f"{split}: {len(r.meta)} images ({r.converted} converted now, {rate:.1f} images/s)")
-    print(json.dumps(summary, indent=1))
+    for key, value in summary.items():
+        print(f"  {key}: {', '.join(value) if isinstance(value, list) else value}")
     print(f"{a.out}: valid DATA folder; next: make folds DATA={a.out} NAME=<name>")
 
 

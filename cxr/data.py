@@ -128,7 +128,7 @@ def check_folder(root: str | os.PathLike) -> dict:
         unlabelled_train_images=len(unlabelled),
         readers=int(labels["rad_id"].nunique()),
         finding_boxes=int((labels["class_id"] != NO_FINDING).sum()),
-        normal_images=int((per_image.max() == NO_FINDING).sum()),
+        normal_images=int((per_image.min() == NO_FINDING).sum()),  # every reader: No finding
     )
     return summary
 
