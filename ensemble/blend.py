@@ -48,7 +48,7 @@ from cxr.io import DataError, atomic_path, csv_row, read_table, show, write_tabl
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import validate
-from cxr.submission import check_submission, parse_prediction_string, write_submission
+from cxr.submission import check_submission, parse_strings, write_submission
 from cxr.wbf import ConfType, fuse_predictions
 from ensemble.ensemble import GateParams, gate
 
@@ -170,18 +170,16 @@ def read_input(path: str | Path, test_ids: Sequence[str], sizes: pd.DataFrame) -
     missing = sorted(set(test_ids) - set(df["image_id"]))
     if missing:
         raise DataError(path, f"{len(missing)} test image(s) missing, e.g. {missing[:3]}")
-    rows, lines = [], []
-    for i, (image_id, text) in enumerate(zip(df["image_id"], df["PredictionString"])):
-        if not text.strip():
-            continue  # no box on this image
-        try:
-            groups = parse_prediction_string(text)
-        except ValueError as e:
-            raise DataError(path, f"PredictionString of {image_id}: {e}", csv_row(i)) from None
-        rows += [(image_id, *g) for g in groups]
-        lines += [csv_row(i)] * len(groups)
-    preds = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
-    _check_values(preds, np.asarray(lines, dtype=int), sizes, path)
+    parsed = parse_strings(df["PredictionString"])
+    empty = (df["PredictionString"].str.strip() == "").to_numpy()  # no box on this image, not malformed
+    bad = [(int(i), problem) for i, problem in zip(parsed.bad_rows, parsed.problems) if not empty[i]]
+    if bad:
+        i, problem = bad[0]
+        raise DataError(path, f"PredictionString of {df['image_id'].iloc[i]}: {problem}", csv_row(i))
+    preds = pd.DataFrame(parsed.values, columns=["score", *BOX_COLUMNS])
+    preds.insert(0, "image_id", df["image_id"].to_numpy()[parsed.row])
+    preds.insert(1, "class_id", parsed.cls)
+    _check_values(preds, parsed.row + csv_row(0), sizes, path)  # the CSV line of each box
     return validate(preds, path, sizes)  # canonical dtypes; every check already passed above
 
 

@@ -18,6 +18,7 @@ from cxr.predictions import write_predictions
 from cxr.submission import check_submission, format_predictions, read_submission, write_submission
 from cxr.wbf import fuse_predictions
 from ensemble.blend import BlendConfig, main, read_input
+from tests.conftest import SAMPLE_SUBMISSION, TEST_LABELS, TEST_SIZES, real
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,3 +274,19 @@ def test_bad_input_is_one_line_and_exit_2(bench, tmp_path, capsys, case):
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and all(x in err for x in expected), (expected, err)
     assert not out.exists() and not list(tmp_path.glob(".never.csv.*"))  # nothing half-written
+
+
+def test_real_test_set_gate_from_a_public_classifier(tmp_path):
+    """The 3,000 real test ids and sizes, the PhysioNet consensus labels and a real 2-class file
+    (nhtlongcs' classifier, column class14prob = P(No finding)): gating the sample submission
+    ('14 1 0 0 1 1' everywhere) with it must lift the No-finding AP."""
+    probs = real("vindr-cxr-train-annotations/nhtlongcs/datasets/test_info.csv")
+    sample, sizes, labels = real(SAMPLE_SUBMISSION), real(TEST_SIZES), real(TEST_LABELS)
+    out, report = tmp_path / "gated.csv", tmp_path / "report"
+    main(["--subs", str(sample), "--sample", str(sample), "--sizes", str(sizes), "--labels", str(labels),
+          "--gate", str(probs), "--gate-column", "class14prob", "--gate-means", "normal",
+          "--out", str(out), "--report-dir", str(report)])
+    table = read_table(report / "blend.csv").set_index("kind")
+    assert table.loc["gated", "No finding"] > table.loc["input", "No finding"] + 0.2
+    assert table.loc["gated", "map"] > table.loc["input", "map"]
+    assert check_submission(out, sample, read_sizes(sizes)) == []
