@@ -1,83 +1,170 @@
-"""``python -m ensemble tune|submit``: tune WBF + gate on OOF, then write the submission and the report.
+"""``python -m ensemble tune|submit|blend``: tune WBF + gate on OOF, write the submission and the report, blend submissions.
 
-    python -m ensemble tune   --data D --folds F --run-dir runs/NAME [--models yolo,detectron,effdet] [--exclude effdet]
-    python -m ensemble submit --data D --folds F --run-dir runs/NAME --name NAME   # submissions/NAME.csv, reports/NAME/
+    python -m ensemble tune   --data D --folds F --run-dir runs/NAME [--models yolo,effdet] [--exclude effdet]
+                              [--extra path/to/notebook_preds] [--classifier classifier|none] [--jobs 2] [--force]
+    python -m ensemble submit --data D --folds F --run-dir runs/NAME --name NAME [same model choice]
+                              # submissions/NAME.csv, reports/NAME/
+    python -m ensemble blend ...   # ensemble.blend: weighted blend of submission files (see its --help)
+
+The model set: ``--models`` (default: every detector of models/__init__.py) less ``--exclude``,
+plus ``--extra`` folders (a model trained elsewhere: ``oof.csv`` and ``test.csv`` in the prediction
+format or the Kaggle submission format, named after the folder or ``NAME=PATH``). Each set keeps
+its own tuned parameters (``RUN/ensemble/<set>/``), so changing the set tunes anew; ``tune`` skips
+a set whose parameters are newer than its inputs. ``RUN/ensemble/params.json`` is a copy of the
+parameters last tuned or submitted (what ``ensemble.predict_images`` applies).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pandas as pd
+
+import models as model_table
 from cxr.baseline import oof_prior
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError, read_table, write_json, write_table
 from cxr.metric import ground_truth
+from cxr.predictions import read_predictions
 from cxr.submission import check_submission, write_submission
-from ensemble.ensemble import apply, load_model_tables, load_probabilities, params_from_dict, tune
+from ensemble.ensemble import GateParams, apply, load_model_tables, load_probabilities, params_from_dict, params_path, tune
 from ensemble.report import write_report
 
-DETECTORS = ("yolo", "detectron", "effdet")
+
+@dataclass
+class Choice:
+    """The model set of one run: detectors in ``run``, outside folders, and the gate's classifier (or None)."""
+
+    models: list[str]
+    sources: dict[str, Path]
+    classifier: str | None
 
 
-def _models(a: argparse.Namespace) -> list[str]:
-    models = [m for m in a.models.split(",") if m and m not in set(a.exclude.split(","))]
-    if not models:
-        raise DataError(a.run_dir, "no model left to ensemble")
-    return models
+def _names(text: str) -> list[str]:
+    return [m for m in re.split(r"[,\s]+", text.strip()) if m]
+
+
+def choose(a: argparse.Namespace) -> Choice:
+    """``--models`` less ``--exclude``, plus ``--extra`` folders; unknown names are errors."""
+    run = Path(a.run_dir)
+    exclude = set(_names(a.exclude))
+    detectors = model_table.names("detector")
+    asked = _names(a.models) if a.models else detectors
+    unknown = [m for m in asked if m not in detectors]
+    if unknown:
+        raise DataError(run, f"unknown detector(s) {unknown}; known: {detectors} (a model trained elsewhere goes in --extra)")
+    sources: dict[str, Path] = {}
+    for item in _names(a.extra):
+        name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in detectors or name in sources:
+            raise DataError(path, f"--extra name {name!r} must be new and made of letters, digits, '_', '.', '-'")
+        if not Path(path).is_dir():
+            raise DataError(path, "--extra needs a folder with oof.csv and test.csv")
+        sources[name] = Path(path)
+    chosen = [m for m in [*asked, *sources] if m not in exclude]
+    if not chosen:
+        raise DataError(run, "no model left to ensemble")
+    classifier = None if a.classifier == "none" or a.classifier in exclude else a.classifier
+    return Choice(chosen, {m: p for m, p in sources.items() if m in chosen}, classifier)
+
+
+def _inputs(a: argparse.Namespace, c: Choice, data: DataFolder) -> list[Path]:
+    run = Path(a.run_dir)
+    paths = [c.sources[m] / "oof.csv" if m in c.sources else run / m / "oof.csv" for m in c.models]
+    return paths + ([run / c.classifier / "oof.csv"] if c.classifier else []) + [Path(a.folds), data.root / "train.csv"]
+
+
+def _publish(path: Path, run: Path) -> None:
+    """RUN/ensemble/params.json := the set's parameters (atomically): the ensemble in use."""
+    write_json(json.loads(path.read_text()), run / "ensemble" / "params.json")
+
+
+def tune_set(a: argparse.Namespace) -> None:
+    """Tune the chosen set on OOF; writes RUN/ensemble/<set>/{params.json,search.csv}; skips when up to date."""
+    data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
+    c = choose(a)
+    out = params_path(run, c.models, c.classifier)
+    inputs = _inputs(a, c, data)
+    if not a.force and out.exists() and all(p.exists() and p.stat().st_mtime <= out.stat().st_mtime for p in inputs):
+        print(f"{out} is newer than its inputs: nothing to tune (--force tunes again)")
+        _publish(out, run)
+        return
+    ids = folds["image_id"].tolist()
+    gt = ground_truth(data.labels)
+    tables = load_model_tables(run, c.models, "oof", ids, c.sources, data.train_sizes)
+    p_abnormal = load_probabilities(run / c.classifier / "oof.csv", ids) if c.classifier else None
+    print(f"tuning on OOF of {len(ids)} images: models {c.models}, gate {c.classifier or 'off'}, {a.jobs} process(es)")
+    params, search = tune(tables, c.models, gt, ids, data.train_sizes, p_abnormal, folds=folds, jobs=a.jobs)
+    write_table(search, out.parent / "search.csv")
+    write_json(asdict(params), out)  # last: its presence marks the set tuned
+    _publish(out, run)
+    print(json.dumps(asdict(params), indent=1))
+
+
+def submit(a: argparse.Namespace) -> None:
+    """The tuned set on test: checked submissions/NAME.csv, then the OOF report in reports/NAME/."""
+    data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
+    c = choose(a)
+    path = params_path(run, c.models, c.classifier)
+    if not path.exists():
+        raise DataError(path, f"no tuned parameters for models {c.models} (gate {c.classifier or 'off'}): "
+                              "run make ensemble with the same MODELS/EXCLUDE/EXTRA")
+    params = params_from_dict(json.loads(path.read_text()))
+    _publish(path, run)
+    test_ids = data.test_ids()
+    needs_gate = params.gate.rule != "none"
+    p_test = load_probabilities(run / c.classifier / "test.csv", test_ids) if needs_gate else None
+    test = apply(params, load_model_tables(run, c.models, "test", test_ids, c.sources, data.test_sizes), data.test_sizes, p_test)
+    out = Path("submissions") / f"{a.name}.csv"
+    write_submission(test, test_ids, out)
+    problems = check_submission(out, data.root / "sample_submission.csv", data.test_sizes)
+    if problems:
+        print("\n".join(problems))
+        sys.exit(1)
+    print(f"wrote {out}: {len(test_ids)} images, {len(test)} rows, checked")
+    ids = folds["image_id"].tolist()
+    oof_tables = load_model_tables(run, c.models, "oof", ids, c.sources, data.train_sizes)
+    p_oof = load_probabilities(run / c.classifier / "oof.csv", ids) if needs_gate else None
+    results = dict(zip(c.models, oof_tables))
+    results["ensemble"] = apply(replace(params, gate=GateParams()), oof_tables, data.train_sizes, None)
+    results["ensemble_gated"] = apply(params, oof_tables, data.train_sizes, p_oof)
+    prior = run / "prior_boxes" / "oof.csv"  # what make baseline wrote; computed here only without it
+    results["prior_boxes"] = read_predictions(prior) if prior.exists() else oof_prior(data.fused(), data.train_sizes, folds)
+    search = read_table(path.parent / "search.csv")
+    gt = ground_truth(data.labels)
+    summary = write_report(Path("reports") / a.name, results, gt, ids, data, test, search, params)
+    print(json.dumps(summary))
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["blend"]:
+        from ensemble.blend import main as blend_main
+
+        blend_main(argv[1:])
+        return
     p = argparse.ArgumentParser(prog="python -m ensemble", description=__doc__.splitlines()[0])
-    p.add_argument("verb", choices=["tune", "submit"])
+    p.add_argument("verb", choices=["tune", "submit", "blend"])
     p.add_argument("--data", required=True)
     p.add_argument("--folds", required=True)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--models", default=",".join(DETECTORS))
-    p.add_argument("--exclude", default="", help="comma-separated models to leave out")
-    p.add_argument("--classifier", default="classifier", help="classifier run folder name, or 'none' for no gate")
+    p.add_argument("--models", default="", help="detectors to fuse, comma/space separated (default: every detector)")
+    p.add_argument("--exclude", default="", help="models (or extras, or the classifier) to leave out")
+    p.add_argument("--extra", default="", help="folders of models trained elsewhere (oof.csv + test.csv), [NAME=]PATH")
+    classifiers = model_table.names("classifier")
+    p.add_argument("--classifier", default=classifiers[0] if classifiers else "none",
+                   help="classifier run folder name, or 'none' for no gate")
     p.add_argument("--name", default="demo")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes that fuse candidates (default: every core)")
+    p.add_argument("--force", action="store_true", help="tune again even when the parameters are up to date")
     a = p.parse_args(argv)
     try:
-        data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
-        ids = folds["image_id"].tolist()
-        gt = ground_truth(data.labels)
-        cls = None if a.classifier == "none" else run / a.classifier
-        if a.verb == "tune":
-            models = _models(a)
-            tables = load_model_tables(run, models, "oof", ids)
-            p_abnormal = load_probabilities(cls / "oof.csv", ids) if cls else None
-            print(f"tuning on OOF of {len(ids)} images: models {models}, gate {'on' if cls else 'off'}")
-            params, search = tune(tables, models, gt, ids, data.train_sizes, p_abnormal)
-            write_json(asdict(params), run / "ensemble" / "params.json")
-            write_table(search, run / "ensemble" / "search.csv")
-            print(json.dumps(asdict(params), indent=1))
-            return
-        params = params_from_dict(json.loads((run / "ensemble" / "params.json").read_text()))
-        test_ids = data.test_ids()
-        models = params.fusion.models
-        needs_gate = params.gate.rule != "none"
-        p_test = load_probabilities(cls / "test.csv", test_ids) if needs_gate else None
-        test = apply(params, load_model_tables(run, models, "test", test_ids), data.test_sizes, p_test)
-        out = Path("submissions") / f"{a.name}.csv"
-        write_submission(test, test_ids, out)
-        problems = check_submission(out, data.root / "sample_submission.csv", data.test_sizes)
-        if problems:
-            print("\n".join(problems))
-            sys.exit(1)
-        print(f"wrote {out}: {len(test_ids)} images, {len(test)} rows, checked")
-        oof_tables = load_model_tables(run, models, "oof", ids)
-        p_oof = load_probabilities(cls / "oof.csv", ids) if cls and (cls / "oof.csv").exists() else None
-        results = {m: t for m, t in zip(models, oof_tables)}
-        ungated = type(params)(params.fusion)
-        results["ensemble"] = apply(ungated, oof_tables, data.train_sizes, None)
-        results["ensemble_gated"] = apply(params, oof_tables, data.train_sizes, p_oof)
-        results["prior_boxes"] = oof_prior(data.fused(), data.train_sizes, folds)
-        search = read_table(run / "ensemble" / "search.csv")
-        summary = write_report(Path("reports") / a.name, results, gt, ids, data, test, search)
-        print(json.dumps(summary))
+        tune_set(a) if a.verb == "tune" else submit(a)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

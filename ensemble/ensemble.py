@@ -1,7 +1,9 @@
 """The ensemble: WBF across models, tuned on out-of-fold predictions, then the classifier gate.
 
-Reads only the shared prediction format (``runs/<NAME>/<model>/{oof,test}.csv``) and the
-classifier's ``image_id, p_abnormal`` tables; writes tuned parameters and submissions.
+Reads the shared prediction format (``runs/<NAME>/<model>/{oof,test}.csv``, or any folder with
+``oof.csv`` and ``test.csv`` in the prediction format or the Kaggle submission format: a model
+trained elsewhere) and the classifier's ``image_id, p_abnormal`` tables; writes tuned parameters
+(one folder per model set, :func:`params_path`) and submissions.
 
 Fusion: :func:`cxr.wbf.fuse_predictions` with per-model weights, ``iou_thr``,
 ``skip_box_thr`` and ``conf_type`` (ensemble-boxes' ``avg``, ``max``, ``box_and_model_avg``
@@ -18,23 +20,34 @@ Gate (``p_normal = 1 - p_abnormal`` from the classifier):
   ``low``/``high`` tuned on OOF.
 
 The rule with the higher OOF mAP is kept (``none`` if neither helps).
+
+Cost: each fusion candidate is fused once and its rows matched once (:mod:`ensemble.scoring`);
+gate candidates and fold subsets only re-rank those rows. Candidates run in ``jobs`` processes.
+
+Honest figures: the tuned mAP is measured on the OOF predictions that chose the parameters, so
+it is optimistic. With folds, the same search also runs once per fold k on the other folds, and
+the parameters it picks are scored on fold k: the nested OOF mAP (mean over folds), beside the
+fold mean of each single model, which needs no tuning.
 """
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from cxr.dataset import NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.io import DataError, read_table
-from cxr.metric import mean_average_precision
-from cxr.predictions import read_predictions
-from cxr.wbf import fuse_predictions
-
-CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+from cxr.predictions import read_predictions, read_probabilities, validate
+from cxr.submission import read_submission
+from cxr.wbf import CONF_TYPES, fuse_predictions
+from ensemble.scoring import Truth, gated, score_rows
 
 
 @dataclass
@@ -57,34 +70,74 @@ class GateParams:
 class Params:
     fusion: FusionParams
     gate: GateParams = field(default_factory=GateParams)
-    oof_map: dict[str, float] = field(default_factory=dict)
+    oof_map: dict[str, float] = field(default_factory=dict)  # in-sample: scored on the OOF that tuned it
+    # mean over folds of fold k's mAP, the ensemble tuned on the other folds (single models: untuned)
+    nested_map: dict[str, float] = field(default_factory=dict)
+    nested_folds: dict[str, list[float]] = field(default_factory=dict)  # the same, fold by fold
 
 
-def load_model_tables(run: Path, models: Sequence[str], split: str, image_ids: Sequence[str]) -> list[pd.DataFrame]:
+def set_name(models: Sequence[str], classifier: str | None) -> str:
+    """Folder name of one model set's tuned parameters: sorted model names, ``+classifier`` when gated."""
+    return "-".join(sorted(models)) + (f"+{classifier}" if classifier else "")
+
+
+def params_path(run: Path, models: Sequence[str], classifier: str | None) -> Path:
+    """``RUN/ensemble/<set>/params.json``: changing the model set tunes anew, other sets are kept."""
+    return Path(run) / "ensemble" / set_name(models, classifier) / "params.json"
+
+
+def read_model_table(path: Path, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A model's predictions: the prediction format, or a Kaggle submission (``image_id,PredictionString``,
+    original pixels) such as a public notebook's OOF and test files."""
+    header = read_table(path, nrows=0)
+    if "PredictionString" in header.columns:
+        return read_submission(path, sizes)
+    return read_predictions(path, sizes)
+
+
+def load_model_tables(
+    run: Path,
+    models: Sequence[str],
+    split: str,
+    image_ids: Sequence[str],
+    sources: dict[str, Path] | None = None,
+    sizes: pd.DataFrame | None = None,
+) -> list[pd.DataFrame]:
     """Each model's ``oof.csv`` or ``test.csv``; a model with no row for some image is an error (no silent holes).
 
-    Detectors write a No-finding row for every image they saw, so a missing image means a
-    missing fold or an interrupted prediction.
+    A model is read from ``run/<model>/`` unless ``sources`` names its folder (a model trained
+    elsewhere: prediction or Kaggle submission format). Detectors write a No-finding row for
+    every image they saw, so a missing image means a missing fold or an interrupted prediction.
+    An outside model's table must also hold no other image (a wrong split or another fold file),
+    and its boxes are checked against ``sizes`` (catches resized pixels).
     """
+    sources = sources or {}
+    wanted = set(image_ids)
     tables = []
     for m in models:
-        path = run / m / f"{split}.csv"
+        outside = m in sources
+        path = (Path(sources[m]) if outside else Path(run) / m) / f"{split}.csv"
         if not path.exists():
-            raise DataError(path, f"model {m!r} has no {split} predictions: run make oof MODEL={m}")
-        t = read_predictions(path)
-        missing = sorted(set(image_ids) - set(t["image_id"]))
+            hint = "give a folder with oof.csv and test.csv" if outside else f"run make oof MODEL={m}"
+            raise DataError(path, f"model {m!r} has no {split} predictions: {hint}")
+        t = read_model_table(path)
+        missing = sorted(wanted - set(t["image_id"]))
         if missing:
             raise DataError(path, f"model {m!r} has no prediction for {len(missing)} {split} image(s), e.g. {missing[:3]}")
-        tables.append(t[t["image_id"].isin(set(image_ids))])
+        if outside:
+            extra = sorted(set(t["image_id"]) - wanted)
+            if extra:
+                where = "in the fold file" if split == "oof" else "among the test images"
+                raise DataError(path, f"model {m!r} predicts {len(extra)} {split} image(s) not {where}, e.g. {extra[:3]}")
+            if sizes is not None:
+                t = validate(t, path, sizes)
+        tables.append(t[t["image_id"].isin(wanted)].reset_index(drop=True))
     return tables
 
 
 def load_probabilities(path: Path, image_ids: Sequence[str]) -> pd.Series:
-    p = read_table(path, dtype={"image_id": str}).set_index("image_id")["p_abnormal"]
-    missing = sorted(set(image_ids) - set(p.index))
-    if missing:
-        raise DataError(path, f"no p_abnormal for {len(missing)} image(s), e.g. {missing[:3]}")
-    return p
+    """The classifier's ``p_abnormal`` per image (:func:`cxr.predictions.read_probabilities`: checked, every id present)."""
+    return read_probabilities(path, image_ids)
 
 
 def fuse(tables: list[pd.DataFrame], sizes: pd.DataFrame, p: FusionParams) -> pd.DataFrame:
@@ -109,6 +162,80 @@ def gate(preds: pd.DataFrame, p_abnormal: pd.Series, g: GateParams) -> pd.DataFr
     return pd.concat([boxes, normal[PREDICTION_COLUMNS]], ignore_index=True)
 
 
+_STATE: dict = {}  # what the worker processes fuse and score (set by _init, inherited by fork)
+
+
+def _init(state: dict) -> None:
+    global _STATE
+    _STATE = state
+
+
+def _fusion_maps(fp: FusionParams) -> np.ndarray:
+    """mAP of one fusion candidate on every image subset of the search."""
+    s = score_rows(_STATE["truth"], fuse(_STATE["tables"], _STATE["sizes"], fp))
+    return np.array([s.map(m) for m in _STATE["masks"]])
+
+
+def _gate_maps(fp: FusionParams, gates: list[GateParams]) -> np.ndarray:
+    """mAP of every gate candidate on one fusion candidate (fused and matched once): (gates, subsets)."""
+    s = score_rows(_STATE["truth"], fuse(_STATE["tables"], _STATE["sizes"], fp))
+    p = _STATE["p_abnormal"]
+    return np.array([[gs.map(m) for m in _STATE["masks"]] for gs in (gated(s, p, g.rule, g.low, g.high) for g in gates)])
+
+
+def _key(fp: FusionParams) -> tuple:
+    return tuple(fp.weights), fp.iou_thr, fp.skip_box_thr, fp.conf_type
+
+
+def _describe(fp: FusionParams, g: GateParams | None = None) -> str:
+    text = f"w={fp.weights} iou={fp.iou_thr} skip={fp.skip_box_thr} conf={fp.conf_type}"
+    return text + (f" gate={g.rule}({g.low},{g.high})" if g else "")
+
+
+class _Runner:
+    """Runs candidates in ``jobs`` processes (in this one when 1), caches results, prints progress with ETA."""
+
+    def __init__(self, state: dict, jobs: int, planned: int, log: Callable[[str], None]):
+        self.jobs, self.planned, self.log, self.done, self.start = jobs, planned, log, 0, time.perf_counter()
+        self.cache: dict[tuple, np.ndarray] = {}  # by fusion parameters: a candidate twice is fused once
+        if jobs > 1:
+            self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_init, initargs=(state,))
+        else:
+            self.pool = None
+            _init(state)
+
+    def _progress(self, stage: str, text: str, value: float) -> None:
+        self.done += 1
+        self.planned = max(self.planned, self.done)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.planned - self.done)
+        self.log(f"  [{self.done}/{self.planned}] {stage:6s} {text} -> mAP {value:.4f}  ({elapsed:.0f} s, ETA {eta:.0f} s)")
+
+    def run(self, calls: list[tuple[tuple, str, Callable, tuple, str]], later: int = 0) -> list[np.ndarray]:
+        """``calls``: (cache key, stage, function, args, text); returns each result, running the uncached
+        ones once. ``later``: how many runs are expected after these (for the ETA)."""
+        todo = {}
+        for key, stage, fn, args, text in calls:
+            if key not in self.cache and key not in todo:
+                todo[key] = (stage, fn, args, text)
+        self.planned = self.done + len(todo) + later
+        if self.pool is None:
+            for key, (stage, fn, args, text) in todo.items():
+                self.cache[key] = fn(*args)
+                self._progress(stage, text, float(np.ravel(self.cache[key])[0]))
+        else:
+            futures = {self.pool.submit(fn, *args): (key, stage, text) for key, (stage, fn, args, text) in todo.items()}
+            for f in as_completed(futures):
+                key, stage, text = futures[f]
+                self.cache[key] = f.result()
+                self._progress(stage, text, float(np.ravel(self.cache[key])[0]))
+        return [self.cache[key] for key, *_ in calls]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def tune(
     tables: list[pd.DataFrame],
     models: list[str],
@@ -120,50 +247,94 @@ def tune(
     skip_grid: Sequence[float] = (0.0, 0.01),
     weight_grid: Sequence[float] = (1.0, 2.0, 3.0),
     gate_grid: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0),
+    folds: pd.DataFrame | None = None,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
 ) -> tuple[Params, pd.DataFrame]:
-    """Choose fusion and gate parameters by OOF mAP@0.4; returns them and the table of every candidate."""
-    rows = []
+    """Choose fusion and gate parameters by OOF mAP@0.4; returns them and the table of every candidate.
 
-    def score(fp: FusionParams, g: GateParams | None = None) -> float:
-        g = g or GateParams()
-        preds = gate(fuse(tables, sizes, fp), p_abnormal, g) if g.rule != "none" else fuse(tables, sizes, fp)
-        m = mean_average_precision(gt, preds, image_ids)["map"]
-        rows.append({"stage": "fusion" if g.rule == "none" else "gate", **asdict(fp), **asdict(g), "map": m})
-        print(f"  {rows[-1]['stage']:6s} w={fp.weights} iou={fp.iou_thr} skip={fp.skip_box_thr} conf={fp.conf_type} "
-              f"gate={g.rule}({g.low},{g.high}) -> mAP {m:.4f}", flush=True)
-        return m
+    ``folds`` (``image_id, fold``) adds the nested OOF figures: the same search per fold on the
+    other folds, scored on the fold. ``jobs`` processes fuse candidates side by side.
+    """
+    truth = Truth(gt, image_ids)
+    everything = truth.mask(image_ids)
+    held = []
+    if folds is not None:
+        f = folds[folds["image_id"].isin(set(image_ids))]
+        held = [truth.mask(f.loc[f["fold"] == k, "image_id"]) for k in sorted(f["fold"].unique())]
+        if len(held) < 2:
+            held = []
+    # subsets: 0 = every image; 1..K = all but fold k (where path k tunes); K+1..2K = fold k (where it is scored)
+    masks = [everything] + [everything & ~h for h in held] + held
+    n_paths = 1 + len(held)
+    state = {"tables": tables, "sizes": sizes, "truth": truth, "masks": masks,
+             "p_abnormal": None if p_abnormal is None else p_abnormal.reindex(truth.ids).to_numpy(dtype=float)}
+    several = len(models) > 1
+    grid = list(itertools.product(iou_grid, skip_grid, CONF_TYPES)) if several else []
+    gates = [GateParams("soft")] + [GateParams("hard", lo, hi) for lo, hi in itertools.product(gate_grid, gate_grid) if lo < hi]
+    weight_runs = len(models) * (len(weight_grid) - 1) if several else 0  # one weight per model is the current one
+    gate_runs = int(p_abnormal is not None)
+    runner = _Runner(state, max(1, jobs), 1 + len(grid) + weight_runs + gate_runs, log)
+    rows: list[dict] = []
 
-    single = {m: mean_average_precision(gt, t, image_ids)["map"] for m, t in zip(models, tables)}
-    default = FusionParams(models, [1.0] * len(models))
-    best, best_map = default, score(default)
-    if len(models) > 1:
-        for iou, skip, conf in itertools.product(iou_grid, skip_grid, CONF_TYPES):
-            fp = FusionParams(models, [1.0] * len(models), iou, skip, conf)
-            m = score(fp)
-            if m > best_map:
-                best, best_map = fp, m
-        for i in range(len(models)):  # coordinate search over model weights
-            for w in weight_grid:
-                weights = list(best.weights)
-                weights[i] = w
-                fp = FusionParams(models, weights, best.iou_thr, best.skip_box_thr, best.conf_type)
-                m = score(fp)
-                if m > best_map:
-                    best, best_map = fp, m
-    params = Params(best, GateParams(), {**single, "ensemble": best_map, "ensemble_gated": best_map})
-    if p_abnormal is not None:
-        gate_best, gate_map = GateParams(), best_map
-        candidates = [GateParams("soft")] + [GateParams("hard", lo, hi) for lo, hi in itertools.product(gate_grid, gate_grid) if lo < hi]
-        for g in candidates:
-            m = score(best, g)
-            if m > gate_map:
-                gate_best, gate_map = g, m
-        params.gate = gate_best
-        params.oof_map["ensemble_gated"] = gate_map
+    def fusion_calls(stage: str, fps: list[FusionParams], later: int) -> list[np.ndarray]:
+        return runner.run([(_key(fp), stage, _fusion_maps, (fp,), _describe(fp)) for fp in fps], later)
+
+    try:
+        default = FusionParams(list(models), [1.0] * len(models))
+        candidates = [default] + [FusionParams(list(models), [1.0] * len(models), iou, skip, conf) for iou, skip, conf in grid]
+        results = fusion_calls("fusion", candidates, weight_runs + gate_runs)
+        rows += [{"stage": "fusion", **asdict(fp), **asdict(GateParams()), "map": r[0]} for fp, r in zip(candidates, results)]
+        best = [default] * n_paths  # path 0 tunes on every image, path k on all but fold k
+        best_map = [results[0][p] for p in range(n_paths)]
+        for fp, r in zip(candidates[1:], results[1:]):
+            for p in range(n_paths):
+                if r[p] > best_map[p]:
+                    best[p], best_map[p] = fp, r[p]
+        for i in range(len(models) if several else 0):  # coordinate search over model weights, each path its own
+            proposals = [[FusionParams(list(models), [w if j == i else v for j, v in enumerate(b.weights)],
+                                       b.iou_thr, b.skip_box_thr, b.conf_type) for w in weight_grid] for b in best]
+            later = (len(models) - 1 - i) * (len(weight_grid) - 1) + gate_runs
+            flat = fusion_calls("weight", [fp for ps in proposals for fp in ps], later)
+            results = [flat[p * len(weight_grid):(p + 1) * len(weight_grid)] for p in range(n_paths)]
+            rows += [{"stage": "weight", **asdict(fp), **asdict(GateParams()), "map": r[0]} for fp, r in zip(proposals[0], results[0])]
+            for p in range(n_paths):
+                for fp, r in zip(proposals[p], results[p]):
+                    if r[p] > best_map[p]:
+                        best[p], best_map[p] = fp, r[p]
+        fused_maps = [runner.cache[_key(b)] for b in best]  # each path's chosen fusion, on every subset
+        chosen_gate = [GateParams()] * n_paths
+        gated_maps = list(fused_maps)
+        if p_abnormal is not None:
+            distinct = {_key(b): b for b in best}
+            per_fusion = dict(zip(distinct, runner.run(
+                [(("gate", *k), "gate", _gate_maps, (fp, gates), f"{len(gates)} gate rules on {_describe(fp)}")
+                 for k, fp in distinct.items()])))
+            rows += [{"stage": "gate", **asdict(best[0]), **asdict(g), "map": r[0]} for g, r in zip(gates, per_fusion[_key(best[0])])]
+            for p in range(n_paths):
+                top = best_map[p]
+                for g, r in zip(gates, per_fusion[_key(best[p])]):
+                    if r[p] > top:
+                        chosen_gate[p], top, gated_maps[p] = g, r[p], r
+    finally:
+        runner.close()
+    params = Params(best[0], chosen_gate[0])
+    singles = {m: score_rows(truth, t) for m, t in zip(models, tables)}
+    params.oof_map = {**{m: s.map() for m, s in singles.items()}, "ensemble": float(best_map[0]),
+                      "ensemble_gated": float(gated_maps[0][0])}
+    if held:
+        k_of = range(len(held))
+        params.nested_folds = {**{m: [s.map(h) for h in held] for m, s in singles.items()},
+                               "ensemble": [float(fused_maps[1 + k][n_paths + k]) for k in k_of],
+                               "ensemble_gated": [float(gated_maps[1 + k][n_paths + k]) for k in k_of]}
+        params.nested_map = {name: float(np.mean(v)) for name, v in params.nested_folds.items()}
+        log(f"nested OOF mAP (tuned without fold k, scored on fold k; mean of {len(held)} folds): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in params.nested_map.items()))
     return params, pd.DataFrame(rows)
 
 
 def apply(params: Params, tables: list[pd.DataFrame], sizes: pd.DataFrame, p_abnormal: pd.Series | None) -> pd.DataFrame:
+    """The test-time path: ``tables`` (one per ``params.fusion.models``, same order) fused, then gated."""
     preds = fuse(tables, sizes, params.fusion)
     if params.gate.rule != "none":
         if p_abnormal is None:
@@ -173,4 +344,6 @@ def apply(params: Params, tables: list[pd.DataFrame], sizes: pd.DataFrame, p_abn
 
 
 def params_from_dict(d: dict) -> Params:
-    return Params(FusionParams(**d["fusion"]), GateParams(**d["gate"]), d.get("oof_map", {}))
+    """:class:`Params` from its JSON (``params.json``); files written before nested OOF load too."""
+    return Params(FusionParams(**d["fusion"]), GateParams(**d["gate"]), d.get("oof_map", {}),
+                  d.get("nested_map", {}), d.get("nested_folds", {}))

@@ -1,7 +1,9 @@
-"""Ensemble: fusion and gate on hand-made predictions (known answers), tuning, submission, report."""
+"""Ensemble: fusion and gate on hand-made predictions (known answers), fast scoring against the metric,
+tuning (nested OOF, processes), model sets, outside models, submission, report."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -10,11 +12,12 @@ import pytest
 from cxr.data import DataFolder
 from cxr.folds import make_folds
 from cxr.io import DataError, write_table
-from cxr.metric import ground_truth
+from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import write_predictions
-from cxr.submission import check_submission
+from cxr.submission import check_submission, write_submission
 from ensemble.__main__ import main
-from ensemble.ensemble import GateParams, gate, load_model_tables, tune
+from ensemble.ensemble import GateParams, apply, gate, load_model_tables, tune
+from ensemble.scoring import Truth, gated, score_rows
 
 COLS = ["image_id", "class_id", "score", "x_min", "y_min", "x_max", "y_max"]
 
@@ -81,7 +84,9 @@ def test_tuning_never_lowers_oof_map_and_finds_the_good_model(synth_dir):
     assert params.oof_map["good"] > params.oof_map["noisy"]
 
 
-def test_cli_tune_submit_report_and_missing_images(synth_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def cli_run(synth_dir, tmp_path, monkeypatch):
+    """Three detectors' and the classifier's OOF/test tables in tmp/runs/t, the cwd in tmp."""
     data, gt, good, noisy, p_abnormal = fake_models(synth_dir, seed=1)
     folds = tmp_path / "folds.csv"
     write_table(make_folds(data.labels, n_folds=3, seed=0), folds)
@@ -98,18 +103,32 @@ def test_cli_tune_submit_report_and_missing_images(synth_dir, tmp_path, monkeypa
     write_table(p_abnormal.rename("p_abnormal").rename_axis("image_id").reset_index(), run / "classifier" / "oof.csv")
     write_table(pd.DataFrame({"image_id": test_ids, "p_abnormal": 0.5}), run / "classifier" / "test.csv")
     monkeypatch.chdir(tmp_path)
-    common = ["--data", str(synth_dir), "--folds", str(folds), "--run-dir", str(run)]
+    common = ["--data", str(synth_dir), "--folds", str(folds), "--run-dir", str(run), "--jobs", "1"]
+    return data, gt, good, noisy, table(test_rows), run, common
+
+
+def test_cli_tune_submit_report_and_missing_images(cli_run, tmp_path, capsys):
+    data, gt, good, noisy, _, run, common = cli_run
+    synth_dir = data.root
     main(["tune", *common, "--exclude", "detectron"])
     params = json.loads((run / "ensemble" / "params.json").read_text())
     assert params["fusion"]["models"] == ["yolo", "effdet"]  # left out by name
-    main(["submit", *common, "--name", "t"])
+    assert (run / "ensemble" / "effdet-yolo+classifier" / "params.json").exists()
+    assert set(params["nested_map"]) == {"yolo", "effdet", "ensemble", "ensemble_gated"}
+    assert all(len(v) == 3 for v in params["nested_folds"].values())  # one figure per fold
+    main(["submit", *common, "--exclude", "detectron", "--name", "t"])
     assert check_submission(tmp_path / "submissions" / "t.csv", synth_dir / "sample_submission.csv", data.test_sizes) == []
     summary = json.loads((tmp_path / "reports" / "t" / "summary.json").read_text())
     assert {"yolo", "effdet", "ensemble", "ensemble_gated", "prior_boxes"} == set(summary)
     assert summary["ensemble_gated"] >= summary["ensemble"] and summary["yolo"] > summary["prior_boxes"]
     report = (tmp_path / "reports" / "t" / "index.md").read_text()
     assert "Per-class AP" in report and (tmp_path / "reports" / "t" / "pr_curves.png").exists()
+    assert "nested OOF mAP" in report and f"{params['nested_map']['ensemble_gated']:.4f}" in report
     assert list((tmp_path / "reports" / "t").glob("test_*.png"))
+    # another set is not tuned yet: submit says so
+    with pytest.raises(SystemExit) as e:
+        main(["submit", *common, "--models", "yolo", "--name", "t"])
+    assert e.value.code == 2 and "no tuned parameters for models ['yolo']" in capsys.readouterr().err
 
     # a model with a hole: clear error naming the model and the split
     holed = good[good["image_id"] != good["image_id"].iloc[0]]
@@ -119,3 +138,112 @@ def test_cli_tune_submit_report_and_missing_images(synth_dir, tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["tune", *common])
     assert "model 'yolo' has no prediction" in capsys.readouterr().err
+
+
+def test_model_set_is_a_choice_tuned_once_per_set(cli_run, capsys):
+    *_, run, common = cli_run
+    main(["tune", *common, "--models", "yolo,effdet", "--classifier", "none"])
+    first = run / "ensemble" / "effdet-yolo" / "params.json"
+    stamp = first.stat().st_mtime_ns
+    main(["tune", *common, "--models", "effdet yolo", "--classifier", "none"])  # same set, any order: nothing to do
+    assert "nothing to tune" in capsys.readouterr().out and first.stat().st_mtime_ns == stamp
+    main(["tune", *common, "--exclude", "effdet,classifier"])  # another set: tuned, the first kept
+    other = json.loads((run / "ensemble" / "detectron-yolo" / "params.json").read_text())
+    assert other["fusion"]["models"] == ["yolo", "detectron"] and other["gate"]["rule"] == "none"
+    assert json.loads((run / "ensemble" / "params.json").read_text()) == other  # the set in use
+    assert first.stat().st_mtime_ns == stamp
+    (run / "yolo" / "oof.csv").touch()  # a newer input: tuned again
+    main(["tune", *common, "--models", "yolo,effdet", "--classifier", "none"])
+    assert first.stat().st_mtime_ns > stamp
+    with pytest.raises(SystemExit) as e:
+        main(["tune", *common, "--models", "yolo,resnet"])
+    assert e.value.code == 2 and "unknown detector(s) ['resnet']" in capsys.readouterr().err
+
+
+def test_extra_model_in_submission_format_joins_and_is_checked(cli_run, tmp_path, capsys):
+    data, gt, good, noisy, test_table, run, common = cli_run
+    folds = pd.read_csv(common[3], dtype={"image_id": str})
+    notebook = tmp_path / "notebook_preds"
+    write_submission(good, folds["image_id"].tolist(), notebook / "oof.csv")  # Kaggle format, original pixels
+    write_submission(test_table, data.test_ids(), notebook / "test.csv")
+    main(["tune", *common, "--models", "effdet", "--extra", str(notebook)])
+    params = json.loads((run / "ensemble" / "effdet-notebook_preds+classifier" / "params.json").read_text())
+    assert params["fusion"]["models"] == ["effdet", "notebook_preds"]
+    assert params["oof_map"]["notebook_preds"] > params["oof_map"]["effdet"]
+    main(["submit", *common, "--models", "effdet", "--extra", str(notebook), "--name", "nb"])
+    assert check_submission(tmp_path / "submissions" / "nb.csv", data.root / "sample_submission.csv", data.test_sizes) == []
+    summary = json.loads((tmp_path / "reports" / "nb" / "summary.json").read_text())
+    assert "notebook_preds" in summary
+    # an image outside the fold file: named, exit 2
+    wrong = tmp_path / "wrong"
+    write_submission(good, [*folds["image_id"], "not_a_fold_image"], wrong / "oof.csv")
+    write_submission(test_table, data.test_ids(), wrong / "test.csv")
+    with pytest.raises(SystemExit) as e:
+        main(["tune", *common, "--extra", f"nb2={wrong}", "--force"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "model 'nb2' predicts 1 oof image(s) not in the fold file" in err
+    # boxes in resized pixels of a smaller image are caught by the size check
+    small = good.copy()
+    small[["x_min", "y_min", "x_max", "y_max"]] *= 50
+    write_submission(small, folds["image_id"].tolist(), wrong / "oof.csv")
+    with pytest.raises(SystemExit) as e:
+        main(["tune", *common, "--extra", f"nb2={wrong}"])
+    assert e.value.code == 2 and "outside the image" in capsys.readouterr().err
+
+
+def test_submit_reads_the_baseline_prior_and_blend_is_forwarded(cli_run, tmp_path, capsys):
+    data, gt, good, noisy, _, run, common = cli_run
+    main(["tune", *common, "--models", "yolo,effdet"])
+    write_predictions(noisy, run / "prior_boxes" / "oof.csv", data.train_sizes)  # what make baseline writes
+    main(["submit", *common, "--models", "yolo,effdet", "--name", "p"])
+    summary = json.loads((tmp_path / "reports" / "p" / "summary.json").read_text())
+    assert summary["prior_boxes"] == summary["effdet"]  # read, not recomputed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["blend", "--help"])  # ensemble.blend's own parser
+    assert e.value.code == 0 and "--subs" in capsys.readouterr().out
+
+
+def test_fast_scoring_equals_the_metric_on_subsets_and_gates(synth_dir):
+    data, gt, good, noisy, p_abnormal = fake_models(synth_dir, seed=4)
+    ids = sorted(gt["image_id"].unique())
+    preds = pd.concat([good, noisy], ignore_index=True)
+    preds.loc[::5, "score"] = 0.5  # ties: the metric keeps row order
+    truth = Truth(gt, ids)
+    scored = score_rows(truth, preds)
+    assert scored.map() == mean_average_precision(gt, preds, ids)["map"]
+    half = ids[::2]
+    assert scored.map(truth.mask(half)) == mean_average_precision(gt, preds[preds["image_id"].isin(half)], half)["map"]
+    p = p_abnormal.reindex(truth.ids).to_numpy()
+    for g in (GateParams("soft"), GateParams("hard", 0.3, 0.9), GateParams("hard", 0.0, 0.5)):
+        expected = mean_average_precision(gt, gate(preds, p_abnormal, g), ids)["map"]
+        assert gated(scored, p, g.rule, g.low, g.high).map() == pytest.approx(expected, abs=1e-12)
+
+
+def test_nested_oof_is_the_search_on_other_folds_scored_on_the_fold(synth_dir):
+    data, gt, good, noisy, p_abnormal = fake_models(synth_dir, seed=5)
+    ids = sorted(gt["image_id"].unique())
+    folds = make_folds(data.labels, n_folds=3, seed=0)
+    grids = dict(iou_grid=(0.5,), skip_grid=(0.0,), weight_grid=(1.0, 3.0), gate_grid=(0.0, 0.5, 0.9, 1.0))
+    params, search = tune([good, noisy], ["good", "noisy"], gt, ids, data.train_sizes, p_abnormal, folds=folds, **grids)
+    for k in range(3):
+        held = folds.loc[folds["fold"] == k, "image_id"].tolist()
+        rest = [i for i in ids if i not in set(held)]
+        sub = [t[t["image_id"].isin(rest)] for t in (good, noisy)]
+        inner, _ = tune(sub, ["good", "noisy"], gt, rest, data.train_sizes, p_abnormal, **grids)
+        on_fold = [t[t["image_id"].isin(held)] for t in (good, noisy)]
+        for name, p in (("ensemble", replace(inner, gate=GateParams())), ("ensemble_gated", inner)):
+            expected = mean_average_precision(gt, apply(p, on_fold, data.train_sizes, p_abnormal), held)["map"]
+            assert params.nested_folds[name][k] == pytest.approx(expected, abs=1e-9)
+    assert params.nested_map["ensemble_gated"] == pytest.approx(np.mean(params.nested_folds["ensemble_gated"]))
+
+
+def test_two_processes_choose_what_one_does(synth_dir):
+    data, gt, good, noisy, p_abnormal = fake_models(synth_dir, seed=6)
+    ids = sorted(gt["image_id"].unique())
+    folds = make_folds(data.labels, n_folds=3, seed=0)
+    grids = dict(iou_grid=(0.4, 0.6), skip_grid=(0.0,), weight_grid=(1.0, 2.0), gate_grid=(0.0, 0.5, 1.0))
+    one, s1 = tune([good, noisy], ["good", "noisy"], gt, ids, data.train_sizes, p_abnormal, folds=folds, jobs=1, **grids)
+    two, s2 = tune([good, noisy], ["good", "noisy"], gt, ids, data.train_sizes, p_abnormal, folds=folds, jobs=2, **grids)
+    assert one == two
+    pd.testing.assert_frame_equal(s1, s2)
