@@ -128,7 +128,7 @@ evaluate: ## print test mAP@0.4 of submissions/$(NAME).csv (DATA with test_label
 # SUBS, WEIGHTS, GROUPS: one entry per submission; BLEND: a YAML instead of / under them; GATE: image_id + one
 # probability column; LABELS: test labels for the score table (report only); BLEND_ARGS: any other flag.
 blend: ## fuse submissions: make blend SUBS="a.csv b.csv" [WEIGHTS="2 1"] [GROUPS="m m"] [GATE=p.csv] NAME=x
-	$(PY) -m ensemble.blend --data $(DATA) $(if $(BLEND),--config $(BLEND)) $(if $(SUBS),--subs $(SUBS)) \
+	$(PY) -m ensemble blend --data $(DATA) $(if $(BLEND),--config $(BLEND)) $(if $(SUBS),--subs $(SUBS)) \
 	  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(GROUPS),--groups $(GROUPS)) $(if $(GATE),--gate $(GATE)) \
 	  $(if $(LABELS),--labels $(LABELS)) $(BLEND_ARGS) --out submissions/$(NAME).csv --report-dir reports/$(NAME)
 
