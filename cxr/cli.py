@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # finished work is kept (atomic outputs, prepare's journal): a re-run resumes
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:  # an unwritable output folder, a full disk: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)

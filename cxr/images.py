@@ -194,22 +194,26 @@ def prepare_png_set(
     converted = 0
     if todo:
         workers = workers or os.cpu_count() or 1
-        with open(journal_path, "a") as journal, ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)))
+        try:
             futures = {pool.submit(convert_one, job): job[0] for job in todo}
             bar = tqdm(as_completed(futures), total=len(todo), desc=f"prepare {size}px", unit="img", disable=not progress)
-            for future in bar:
-                try:
-                    image_id, h, w, error = future.result()
-                except BrokenProcessPool:  # a decoder crashed the worker process (e.g. out of memory)
-                    image_id, h, w, error = Path(futures[future]).stem, 0, 0, "worker process died"
-                if error:
-                    failed.append((futures[future], error))
-                    (out / f"{image_id}.png").unlink(missing_ok=True)  # a PNG left from another --size
-                    bar.set_postfix(failed=len(failed))
-                    continue
-                journal.write(f"{image_id},{h},{w},{size}\n")
-                journal.flush()
-                converted += 1
+            with open(journal_path, "a") as journal:
+                for future in bar:
+                    try:
+                        image_id, h, w, error = future.result()
+                    except BrokenProcessPool:  # a decoder crashed the worker process (e.g. out of memory)
+                        image_id, h, w, error = Path(futures[future]).stem, 0, 0, "worker process died"
+                    if error:
+                        failed.append((futures[future], error))
+                        (out / f"{image_id}.png").unlink(missing_ok=True)  # a PNG left from another --size
+                        bar.set_postfix(failed=len(failed))
+                        continue
+                    journal.write(f"{image_id},{h},{w},{size}\n")
+                    journal.flush()
+                    converted += 1
+        finally:  # Ctrl-C: drop the queued images instead of converting them all before exiting
+            pool.shutdown(wait=True, cancel_futures=True)
     meta = pd.concat([done[META_COLUMNS], _journal(out, size)[META_COLUMNS]], ignore_index=True)
     meta = meta.drop_duplicates("image_id", keep="last").sort_values("image_id").reset_index(drop=True)
     write_table(meta, out / META_NAME)
