@@ -118,3 +118,19 @@ def test_real_sample_submission_is_valid_and_scores_no_finding_only(capsys):
     assert set(result) == {"map", "ap"} and set(result["ap"]) == {str(c) for c in range(15)}
     assert result["ap"]["14"] > 0.6 and all(result["ap"][str(c)] == 0.0 for c in range(14))
     assert check_submission(sample, sample, read_sizes(real(TEST_SIZES))) == []
+
+
+def test_real_normal_images_only_submission_is_not_perfect(tmp_path, capsys):
+    """Issue 11: the 2,051 normal test images alone used to score mAP 1.0 on the real test labels."""
+    labels = real(TEST_LABELS)
+    gt = pd.read_csv(labels, dtype={"image_id": str})
+    normal = sorted(set(gt.loc[gt["class_name"] == "No finding", "image_id"]))
+    path = tmp_path / "normal_only.csv"
+    pd.DataFrame({"image_id": normal, "PredictionString": "14 1 0 0 1 1"}).to_csv(path, index=False)
+    main(["evaluate", "--labels", str(labels), "--submission", str(path)])
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert f"lacks {3000 - len(normal)} of 3000 labelled images" in out.err
+    assert result["map"] < 0.1 and all(result["ap"][str(c)] == 0.0 for c in range(14))
+    main(["evaluate", "--labels", str(labels), "--submission", str(path), "--subset"])
+    assert json.loads(capsys.readouterr().out)["map"] == 1.0  # only when asked for
