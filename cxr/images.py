@@ -35,9 +35,10 @@ def read_dicom(path: str | os.PathLike, voi_lut: bool = True) -> np.ndarray:
 
     _check_not_empty(path)
     try:
-        # pydicom only warns when the file ends early; a cut file must fail, not decode half an image
+        # pydicom only warns when the file ends early; a cut file must fail, not decode half an image.
+        # Other warnings (odd tag values are common in real exports) stay warnings.
         with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("error", message=r"(?i).*(end of file|truncat)", category=UserWarning)
             ds = pydicom.dcmread(path)
             data = ds.pixel_array
         data = apply_voi_lut(data, ds) if voi_lut else data

@@ -91,3 +91,13 @@ def test_real_resized_png_matches_original(manifest):
 
     ours = cv2.resize(big, (1024, 1024), interpolation=cv2.INTER_AREA).astype(float)
     assert np.corrcoef(small.ravel(), ours.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("cut", [10, 200_000])
+def test_real_jpeg2000_dicom_cut_short_is_an_error(manifest, tmp_path, cut):
+    """A cut JPEG 2000 DICOM must fail, not decode into a partly grey image."""
+    row = manifest[manifest["format"].str.startswith("DICOM")].iloc[0]
+    data = (SHARED / row.file).read_bytes()
+    (tmp_path / "cut.dicom").write_bytes(data[:-cut])
+    with pytest.raises(DataError, match="cut.dicom: truncated"):
+        read_dicom(tmp_path / "cut.dicom")
