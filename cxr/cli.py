@@ -76,6 +76,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     """
     if a.fold is not None and not a.folds:
         raise DataError("--fold", "needs --folds (the fold file that says which images are in the fold)")
+    if a.subset and a.folds:
+        raise DataError("--subset", "give --subset or --folds, not both")
     labels = labels_io.read_labels(a.labels, _sizes(a.sizes))
     gt = metric.ground_truth(labels)
     labelled = sorted(set(gt["image_id"]))
@@ -94,9 +96,10 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         ids = listed
     else:
         ids = labelled
-        if listed is not None and len(set(labelled) - set(listed)):
-            _warn(f"{a.submission} lacks {len(set(labelled) - set(listed))} of {len(labelled)} labelled images: "
-                  "scored as missed (Kaggle refuses such a file); --subset scores only the listed images")
+    lacking = set(ids) - set(listed) if listed is not None else set()
+    if lacking:
+        _warn(f"{a.submission} lacks {len(lacking)} of {len(set(ids))} {'fold' if a.folds else 'labelled'} images: "
+              "scored as missed (Kaggle refuses such a file); --subset scores only the listed images")
     missing = sorted(set(ids) - set(gt["image_id"]))
     if missing:
         raise DataError(a.labels, f"{len(missing)} scored image(s) have no labels, e.g. {missing[:3]}")
