@@ -1,0 +1,487 @@
+"""``python -m ensemble.predict_images``: the tuned ensemble on a folder of new studies.
+
+    python -m ensemble.predict_images --src SRC --run-dir runs/NAME --out OUT (--data DATA | --size N)
+        [--meta META] [--folds FOLDS] [--threshold 0.3] [--batch 32] [--workers 4]
+
+Every DICOM/PNG/JPEG under SRC is read with the ingestion of ``cxr prepare`` (cxr.images: VOI
+LUT, MONOCHROME1, JPEG 2000), squashed ONCE to the size the models were trained on (DATA's PNG
+size, or ``--size``) and given to every fold model of every model, exactly as ``make submission``
+treats the test set (one code path):
+
+    per model in runs/NAME/ensemble/params.json (+ the classifier when the gate is on), per fold:
+        the fold's config.yaml -> the adapter's load_infer -> models.common.predict_split (flip TTA)
+    folds  -> one table per model, as ``python -m models MODEL merge`` (WBF; mean of p_abnormal)
+    models -> ensemble.ensemble.apply(params, ...)   (the tuned WBF and gate)
+
+OUT receives:
+
+    predictions.csv          the prediction format, ORIGINAL pixels (cxr.predictions)
+    submission.csv           Kaggle's format, one row per image
+    findings.csv             image_id, p_abnormal, class_id, class_name, score, box: every finding with
+                             score >= --threshold; an image without one has a single No-finding row
+    overlays/<image_id>.png  the findings drawn at 1024 px (class colour, name, score)
+    thumbs/<image_id>.jpg    and index.html: offline thumbnail grid sorted by p_abnormal
+    failed.csv               file, reason: images that could not be read (listed, skipped, not fatal)
+
+Original sizes are each file's own, or ``--meta`` (Kaggle meta CSV: image_id, dim0, dim1) for an
+already-squashed PNG set such as Kaggle's; images are then processed in the meta file's row order
+(else by image_id). ``p_abnormal`` is 1 - the ensemble's No-finding score (with the gate on: the
+classifier's fold-averaged probability). Work streams in batches of ``--batch`` images, decoded
+ahead by ``--workers`` processes, so memory stays flat; finished batches are kept in OUT/.parts and
+a re-run with the same run and settings redoes none of them.
+
+CPU kernels round differently with the batch size, in the last float digits. With ``--batch`` a
+multiple of every model's predict batch and the meta file in sample_submission order (as ``cxr
+synth`` writes it), each model sees the very batches ``make submission`` gave it, and DATA/test
+reproduces the submission digit for digit (tests/test_predict_images.py).
+
+An empty SRC, a run without tuned parameters or a model missing a fold is one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cxr.config import load
+from cxr.data import DataFolder, read_folds
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
+from cxr.images import find_images, read_image, resize
+from cxr.io import DataError, read_table, write_table
+from cxr.labels import read_sizes
+from cxr.predictions import write_predictions
+from cxr.submission import write_submission
+from cxr.wbf import fuse_predictions
+from ensemble.ensemble import Params, apply, params_from_dict
+from ensemble.overlays import display_size, draw, findings_text, thumbnail, write_image, write_index
+import models as model_table
+from models.common import device, predict_split
+
+INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
+FINDINGS_COLUMNS = ["image_id", "p_abnormal", "class_id", "class_name", "score", *BOX_COLUMNS]
+
+
+# ---------------------------------------------------------------------------- the trained ensemble
+
+
+@dataclass
+class Member:
+    """One model of the ensemble: its trained folds as ``infer`` functions (see models/common.py)."""
+
+    name: str
+    folds: list[Callable]
+    tta: bool
+    batch: int  # the batch its own predict uses, so each model sees the batches make submission gave it
+
+
+@dataclass
+class Ensemble:
+    params: Params
+    detectors: list[Member]
+    classifier: Member | None  # None when the tuned gate is off (make submission then reads no classifier)
+
+
+def load_ensemble(run: Path, classifier: str, fold_ids: Sequence[int] | None = None) -> Ensemble:
+    """The tuned parameters and every fold model they need; a missing piece is a DataError naming it.
+
+    ``fold_ids``: the folds every model must have (the fold file's); default: every fold any of
+    the models has, so a model with fewer folds than the others is caught.
+    """
+    path = run / "ensemble" / "params.json"
+    if not path.is_file():
+        raise DataError(path, f"no tuned ensemble parameters: run make ensemble NAME={run.name} first")
+    try:
+        params = params_from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(path, f"not a tuned-parameter file ({type(e).__name__}: {e})") from None
+    gate = params.gate.rule != "none"
+    if gate and classifier == "none":
+        raise DataError(path, f"the tuned gate {params.gate.rule!r} needs the classifier; --classifier none drops it")
+    kinds = {**{m: "detector" for m in params.fusion.models}, **({classifier: "classifier"} if gate else {})}
+    for m, kind in kinds.items():
+        if m not in model_table.MODELS or model_table.kind(m) != kind:
+            raise DataError(path, f"{m!r} is not a {kind} of the model table {model_table.names(kind)}: a model trained "
+                                  "elsewhere (--extra) has no folds to run on new images; tune without it")
+    names = list(kinds)
+    found = {m: _fold_ids(run / m) for m in names}
+    expected = sorted({int(k) for k in fold_ids}) if fold_ids is not None else sorted(set().union(*found.values()))
+    if not expected:
+        raise DataError(run, f"no trained folds for {names}: run make ensemble NAME={run.name} first")
+    for m in names:
+        missing = sorted(set(expected) - found[m])
+        if missing:
+            raise DataError(run / m, f"model {m!r} has no fold(s) {missing} of folds {expected}: run make oof MODEL={m}")
+    detectors = [_load_member(run, m, "detector", expected) for m in params.fusion.models]
+    return Ensemble(params, detectors, _load_member(run, classifier, "classifier", expected) if gate else None)
+
+
+def _fold_ids(model_dir: Path) -> set[int]:
+    if not model_dir.is_dir():
+        return set()
+    return {int(d.name[4:]) for d in model_dir.glob("fold*") if d.is_dir() and d.name[4:].isdigit()}
+
+
+def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Member:
+    """Load every fold of ``model`` (an entry of the model table, models/__init__.py) from
+    ``run/model/fold<k>`` with the resolved config saved there at training time."""
+    adapter = model_table.adapter(model)
+    folds, cfg = [], None
+    for k in fold_ids:
+        out = run / model / f"fold{k}"
+        cfg = load(adapter.Config, out / "config.yaml")
+        try:
+            folds.append(_classifier_infer(adapter, cfg, out) if kind == "classifier" else adapter.load_infer(cfg, out))
+        except FileNotFoundError as e:
+            raise DataError(out, f"fold {k} of {model!r} is not trained ({e})") from None
+    # the batch each adapter's predict passes on (yolo: predict_batch; the others: batch)
+    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)))
+
+
+def _classifier_infer(adapter: ModuleType, cfg, out: Path) -> Callable[[list[Path]], np.ndarray]:
+    """The classifier fold as ``paths -> p_abnormal``, built from the pieces its ``predict`` uses.
+
+    models/classifier/classifier.py has no ``load_infer`` yet; these lines mirror its
+    ``predict`` (model rebuilt without initial weights, weights.pt, ``Images`` + ``_probabilities``
+    with its flip TTA). Once the adapter exposes ``load_infer``, call that instead.
+    """
+    weights = out / "weights.pt"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} missing")
+    dev = device(cfg.device)
+    model = adapter.build(adapter.Config(**{**vars(cfg), "pretrained": None, "weights": None})).to(dev)
+    model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True)["model"])
+
+    def infer(paths: list[Path]) -> np.ndarray:
+        ds = adapter.Images(paths, None, cfg.imgsz, augment=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch, num_workers=0)
+        return adapter._probabilities(model, loader, dev, cfg.tta)[0]
+
+    return infer
+
+
+def predict_view(ens: Ensemble, view: DataFolder, ids: list[str]) -> pd.DataFrame:
+    """The ensemble's predictions (original pixels) for ``ids`` of ``view``'s test split."""
+    sizes = view.test_sizes
+    tables = []
+    for m in ens.detectors:
+        per_fold = [predict_split(infer, view, "test", ids, m.tta, m.batch) for infer in m.folds]
+        # mirrors models/__main__.py merge: the folds' test tables fused by WBF at its defaults
+        tables.append(fuse_predictions(per_fold, sizes))
+    p_abnormal = None
+    if ens.classifier is not None:
+        paths = [view.image("test", i) for i in ids]
+        # mirrors models/classifier/report.py merge_probabilities: the folds' probabilities averaged
+        p_abnormal = pd.concat([pd.Series(infer(paths), index=ids) for infer in ens.classifier.folds], axis=1).mean(axis=1)
+    return apply(ens.params, tables, sizes, p_abnormal)
+
+
+# ---------------------------------------------------------------------------- decoding, streamed
+
+
+@dataclass
+class Decoded:
+    """One source file: the squashed model input, the display image, the original size, or the error."""
+
+    image_id: str
+    file: str
+    width: int = 0
+    height: int = 0
+    image: np.ndarray | None = None  # size x size, what the models read
+    view: np.ndarray | None = None  # original aspect ratio, overlay px on the long side
+    error: str = ""
+
+
+def decode(job: tuple[str, str, int, int, tuple[int, int] | None]) -> Decoded:
+    """Read and squash one file (runs in a worker process); a failure is returned, not raised."""
+    image_id, file, size, overlay_px, original = job
+    try:
+        image = read_image(file)
+        if image.ndim != 2:
+            raise DataError(file, f"not a single 2-D image (shape {image.shape})")
+        w, h = original or (image.shape[1], image.shape[0])
+        vw, vh = display_size(w, h, overlay_px)
+        interpolation = cv2.INTER_AREA if vw * vh < image.size else cv2.INTER_LINEAR
+        view = cv2.resize(image, (vw, vh), interpolation=interpolation)
+        return Decoded(image_id, file, int(w), int(h), resize(image, size), view)
+    except DataError as e:
+        message = str(e)
+        return Decoded(image_id, file, error=message[len(e.path) + 2:] if message.startswith(f"{e.path}: ") else message)
+    except Exception as e:  # a decoder's own error type: still one line for this file, the rest goes on
+        return Decoded(image_id, file, error=f"{type(e).__name__}: {e}")
+
+
+def _single_thread() -> None:
+    cv2.setNumThreads(1)  # the workers are the parallelism (and a forked OpenCV pool can hang)
+
+
+def stream(jobs: list, batch: int, pool: Executor | None) -> Iterator[list[Decoded]]:
+    """Decoded batches in order; the next batch decodes in ``pool`` while the caller runs the models
+    on this one, and no more than two batches are ever held."""
+    chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
+    if pool is None:
+        yield from ([decode(j) for j in chunk] for chunk in chunks)
+        return
+
+    def submit(chunk: list) -> list[Future]:
+        return [pool.submit(decode, j) for j in chunk]
+
+    pending = submit(chunks[0]) if chunks else []
+    for k in range(len(chunks)):
+        current, pending = pending, (submit(chunks[k + 1]) if k + 1 < len(chunks) else [])
+        yield [f.result() for f in current]
+
+
+def write_view(root: Path, batch: list[Decoded]) -> DataFolder:
+    """The batch as a data folder (test/<id>.png + test_meta.csv) that predict_split reads as it reads
+    the test set: the squashed images round-trip losslessly through PNG."""
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    for d in batch:
+        if not cv2.imwrite(str(root / "test" / f"{d.image_id}.png"), d.image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise DataError(root / "test", f"cannot write the squashed image of {d.image_id}")
+    meta = pd.DataFrame({"image_id": [d.image_id for d in batch], "dim0": [d.height for d in batch],
+                         "dim1": [d.width for d in batch]})
+    write_table(meta, root / "test_meta.csv")
+    return DataFolder(root)
+
+
+# ---------------------------------------------------------------------------- finished batches
+
+
+class Parts:
+    """Finished batches in ``OUT/.parts``: ``part-K.csv`` (predictions), then ``part-K.ids.csv``
+    (image_id, file, width, height) which marks the batch done. Another ``key`` (run, weights,
+    settings) discards them."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = folder
+        key_file = folder / "key.json"
+        text = json.dumps(key, sort_keys=True)
+        if folder.exists() and (not key_file.exists() or key_file.read_text() != text):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(text)
+        self.done = sorted(folder.glob("part-*.ids.csv"))
+        numbers = [int(p.name.split(".")[0][5:]) for p in folder.glob("part-*.csv")]
+        self.next = max(numbers, default=-1) + 1
+
+    def info(self) -> pd.DataFrame:
+        tables = [read_table(p, dtype={"image_id": str}) for p in self.done]
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=INFO_COLUMNS)
+
+    def predictions(self) -> pd.DataFrame:
+        tables = [read_table(p.with_name(p.name.replace(".ids.csv", ".csv")), dtype={"image_id": str}) for p in self.done]
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
+
+    def add(self, preds: pd.DataFrame, info: pd.DataFrame) -> None:
+        name = f"part-{self.next:06d}"
+        write_table(preds, self.folder / f"{name}.csv")
+        self.done.append(write_table(info, self.folder / f"{name}.ids.csv"))
+        self.next += 1
+
+
+def _key(run: Path, size: int, meta: str | None, threshold: float, overlay_px: int, classifier: str) -> dict:
+    files = [run / "ensemble" / "params.json", *sorted(run.glob("*/fold*/weights.*")),
+             *sorted(run.glob("*/fold*/config.yaml"))]
+    stamp = hashlib.sha1("".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files).encode()).hexdigest()
+    return {"run": str(run.resolve()), "files": stamp, "size": size, "meta": str(Path(meta).resolve()) if meta else None,
+            "threshold": threshold, "overlay_px": overlay_px, "classifier": classifier}
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def p_abnormal(preds: pd.DataFrame, ids: Sequence[str]) -> pd.Series:
+    """1 - each image's No-finding score (1 when it has no No-finding row)."""
+    normal = preds[preds["class_id"] == NO_FINDING].groupby("image_id")["score"].max()
+    return (1.0 - normal.reindex(list(ids)).fillna(0.0)).rename("p_abnormal")
+
+
+def findings_table(preds: pd.DataFrame, ids: Sequence[str], threshold: float) -> pd.DataFrame:
+    """Every finding with ``score >= threshold`` (highest first per image); an image with none gets one
+    No-finding row, so every image is listed once at least."""
+    p = p_abnormal(preds, ids)
+    hits = preds[(preds["class_id"] != NO_FINDING) & (preds["score"] >= threshold)]
+    hits = hits[hits["image_id"].isin(set(ids))]
+    empty = sorted(set(ids) - set(hits["image_id"]))
+    normal = pd.DataFrame({"image_id": empty, "class_id": NO_FINDING, "score": 1.0 - p.loc[empty].to_numpy()})
+    normal[BOX_COLUMNS] = NO_FINDING_BOX
+    table = pd.concat([hits[PREDICTION_COLUMNS], normal[PREDICTION_COLUMNS]], ignore_index=True)
+    table.insert(1, "p_abnormal", table["image_id"].map(p))
+    table.insert(3, "class_name", [CLASS_NAMES[int(c)] for c in table["class_id"]])
+    return table.sort_values(["image_id", "score"], ascending=[True, False], kind="stable")[FINDINGS_COLUMNS]
+
+
+def write_pictures(batch: list[Decoded], preds: pd.DataFrame, out: Path, threshold: float) -> None:
+    by_image = dict(tuple(preds.groupby("image_id")))
+    empty = pd.DataFrame(columns=PREDICTION_COLUMNS)
+    p = p_abnormal(preds, [d.image_id for d in batch])
+    for d in batch:
+        title = f"{d.image_id}  P(abnormal) {p[d.image_id]:.2f}"
+        overlay = draw(d.view, by_image.get(d.image_id, empty), (d.width, d.height), threshold, title)
+        write_image(overlay, out / "overlays" / f"{d.image_id}.png")
+        write_image(thumbnail(overlay), out / "thumbs" / f"{d.image_id}.jpg")
+
+
+def data_image_size(data: Path) -> int:
+    """The square size of a data folder's PNGs: what its models were trained on."""
+    for split in ("test", "train"):
+        for png in sorted((data / split).glob("*.png"))[:1]:
+            image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+            if image is None or image.shape[0] != image.shape[1]:
+                shape = None if image is None else image.shape
+                raise DataError(png, f"cannot take the model input size from it (shape {shape})")
+            return int(image.shape[0])
+    raise DataError(data, "no PNG in test/ or train/ to take the model input size from: give --size")
+
+
+def predict_folder(
+    src: Path,
+    run: Path,
+    out: Path,
+    size: int,
+    meta: str | None = None,
+    folds: str | None = None,
+    threshold: float = 0.3,
+    batch: int = 32,
+    workers: int = 0,
+    overlay_px: int = 1024,
+    classifier: str = "classifier",
+) -> dict:
+    """Run the tuned ensemble of ``run`` on every image under ``src``; write OUT (see module docstring).
+
+    Returns a summary: images predicted, skipped as already done, failed, findings above threshold.
+    """
+    if not src.is_dir():
+        raise DataError(src, "not a folder")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise DataError(out, f"must not lie inside SRC {src} (its overlays would be read as new images)")
+    files = find_images(src)
+    if not files:
+        raise DataError(src, "no DICOM/PNG/JPEG files found")
+    sizes = read_sizes(meta).set_index("image_id") if meta else None
+    fold_ids = read_folds(folds)["fold"].unique().tolist() if folds else None
+    ens = load_ensemble(run, classifier, fold_ids)  # before decoding anything: a bad run fails in seconds
+    parts = Parts(out / ".parts", _key(run, size, meta, threshold, overlay_px, classifier))
+    done = set(parts.info()["image_id"])
+    order = list(files)
+    if sizes is not None:  # the meta file's row order: a test set then batches exactly as in make submission
+        rank = {image_id: k for k, image_id in enumerate(sizes.index)}
+        order.sort(key=lambda image_id: rank.get(image_id, len(rank)))
+    jobs, failed = [], []
+    for image_id in order:
+        path = files[image_id]
+        if image_id in done:
+            continue
+        if sizes is not None and image_id not in sizes.index:
+            failed.append({"file": str(path), "reason": f"image_id {image_id!r} has no original size in {meta}"})
+            continue
+        original = tuple(sizes.loc[image_id, ["width", "height"]].astype(int)) if sizes is not None else None
+        jobs.append((image_id, str(path), size, overlay_px, original))
+    bar = tqdm(total=len(files), initial=len(files) - len(jobs), unit="img", desc="predict", dynamic_ncols=True)
+    pool = ProcessPoolExecutor(workers, initializer=_single_thread) if workers > 0 else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="predict-images-") as tmp:
+            for k, decoded in enumerate(stream(jobs, batch, pool)):
+                good = [d for d in decoded if not d.error]
+                for d in decoded:
+                    if d.error:
+                        failed.append({"file": d.file, "reason": d.error})
+                        bar.write(f"skipped {d.file}: {d.error}", file=sys.stderr)
+                if good:
+                    view = write_view(Path(tmp) / f"batch{k}", good)
+                    preds = predict_view(ens, view, [d.image_id for d in good])
+                    write_pictures(good, preds, out, threshold)
+                    info = pd.DataFrame([(d.image_id, d.file, d.width, d.height) for d in good], columns=INFO_COLUMNS)
+                    parts.add(preds, info)
+                    shutil.rmtree(view.root)
+                bar.update(len(decoded))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return _write_outputs(parts, files, failed, out, run, threshold, len(done & set(files)))
+
+
+def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out: Path, run: Path, threshold: float,
+                   skipped: int) -> dict:
+    info = parts.info()
+    info = info[info["image_id"].isin(set(files))].sort_values("image_id").reset_index(drop=True)
+    ids = info["image_id"].tolist()
+    preds = parts.predictions()
+    preds = preds[preds["image_id"].isin(set(ids))]
+    preds = preds.sort_values(["image_id", "score"], ascending=[True, False], kind="stable").reset_index(drop=True)
+    write_table(pd.DataFrame(failed, columns=["file", "reason"]), out / "failed.csv")
+    if not ids:
+        raise DataError(out / "failed.csv", f"none of the {len(files)} image(s) could be read")
+    sizes = info[["image_id", "width", "height"]]
+    write_predictions(preds, out / "predictions.csv", sizes)
+    write_submission(preds, ids, out / "submission.csv")
+    findings = findings_table(preds, ids, threshold)
+    write_table(findings, out / "findings.csv")
+    p = p_abnormal(preds, ids)
+    by_image = dict(tuple(preds.groupby("image_id")))
+    empty = pd.DataFrame(columns=PREDICTION_COLUMNS)
+    cards = pd.DataFrame({
+        "image_id": ids, "p_abnormal": p.loc[ids].to_numpy(),
+        "findings": [findings_text(by_image.get(i, empty), threshold) for i in ids],
+        "overlay": [f"overlays/{i}.png" for i in ids], "thumb": [f"thumbs/{i}.jpg" for i in ids],
+    })
+    n_found = int((findings["class_id"] != NO_FINDING).sum())
+    write_index(cards, out / "index.html", f"{len(ids)} images: ensemble {run.name}",
+                f"run {run}; findings with score >= {threshold:g}; sorted by P(abnormal); {len(failed)} file(s) failed "
+                f"(failed.csv); click a picture for its overlay")
+    return {"images": len(ids), "skipped_done": skipped, "failed": len(failed), "findings": n_found, "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ensemble.predict_images", description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="folder of DICOM/PNG/JPEG images (searched recursively; id = file stem)")
+    p.add_argument("--run-dir", required=True, help="the trained run: runs/NAME (with ensemble/params.json)")
+    p.add_argument("--out", required=True, help="output folder (not inside SRC)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--data", help="the DATA folder the models were trained on: its PNG size is the input size")
+    size.add_argument("--size", type=int, help="the square PNG size the models were trained on (e.g. 1024)")
+    p.add_argument("--meta", help="original sizes (Kaggle meta CSV) when SRC holds already-squashed PNGs")
+    p.add_argument("--folds", help="fold file: every model must have these folds (default: the folds found)")
+    classifiers = model_table.names("classifier")
+    p.add_argument("--classifier", default=classifiers[0] if classifiers else "none",
+                   help="the gate's classifier (its run folder), as for python -m ensemble")
+    p.add_argument("--threshold", type=float, default=0.3, help="score from which a finding is listed and drawn")
+    p.add_argument("--batch", type=int, default=32, help="images per batch (a multiple of the models' predict batch)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: in process)")
+    p.add_argument("--overlay-px", type=int, default=1024, help="long side of the overlay pictures")
+    a = p.parse_args(argv)
+    try:
+        if not 0 <= a.threshold <= 1:
+            raise DataError("--threshold", f"{a.threshold} is not in [0, 1]")
+        if a.batch < 1 or a.workers < 0 or a.overlay_px < 64 or (a.size is not None and a.size < 1):
+            raise DataError("arguments", "--batch and --size must be >= 1, --workers >= 0, --overlay-px >= 64")
+        size_px = a.size if a.size is not None else data_image_size(Path(a.data))
+        summary = predict_folder(Path(a.src), Path(a.run_dir), Path(a.out), size_px, a.meta, a.folds, a.threshold,
+                                 a.batch, a.workers, a.overlay_px, a.classifier)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary["failed"]:
+        print(f"warning: {summary['failed']} file(s) could not be read: {Path(a.out) / 'failed.csv'}", file=sys.stderr)
+    print(json.dumps(summary))
+    print(f"open {Path(a.out) / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The tuned ensemble on a folder of new images: ``python -m ensemble.predict_images``.
+
+The slow tests share one tiny trained run (every demo model, 2 folds, 1 epoch, on 40 synthetic
+images at 128 px: about a minute on 2 cores) with a hard gate and unequal model weights, and check
+that predicting on its test PNGs gives ``python -m ensemble submit``'s submission, number for number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING
+from cxr.io import write_json
+from cxr.synth import SynthConfig, generate
+from ensemble.ensemble import params_path
+from ensemble.overlays import PALETTE, draw
+from ensemble.predict_images import main
+from tests.conftest import MANIFEST, real
+
+# Tiny, fast versions of the demo profiles; TTA on for one detector and the classifier.
+TINY = {
+    "yolo": ["epochs=1", "workers=0", "max_det=10", "conf=0.01", "tta=true"],
+    "detectron": ["max_iter=8", "eval_period=8", "checkpoint_period=8", "batch=2", "workers=0", "max_det=10",
+                  "score_thr=0.01"],
+    "effdet": ["epochs=1", "workers=0", "max_det=10", "score_thr=0.01"],
+    "classifier": ["epochs=1", "workers=0", "batch=16", "tta=true"],
+}
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, dict | None, str]:
+    """(exit code, printed summary, stderr) of one command line."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("{")]
+    return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny run through the real entry points (models train/predict/merge, ensemble tune), a hard
+    gate and unequal weights written into its params.json, then ``ensemble submit``."""
+    from cxr.data import DataFolder
+    from cxr.folds import make_folds
+    from cxr.io import write_table
+    from ensemble.__main__ import main as ensemble_main
+    from models.__main__ import main as models_main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = generate(SynthConfig(out=str(root / "data"), n_train=40, n_test=10, size=128, seed=5))
+    folds = root / "folds.csv"
+    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    run = root / "run"
+    common = ["--data", str(data), "--folds", str(folds), "--run-dir", str(run)]
+    for model, sets in TINY.items():
+        for k in ("0", "1"):
+            models_main([model, "train", *common, "--fold", k, "--set", *sets])
+            models_main([model, "predict", *common, "--fold", k, "--set", *sets])
+        models_main([model, "merge", *common, "--set", *sets])
+    ensemble_main(["tune", *common, "--jobs", "1"])
+    params = json.loads((run / "ensemble" / "params.json").read_text())
+    params["fusion"].update(weights=[1.0, 2.0, 1.0], iou_thr=0.5)
+    params["gate"] = {"rule": "hard", "low": 0.005, "high": 0.4}
+    # submit applies (and copies to RUN/ensemble/params.json) the parameters of its model set
+    write_json(params, params_path(run, params["fusion"]["models"], "classifier"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        ensemble_main(["submit", *common, "--name", "tiny"])
+    return {"root": root, "data": data, "folds": folds, "run": run, "submission": root / "submissions" / "tiny.csv"}
+
+
+@pytest.fixture(scope="module")
+def predicted(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The command on the run's test PNGs (already squashed: original sizes from test_meta.csv)."""
+    out = tmp_path_factory.mktemp("predicted") / "out"
+    argv = ["--src", str(trained["data"] / "test"), "--run-dir", str(trained["run"]), "--out", str(out),
+            "--data", str(trained["data"]), "--meta", str(trained["data"] / "test_meta.csv"),
+            "--folds", str(trained["folds"]), "--threshold", "0.01", "--workers", "1"]
+    try:
+        main(argv)
+    except SystemExit as e:
+        pytest.fail(f"predict_images exited {e.code}")
+    return {**trained, "out": out, "argv": argv}
+
+
+@pytest.mark.slow
+def test_test_pngs_reproduce_the_submission(predicted: dict) -> None:
+    ours = pd.read_csv(predicted["out"] / "submission.csv", dtype=str, keep_default_na=False).set_index("image_id")
+    theirs = pd.read_csv(predicted["submission"], dtype=str, keep_default_na=False).set_index("image_id")
+    assert sorted(ours.index) == sorted(theirs.index)
+    different = [i for i in theirs.index if ours.loc[i, "PredictionString"] != theirs.loc[i, "PredictionString"]]
+    assert not different, f"{len(different)} image(s) differ, e.g. {different[0]}"
+    n_boxes = sum(len(s.split()) // 6 - 1 for s in theirs["PredictionString"])
+    assert n_boxes > 0, "the comparison must cover finding boxes, not only No-finding rows"
+
+
+@pytest.mark.slow
+def test_findings_overlays_and_page(predicted: dict) -> None:
+    out, data = predicted["out"], predicted["data"]
+    ids = sorted(p.stem for p in (data / "test").glob("*.png"))
+    findings = pd.read_csv(out / "findings.csv", dtype={"image_id": str})
+    assert sorted(findings["image_id"].unique()) == ids
+    boxes = findings[findings["class_id"] != NO_FINDING]
+    assert len(boxes) and (boxes["score"] >= 0.01).all()
+    assert (findings["class_name"] == [CLASS_NAMES[c] for c in findings["class_id"]]).all()
+    # with the gate on, p_abnormal is the classifier's fold average, as merge wrote it for the test set
+    merged = pd.read_csv(predicted["run"] / "classifier" / "test.csv", dtype={"image_id": str}).set_index("image_id")
+    p = findings.groupby("image_id")["p_abnormal"].first()
+    np.testing.assert_allclose(p.to_numpy(), merged.loc[p.index, "p_abnormal"].to_numpy(), atol=1e-6)
+    meta = pd.read_csv(data / "test_meta.csv", dtype={"image_id": str}).set_index("image_id")
+    for i in ids:
+        overlay = cv2.imread(str(out / "overlays" / f"{i}.png"))
+        h, w = overlay.shape[:2]
+        assert max(h, w) == 1024
+        assert abs(w / h - meta.loc[i, "dim1"] / meta.loc[i, "dim0"]) < 0.01, "overlay keeps the original aspect ratio"
+        assert (out / "thumbs" / f"{i}.jpg").is_file()
+    page = (out / "index.html").read_text()
+    order = re.findall(r'href="overlays/([0-9a-f]+)\.png"', page)
+    assert sorted(order) == ids
+    assert list(p.loc[order]) == sorted(p, reverse=True), "grid sorted by p_abnormal, highest first"
+    assert not re.search(r"(src|href)=\"(https?:)?//", page), "the page must not load anything from the network"
+    assert pd.read_csv(out / "failed.csv").empty
+
+
+@pytest.mark.slow
+def test_rerun_redoes_nothing_and_settings_redo_all(predicted: dict, capsys: pytest.CaptureFixture) -> None:
+    out = predicted["out"]
+    before = (out / "predictions.csv").read_bytes()
+    code, summary, _ = run_cli(predicted["argv"], capsys)
+    assert code == 0 and summary["skipped_done"] == summary["images"] == 10
+    assert (out / "predictions.csv").read_bytes() == before
+    argv = [*predicted["argv"], "--overlay-px", "512"]  # other settings: the finished batches no longer count
+    code, summary, _ = run_cli(argv, capsys)
+    assert code == 0 and summary["skipped_done"] == 0
+    assert max(cv2.imread(str(next((out / "overlays").glob("*.png")))).shape[:2]) == 512
+    main(predicted["argv"])  # leave the module's output as the other tests expect it
+
+
+@pytest.mark.slow
+def test_bad_files_are_listed_and_the_rest_predicted(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    good = sorted((trained["data"] / "test").glob("*.png"))[:3]
+    for p in good:
+        shutil.copy(p, src / "nested" / p.name)
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.dcm").write_text("not a DICOM file\n")
+    out = tmp_path / "out"
+    code, summary, err = run_cli(["--src", str(src), "--run-dir", str(trained["run"]), "--out", str(out), "--size", "128",
+                                  "--batch", "2", "--workers", "2"], capsys)
+    assert code == 0
+    assert summary["images"] == 3 and summary["failed"] == 2
+    failed = pd.read_csv(out / "failed.csv")
+    assert sorted(Path(f).name for f in failed["file"]) == ["empty.png", "notes.dcm"]
+    assert failed["reason"].str.len().gt(0).all()
+    assert "skipped" in err and "notes.dcm" in err
+    preds = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
+    assert sorted(preds["image_id"].unique()) == sorted(p.stem for p in good)
+    assert preds.loc[preds["class_id"] != NO_FINDING, "x_max"].max() <= 128 + 1, "no meta: the files' own size"
+
+
+@pytest.mark.slow
+def test_all_files_bad_is_one_line(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"\x89PNG broken")
+    code, _, err = run_cli(["--src", str(src), "--run-dir", str(trained["run"]), "--out", str(tmp_path / "out"),
+                            "--size", "128", "--workers", "0"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error:") and "could be read" in err
+    assert (tmp_path / "out" / "failed.csv").is_file()
+
+
+def _fake_run(root: Path, folds: dict[str, list[int]], gate: str = "none") -> Path:
+    """A run folder with params.json and empty fold folders: enough for the checks made before loading."""
+    detectors = [m for m in folds if m != "classifier"]
+    write_json({"fusion": {"models": detectors, "weights": [1.0] * len(detectors), "iou_thr": 0.55, "skip_box_thr": 0.0,
+                           "conf_type": "avg"}, "gate": {"rule": gate, "low": 0.0, "high": 1.0}},
+               root / "ensemble" / "params.json")
+    for m, ks in folds.items():
+        for k in ks:
+            (root / m / f"fold{k}").mkdir(parents=True)
+    return root
+
+
+def _one_image(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "a.png"), np.full((64, 64), 100, np.uint8))
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty_src", "no DICOM/PNG/JPEG files found"),
+    ("no_params", "params.json: no tuned ensemble parameters"),
+    ("missing_fold", "model 'effdet' has no fold(s) [1]"),
+    ("missing_classifier_fold", "model 'classifier' has no fold(s) [2]"),
+    ("fold_file", "model 'yolo' has no fold(s) [2]"),
+    ("untrained_fold", "fold 0 of 'yolo' is not trained"),
+    ("out_inside_src", "must not lie inside SRC"),
+])
+def test_bad_setups_are_one_line_and_exit_2(case: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _one_image(tmp_path / "src")
+    run, out, extra = tmp_path / "run", tmp_path / "out", []
+    if case == "empty_src":
+        shutil.rmtree(src)
+        src.mkdir()
+        _fake_run(run, {"yolo": [0, 1]})
+    elif case == "no_params":
+        (run / "yolo" / "fold0").mkdir(parents=True)
+    elif case == "missing_fold":
+        _fake_run(run, {"yolo": [0, 1], "effdet": [0]})
+    elif case == "missing_classifier_fold":
+        _fake_run(run, {"yolo": [0, 1, 2], "classifier": [0, 1]}, gate="soft")
+    elif case == "fold_file":
+        _fake_run(run, {"yolo": [0, 1]})
+        pd.DataFrame({"image_id": ["x", "y", "z"], "fold": [0, 1, 2]}).to_csv(tmp_path / "folds.csv", index=False)
+        extra = ["--folds", str(tmp_path / "folds.csv")]
+    elif case == "untrained_fold":
+        _fake_run(run, {"yolo": [0]})
+        shutil.copy(Path(__file__).parents[1] / "models" / "yolo" / "demo.yaml", run / "yolo" / "fold0" / "config.yaml")
+    elif case == "out_inside_src":
+        _fake_run(run, {"yolo": [0]})
+        out = src / "out"
+    code, _, err = run_cli(["--src", str(src), "--run-dir", str(run), "--out", str(out), "--size", "64", *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+
+
+def test_overlay_draws_each_class_in_its_colour_above_the_threshold() -> None:
+    image = np.full((200, 100), 60, np.uint8)  # 100 wide, 200 tall (original 1000 x 2000)
+    preds = pd.DataFrame({"image_id": "a", "class_id": [3, 10, 0, NO_FINDING], "score": [0.9, 0.5, 0.1, 0.2],
+                          "x_min": [100.0, 500.0, 0.0, 0.0], "y_min": [1000.0, 200.0, 0.0, 0.0],
+                          "x_max": [400.0, 900.0, 900.0, 1.0], "y_max": [1800.0, 600.0, 1900.0, 1.0]})
+    out = draw(image, preds, (1000, 2000), threshold=0.3, title="a")
+    assert out.shape == (200, 100, 3)
+    # box edges at original/10 px, in the class colour: class 3 left edge x=10, class 10 bottom edge y=60
+    assert tuple(out[150, 10]) == PALETTE[3]
+    assert tuple(out[60, 70]) == PALETTE[10]
+    assert not (out == np.array(PALETTE[0])).all(axis=2).any(), "a finding under the threshold is not drawn"
+
+
+def _screenshot(page: Path, path: Path) -> np.ndarray:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900",
+                    f"--screenshot={path}", page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+@pytest.mark.slow
+def test_page_shows_the_grid_in_headless_chromium(predicted: dict, tmp_path: Path) -> None:
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        message = "chromium not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    page = tmp_path / "page"
+    shutil.copytree(predicted["out"], page, ignore=shutil.ignore_patterns(".parts"))
+    shot = _screenshot(page / "index.html", tmp_path / "shot.png")
+    # the page is light grey and white; the radiograph thumbnails are the dark pixels
+    dark = shot < 90
+    assert dark.mean() > 0.15, f"only {dark.mean():.1%} dark pixels: the thumbnails did not render"
+    columns = np.flatnonzero(dark[: shot.shape[0] // 2].mean(axis=0) > 0.3)
+    assert len(np.split(columns, np.flatnonzero(np.diff(columns) > 5) + 1)) >= 3, "several thumbnails side by side"
+    shutil.rmtree(page / "thumbs")  # the same page without its pictures: the check must notice
+    assert (_screenshot(page / "index.html", tmp_path / "broken.png") < 90).mean() < 0.05
+
+
+@pytest.mark.slow
+def test_real_dicoms_pngs_and_jpegs(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest = pd.read_csv(real(MANIFEST), dtype={"image_id": str})
+    picks = manifest[manifest["format"].str.startswith("DICOM")]
+    picks = pd.concat([picks, manifest[manifest["file"].str.contains("Tuprott991/fd1952|nguyenquocduongqnu/static/0a08")]])
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in picks["file"]:  # links, not copies: the real data stays in ../shared/data
+        (src / Path(f).name).symlink_to(real(f))
+    out = tmp_path / "out"
+    code, summary, err = run_cli(["--src", str(src), "--run-dir", str(trained["run"]), "--out", str(out), "--size", "128",
+                                  "--threshold", "0.01", "--workers", "2"], capsys)
+    assert code == 0, err
+    assert summary["images"] == len(picks) == 7 and summary["failed"] == 0
+    preds = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
+    assert set(preds["image_id"]) == set(picks["image_id"])
+    for r in picks.itertuples():
+        overlay = cv2.imread(str(out / "overlays" / f"{r.image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        assert max(overlay.shape) == 1024 and abs(overlay.shape[1] / overlay.shape[0] - r.width / r.height) < 0.01
+        assert overlay.std() > 20, "a radiograph, not a blank picture"
+        boxes = preds[(preds["image_id"] == r.image_id) & (preds["class_id"] != NO_FINDING)]
+        assert (boxes["x_max"] <= r.width + 1).all() and (boxes["y_max"] <= r.height + 1).all()
+    dicoms = picks.loc[picks["format"].str.startswith("DICOM"), "image_id"]
+    assert preds.loc[preds["image_id"].isin(set(dicoms)), BOX_COLUMNS[2]].max() > 128, "boxes in original DICOM pixels"
+    page = (out / "index.html").read_text()
+    assert all(f"overlays/{i}.png" in page for i in picks["image_id"])
