@@ -265,6 +265,13 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
+def _is_gray8_png(path: str | os.PathLike) -> bool:
+    """An 8-bit grayscale PNG (IHDR bit depth 8, colour type 0): what prepare itself writes."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[24:26] == b"\x08\x00"
+
+
 def convert_one(job: tuple[str, str, int]) -> tuple[str, int, int, str]:
     """Convert one file; returns ``(image_id, orig height, orig width, error)``, error ``""`` on success.
 
@@ -274,13 +281,17 @@ def convert_one(job: tuple[str, str, int]) -> tuple[str, int, int, str]:
     src, dst, size = job
     image_id = Path(src).stem
     try:
-        image = read_image(src)
+        image = read_image(src)  # decoded even when copied below: that is what finds a corrupt file
         h, w = image.shape
-        ok, png = cv2.imencode(".png", resize(image, size))
-        if not ok:
-            raise DataError(dst, "cannot encode PNG")
+        if (w, h) == (size, size) and _is_gray8_png(src):  # a PNG set at the wanted size: copy, no re-encode
+            data = Path(src).read_bytes()
+        else:
+            ok, png = cv2.imencode(".png", resize(image, size))
+            if not ok:
+                raise DataError(dst, "cannot encode PNG")
+            data = png.tobytes()
         with atomic_path(dst) as tmp:
-            tmp.write_bytes(png.tobytes())
+            tmp.write_bytes(data)
         return image_id, h, w, ""
     except DataError as e:
         return image_id, 0, 0, e.message if e.path == src else str(e)

@@ -98,6 +98,9 @@ def test_png_set_route(tmp_path, capsys):
     assert data.test_ids() == ["s0", "s1"]  # the PNG sets ship no sample: built from the test ids
     assert all(png_size(p) == (16, 16) for p in (out / "train").glob("*.png"))
     assert len(data.labels) == 12 and check_folder(out)["normal_images"] == 2
+    # a set already at the wanted size is copied byte for byte (decoded to check it, not re-encoded)
+    run_data(capsys, "--src", src, "--out", tmp_path / "same", "--size", 32, "--labels", labels)
+    assert (tmp_path / "same" / "train" / "t0.png").read_bytes() == (src / "train" / "t0.png").read_bytes()
 
 
 def test_broken_image_stops_with_the_failure_list(tmp_path, capsys):
