@@ -147,12 +147,12 @@ def test_missing_source_files_are_named(tmp_path, capsys):
 
 
 def test_real_jpeg2000_dicoms_through_the_kaggle_route(tmp_path, capsys):
-    """The 5 real VinDr train DICOMs (JPEG 2000, MONOCHROME1) as train, one copied as test."""
+    """Two real VinDr train DICOMs (JPEG 2000, MONOCHROME1) as train, one of them again as test."""
     real_dir = real("vindr-cxr-images/dfloreaa")
     src = tmp_path / "kaggle"
     (src / "train").mkdir(parents=True)
     (src / "test").mkdir()
-    files = sorted(real_dir.rglob("*.dicom"))
+    files = sorted(real_dir.rglob("*.dicom"))[:2]  # each takes seconds to decode
     for f in files:
         (src / "train" / f.name).symlink_to(f)
     (src / "test" / "x0.dicom").symlink_to(files[0])
@@ -161,4 +161,4 @@ def test_real_jpeg2000_dicoms_through_the_kaggle_route(tmp_path, capsys):
     sample_table(["x0"]).to_csv(src / "sample_submission.csv", index=False)
     run_data(capsys, "--src", src, "--out", tmp_path / "DATA", "--size", 64)
     sizes = DataFolder(tmp_path / "DATA").train_sizes
-    assert len(sizes) == 5 and (sizes["width"] > 1500).all() and (sizes["height"] > 1500).all()
+    assert len(sizes) == 2 and (sizes["width"] > 1500).all() and (sizes["height"] > 1500).all()
