@@ -19,7 +19,7 @@ import pandas as pd
 from cxr.dataset import FOLD_COLUMNS, NO_FINDING, SUBMISSION_COLUMNS
 from cxr.fusion import DEFAULT, FusionConfig, fuse_readers
 from cxr.images import png_size
-from cxr.io import DataError, check_ids, csv_row, read_table, show
+from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show
 from cxr.labels import read_sizes, read_train_labels
 
 
@@ -56,7 +56,16 @@ class DataFolder:
         return path
 
     def test_ids(self) -> list[str]:
-        return read_table(self.root / "sample_submission.csv", dtype={"image_id": str})["image_id"].tolist()
+        """The test ids in sample_submission.csv's order (safe, each once)."""
+        path = self.root / "sample_submission.csv"
+        ids = read_table(path, dtype={"image_id": str})
+        require_columns(ids, ["image_id"], path)
+        check_ids(ids["image_id"], path)
+        dup = ids["image_id"].duplicated()
+        if dup.any():
+            i = int(np.flatnonzero(dup.to_numpy())[0])
+            raise DataError(path, f"image_id {show(ids['image_id'].iloc[i])} listed twice", csv_row(i))
+        return ids["image_id"].tolist()
 
 
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:
@@ -108,15 +117,10 @@ def check_folder(root: str | os.PathLike) -> dict:
     if no_image:  # check_inside already refuses these; kept for a labels table read without sizes
         raise DataError(root / "train.csv", f"{len(no_image)} labelled image(s) have no train image, e.g. {no_image[:3]}")
     sample_path = root / "sample_submission.csv"
-    sample = read_table(sample_path, dtype={"image_id": str})
-    if list(sample.columns)[:2] != SUBMISSION_COLUMNS:
-        raise DataError(sample_path, f"expected columns {SUBMISSION_COLUMNS}, got {list(sample.columns)}")
-    dup = sample["image_id"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise DataError(sample_path, f"image_id {show(sample['image_id'].iloc[i])} listed twice", csv_row(i))
+    require_columns(read_table(sample_path, nrows=0), SUBMISSION_COLUMNS, sample_path)
+    sample_ids = set(data.test_ids())
     test_ids = set(data.test_sizes["image_id"])
-    extra, missing = sorted(set(sample["image_id"]) - test_ids), sorted(test_ids - set(sample["image_id"]))
+    extra, missing = sorted(sample_ids - test_ids), sorted(test_ids - sample_ids)
     if extra or missing:
         raise DataError(sample_path, f"ids differ from the test images: {len(extra)} not a test image (e.g. {extra[:3]}), "
                                      f"{len(missing)} test image(s) missing (e.g. {missing[:3]})")
