@@ -7,8 +7,9 @@ Two sources are understood, told apart by what ``SRC/train`` holds:
   PNGs (:func:`cxr.images.prepare_png_set`) and the original sizes come from the DICOMs.
 * A public resized-PNG set: ``SRC/train/<id>.png``, ``SRC/test/<id>.png``,
   ``SRC/train_meta.csv``, ``SRC/test_meta.csv`` (``image_id, dim0, dim1``: ORIGINAL sizes,
-  since the PNGs are already resized), with ``train.csv`` / ``sample_submission.csv`` in
-  ``SRC`` or passed with ``--labels`` / ``--sample`` (from the competition download).
+  since the PNGs are already resized; or ``width, height`` columns in ``train.csv`` and
+  ``SRC/test.csv``), with ``train.csv`` / ``sample_submission.csv`` in ``SRC`` or passed
+  with ``--labels`` / ``--sample`` (from the competition download).
   The PNGs are converted to ``SIZE`` like DICOMs; the original sizes come from the meta files.
 
 The result is the layout of :mod:`cxr.data`, checked by :func:`cxr.data.check_folder`.
@@ -65,23 +66,27 @@ def build(
     labels = Path(labels) if labels else src / "train.csv"
     sample = Path(sample) if sample else src / "sample_submission.csv"
     # every input file is checked before the (hours-long) conversion starts
-    needed = [labels, *(src / f"{s}_meta.csv" for s in SPLITS if kind == "png"), *([sample] if kind == "dicom" else [])]
+    needed = [labels, *(size_file(src, s, labels) for s in SPLITS if kind == "png"), *([sample] if kind == "dicom" else [])]
     for path in needed:
         if not path.is_file():
             flag = {labels: " (pass --labels)", sample: " (pass --sample)"}.get(path, "")
             raise DataError(path, f"file not found{flag}")
     out.mkdir(parents=True, exist_ok=True)
 
+    read_train_labels(labels)  # columns, classes, boxes: checked now; against the sizes after conversion
+    # a PNG set's original sizes come from its tables (checked now); a DICOM's from the file itself
+    given = {s: read_sizes(size_file(src, s, labels), per_box=size_file(src, s, labels) == labels)
+             for s in SPLITS} if kind == "png" else {}
     results = {s: prepare_png_set(src / s, out / s, size, workers, progress) for s in SPLITS}
     for s in SPLITS:
-        sizes = _dicom_sizes(results[s]) if kind == "dicom" else read_sizes(src / f"{s}_meta.csv")
+        sizes = given[s] if kind == "png" else _dicom_sizes(results[s])
         write_table(pd.DataFrame({"image_id": sizes["image_id"], "dim0": sizes["height"], "dim1": sizes["width"]}),
                     out / f"{s}_meta.csv")
     failed = {s: r for s, r in results.items() if len(r.failed)}
     if failed:
         lists = ", ".join(f"{len(r.failed)} in {out / s / FAILED_NAME}" for s, r in failed.items())
         raise DataError(out, f"images failed to convert ({lists}); fix or remove them and re-run (finished images are kept)")
-    read_train_labels(labels, read_sizes(out / "train_meta.csv"))  # fails early, naming the row
+    read_train_labels(labels, read_sizes(out / "train_meta.csv"))  # every box inside its image
     _copy(labels, out / "train.csv")
     if sample.is_file():
         require_columns(read_table(sample, nrows=0), SUBMISSION_COLUMNS, sample)
@@ -93,6 +98,21 @@ def build(
         raise DataError(sample, "file not found (pass --sample)")
 
     return check_folder(out), results
+
+
+def size_file(src: Path, split: str, labels: Path) -> Path:
+    """Where a PNG set keeps the original sizes of ``split``.
+
+    ``SRC/<split>_meta.csv`` (``image_id, dim0, dim1``) as in the resized-PNG sets; failing that,
+    tables with ``width, height`` columns: the labels file for train, ``SRC/test.csv`` for test.
+    """
+    meta = src / f"{split}_meta.csv"
+    if meta.is_file():
+        return meta
+    other = labels if split == "train" else src / "test.csv"
+    if other.is_file() and {"width", "height"} <= set(read_table(other, nrows=0).columns):
+        return other
+    return meta  # missing: the caller names it
 
 
 def _dicom_sizes(result: PrepareResult) -> pd.DataFrame:

@@ -28,11 +28,12 @@ from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, s
 LABEL_COLUMNS = ["image_id", "class_id", "rad_id", *BOX_COLUMNS]
 
 
-def read_sizes(path: str | os.PathLike) -> pd.DataFrame:
-    """Original image sizes as ``image_id, width, height`` (ints).
+def read_sizes(path: str | os.PathLike, per_box: bool = False) -> pd.DataFrame:
+    """Original image sizes as ``image_id, width, height`` (ints), one row per image.
 
     Accepts Kaggle meta files (``dim0`` = height, ``dim1`` = width) or any table with
-    ``width`` and ``height`` columns (e.g. Kaggle's test.csv).
+    ``width`` and ``height`` columns (e.g. Kaggle's test.csv). ``per_box``: the table has a
+    row per box (a train.csv with sizes), so an id may repeat but must keep one size.
     """
     df = read_table(path, dtype={"image_id": str})
     if {"width", "height"} <= set(df.columns):
@@ -48,11 +49,13 @@ def read_sizes(path: str | os.PathLike) -> pd.DataFrame:
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(path, f"{col}={show(sizes[col].iloc[i])} is not a positive integer", csv_row(i))
         sizes[col] = values.astype(int)
-    dup = sizes["image_id"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise DataError(path, f"image_id {show(sizes['image_id'].iloc[i])} listed twice", csv_row(i))
-    return sizes.reset_index(drop=True)
+    dup = sizes.duplicated(["image_id", "width", "height"]) if per_box else pd.Series(False, index=sizes.index)
+    again = sizes["image_id"].duplicated() & ~dup
+    if again.any():
+        i = int(np.flatnonzero(again.to_numpy())[0])
+        what = "listed again with another size" if per_box else "listed twice"
+        raise DataError(path, f"image_id {show(sizes['image_id'].iloc[i])} {what}", csv_row(i))
+    return sizes[~dup].reset_index(drop=True)
 
 
 def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:

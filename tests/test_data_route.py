@@ -162,3 +162,26 @@ def test_real_jpeg2000_dicoms_through_the_kaggle_route(tmp_path, capsys):
     run_data(capsys, "--src", src, "--out", tmp_path / "DATA", "--size", 64)
     sizes = DataFolder(tmp_path / "DATA").train_sizes
     assert len(sizes) == 2 and (sizes["width"] > 1500).all() and (sizes["height"] > 1500).all()
+
+
+def test_png_set_with_sizes_in_train_csv_and_test_csv(tmp_path, capsys):
+    """Sets that carry the original sizes as width/height columns of train.csv and test.csv."""
+    src = png_set(tmp_path / "png")
+    for split in ("train", "test"):
+        (src / f"{split}_meta.csv").unlink()
+    size = {i: hw for i, hw in TRAIN.items()}
+    labels_table().assign(width=lambda d: d["image_id"].map(lambda i: size[i][1]),
+                          height=lambda d: d["image_id"].map(lambda i: size[i][0])).to_csv(src / "train.csv", index=False)
+    pd.DataFrame({"image_id": list(TEST), "width": [w for _, w in TEST.values()],
+                  "height": [h for h, _ in TEST.values()]}).to_csv(src / "test.csv", index=False)
+    run_data(capsys, "--src", src, "--out", tmp_path / "DATA", "--size", 16)
+    data = DataFolder(tmp_path / "DATA")
+    assert data.train_sizes.set_index("image_id").loc["t1"].tolist() == [64, 48]
+    assert data.test_sizes.set_index("image_id").loc["s0"].tolist() == [36, 44]
+    bad = pd.read_csv(src / "train.csv")
+    bad.loc[1, "width"] = 999  # t0 again, with another size
+    bad.to_csv(src / "train.csv", index=False)
+    with pytest.raises(SystemExit):
+        main(["data", "--src", str(src), "--out", str(tmp_path / "DATA2"), "--size", "16"])
+    assert "train.csv, row 3: image_id 't0' listed again with another size" in capsys.readouterr().err
+
