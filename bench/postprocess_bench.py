@@ -116,7 +116,8 @@ def make_table(gt: pd.DataFrame, sizes: pd.DataFrame, boxes: int, rng: np.random
     noise.insert(2, "score", rng.uniform(0, 0.3, len(ids)))
     table = pd.concat([true, noise], ignore_index=True)
     table[["x_min", "y_min"]] = table[["x_min", "y_min"]].clip(lower=0)
-    table[["x_max", "y_max"]] = table[["x_max", "y_max"]].clip(upper=3000)
+    table["x_max"] = table["x_max"].clip(upper=table["image_id"].map(wh["width"]))
+    table["y_max"] = table["y_max"].clip(upper=table["image_id"].map(wh["height"]))
     return table[(table["x_max"] > table["x_min"]) & (table["y_max"] > table["y_min"])].reset_index(drop=True)
 
 

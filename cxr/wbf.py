@@ -25,6 +25,7 @@ Ties in score are broken later-input-first (what ensemble-boxes' ``argsort()[::-
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
@@ -80,24 +81,28 @@ def wbf(
     out = [_wbf_sorted(group[i:j], model[i:j], weighted[i:j], b[i:j], w, iou_thr, conf_type)
            for i, j in zip(cuts[:-1], cuts[1:]) if j > i]
     g, fused, s = (np.concatenate(parts) for parts in zip(*out))
-    order = np.lexsort((-s, g))
+    order = _group_then_score(g, s, later_first=False)
     return g[order], fused[order], s[order]
 
 
-def _group_then_score(group: np.ndarray, weighted: np.ndarray) -> np.ndarray:
-    """Order by group, then weighted score (highest first), ties later input first (ensemble-boxes'
-    ``argsort()[::-1]``). One float and one integer sort: a lexsort is ten times slower."""
+def _group_then_score(group: np.ndarray, score: np.ndarray, later_first: bool = True) -> np.ndarray:
+    """Indices ordering rows by group, then score (highest first); equal scores later input first
+    (ensemble-boxes' ``argsort()[::-1]``) or, with ``later_first=False``, in input order. One float
+    and one integer sort: a lexsort is ten times slower."""
     n = len(group)
-    rev = weighted[::-1]
-    by_score = np.argsort(-rev)
-    if (np.diff(rev[by_score]) == 0).any():  # ties: a stable sort of the reversed input puts later first
-        by_score = np.argsort(-rev, kind="stable")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if later_first:
+        return n - 1 - _group_then_score(group[::-1], score[::-1], later_first=False)
+    by_score = np.argsort(-score)
+    if (np.diff(score[by_score]) == 0).any():  # ties: a stable sort keeps input order
+        by_score = np.argsort(-score, kind="stable")
     rank = np.empty(n, dtype=np.int64)
     rank[by_score] = np.arange(n)
     low, high = int(group.min()), int(group.max())
     if (high - low + 1) * n >= 2**62:
-        return n - 1 - np.lexsort((rank, group[::-1]))
-    return n - 1 - np.argsort((group[::-1] - low) * n + rank)
+        return np.lexsort((rank, group))
+    return np.argsort((group - low) * n + rank)
 
 
 def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
@@ -176,6 +181,72 @@ def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
     return group[slots], coords[slots], score
 
 
+@dataclass
+class Prepared:
+    """Prediction tables as arrays, ready to fuse with any parameters (the tuner fuses one set many times)."""
+
+    image_ids: np.ndarray  # sorted ids of every image with a row in any table
+    scale: np.ndarray  # (images, 4): width, height, width, height
+    n_tables: int
+    group: np.ndarray  # finding rows: image index * 15 + class
+    model: np.ndarray  # table index
+    score: np.ndarray
+    boxes: np.ndarray  # (rows, 4), divided by the image size
+    nf_image: np.ndarray  # per image and table with No-finding rows: the highest such score
+    nf_model: np.ndarray
+    nf_score: np.ndarray
+
+
+def prepare(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame) -> Prepared:
+    """``tables`` in the prediction format, ``sizes`` (``image_id, width, height``) of all their images."""
+    all_rows = pd.concat([t[PREDICTION_COLUMNS] for t in tables], ignore_index=True)
+    model = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
+    code, image_ids = pd.factorize(all_rows["image_id"].astype(str), sort=True)
+    image_ids = np.asarray(image_ids, dtype=object)
+    known = sizes.assign(image_id=sizes["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
+    unknown = sorted(set(image_ids) - set(known.index))
+    if unknown:
+        raise ValueError(f"{len(unknown)} image(s) have no size, e.g. {unknown[:3]}")
+    wh = known.loc[image_ids, ["width", "height"]].to_numpy(dtype=float).reshape(-1, 2)
+    scale = np.column_stack([wh, wh])
+    cls = all_rows["class_id"].to_numpy(dtype=np.int64)
+    score = all_rows["score"].to_numpy(dtype=float)
+    f = np.flatnonzero(cls != NO_FINDING)
+    nf = np.flatnonzero(cls == NO_FINDING)
+    best = pd.Series(score[nf]).groupby([code[nf], model[nf]]).max()
+    return Prepared(image_ids, scale, len(tables), code[f] * NUM_CLASSES + cls[f], model[f], score[f],
+                    all_rows[BOX_COLUMNS].to_numpy(dtype=float)[f] / scale[code[f]],
+                    best.index.get_level_values(0).to_numpy(dtype=np.int64),
+                    best.index.get_level_values(1).to_numpy(dtype=np.int64), best.to_numpy(dtype=float))
+
+
+def fuse_arrays(
+    prep: Prepared,
+    weights: Sequence[float],
+    iou_thr: float = 0.55,
+    skip_box_thr: float = 0.0,
+    conf_type: ConfType = "avg",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fuse_predictions` as arrays ``(image index into prep.image_ids, class_id, score, boxes)``,
+    rows in the order of its table."""
+    w = np.asarray(weights, dtype=float)
+    if len(w) != prep.n_tables:
+        raise ValueError(f"{len(w)} weights for {prep.n_tables} tables")
+    g, fused, s = wbf(prep.group, prep.model, prep.score, prep.boxes, w, iou_thr, skip_box_thr, conf_type)
+    # No finding: per image, the weighted sum over inputs of each input's highest No-finding score
+    normal = np.zeros(len(prep.image_ids))
+    np.add.at(normal, prep.nf_image, w[prep.nf_model] * prep.nf_score)
+    has = np.flatnonzero(normal > 0)
+    image = np.r_[g // NUM_CLASSES, has]
+    cls = np.r_[g % NUM_CLASSES, np.full(len(has), NO_FINDING)]
+    score = np.r_[np.clip(s, 0, 1), normal[has] / w.sum()]
+    boxes = np.r_[fused * prep.scale[g // NUM_CLASSES], np.tile(np.asarray(NO_FINDING_BOX, dtype=float), (len(has), 1))]
+    # per image: boxes by score (highest first), then the No-finding row
+    order = _group_then_score(image * 2 + (cls == NO_FINDING), score, later_first=False)
+    keep = order[(boxes[order, 2] > boxes[order, 0]) & (boxes[order, 3] > boxes[order, 1])]
+    return image[keep], cls[keep], score[keep], boxes[keep]
+
+
 def fuse_predictions(
     tables: Sequence[pd.DataFrame],
     sizes: pd.DataFrame,
@@ -196,47 +267,11 @@ def fuse_predictions(
         raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
     if not tables:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
-    w = np.asarray(weights, dtype=float)
-    all_rows = pd.concat([t[PREDICTION_COLUMNS] for t in tables], ignore_index=True)
-    model = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
-    code, image_ids = pd.factorize(all_rows["image_id"].astype(str), sort=True)
-    image_ids = np.asarray(image_ids, dtype=object)
-    known = sizes.assign(image_id=sizes["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
-    unknown = sorted(set(image_ids) - set(known.index))
-    if unknown:
-        raise ValueError(f"{len(unknown)} image(s) have no size, e.g. {unknown[:3]}")
-    wh = known.loc[image_ids, ["width", "height"]].to_numpy(dtype=float)
-    scale = np.column_stack([wh, wh])
-    cls = all_rows["class_id"].to_numpy(dtype=np.int64)
-    score = all_rows["score"].to_numpy(dtype=float)
-    finding = cls != NO_FINDING
-    f = np.flatnonzero(finding)
-    boxes = all_rows[BOX_COLUMNS].to_numpy(dtype=float)[f] / scale[code[f]]
-    g, fused, s = wbf(code[f] * NUM_CLASSES + cls[f], model[f], score[f], boxes, w, iou_thr, skip_box_thr, conf_type)
-    by_score = np.lexsort((-s, g // NUM_CLASSES))  # per image, highest score first
-    g, fused, s = g[by_score], fused[by_score], s[by_score]
-    image = g // NUM_CLASSES
-    fused = fused * scale[image]
-    parts = pd.DataFrame(fused, columns=BOX_COLUMNS)
-    parts.insert(0, "class_id", (g % NUM_CLASSES).astype(int))
-    parts.insert(1, "score", np.clip(s, 0, 1))
-    parts.insert(0, "_image", image)
-    parts["_nf"] = 0
-    # No finding: per image, the weighted sum over inputs of each input's highest No-finding score
-    nf = np.flatnonzero(~finding)
-    normal = np.zeros(len(image_ids))
-    if len(nf):
-        best = pd.Series(score[nf]).groupby([code[nf], model[nf]]).max()
-        img, m = (best.index.get_level_values(i).to_numpy() for i in (0, 1))
-        np.add.at(normal, img, w[m] * best.to_numpy())
-    has = np.flatnonzero(normal > 0)
-    rows = pd.DataFrame({"_image": has, "class_id": NO_FINDING, "score": normal[has] / w.sum(), "_nf": 1})
-    rows[BOX_COLUMNS] = np.tile(np.asarray(NO_FINDING_BOX, dtype=float), (len(has), 1))
-    out = pd.concat([parts, rows], ignore_index=True)
-    out = out.sort_values(["_image", "_nf"], kind="stable")
-    out.insert(0, "image_id", image_ids[out["_image"].to_numpy()])
-    out = out[PREDICTION_COLUMNS].astype({"class_id": int, "score": float})
-    return out[(out["x_max"] > out["x_min"]) & (out["y_max"] > out["y_min"])].reset_index(drop=True)
+    prep = prepare(tables, sizes)
+    image, cls, score, boxes = fuse_arrays(prep, weights, iou_thr, skip_box_thr, conf_type)
+    out = pd.DataFrame({"image_id": prep.image_ids[image], "class_id": cls.astype(int), "score": score})
+    out[BOX_COLUMNS] = boxes
+    return out
 
 
 def reference_fuse_predictions(

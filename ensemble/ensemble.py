@@ -46,8 +46,8 @@ from cxr.dataset import NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.io import DataError, read_table
 from cxr.predictions import read_predictions, read_probabilities, validate
 from cxr.submission import read_submission
-from cxr.wbf import CONF_TYPES, fuse_predictions
-from ensemble.scoring import Truth, gated, score_rows
+from cxr.wbf import CONF_TYPES, fuse_arrays, fuse_predictions, prepare
+from ensemble.scoring import Scored, Truth, gated, score_arrays, score_rows
 
 
 @dataclass
@@ -170,15 +170,24 @@ def _init(state: dict) -> None:
     _STATE = state
 
 
+def _fused_scored(fp: FusionParams) -> Scored:
+    """One fusion candidate, fused from the prepared arrays and matched (:func:`fuse` without the table)."""
+    st = _STATE
+    if len(st["tables"]) == 1 and fp.conf_type == "avg" and fp.skip_box_thr == 0:
+        return score_rows(st["truth"], st["tables"][0])
+    image, cls, score, boxes = fuse_arrays(st["prepared"], fp.weights, fp.iou_thr, fp.skip_box_thr, fp.conf_type)
+    return score_arrays(st["truth"], st["truth_index"][image], cls, score, boxes)
+
+
 def _fusion_maps(fp: FusionParams) -> np.ndarray:
     """mAP of one fusion candidate on every image subset of the search."""
-    s = score_rows(_STATE["truth"], fuse(_STATE["tables"], _STATE["sizes"], fp))
+    s = _fused_scored(fp)
     return np.array([s.map(m) for m in _STATE["masks"]])
 
 
 def _gate_maps(fp: FusionParams, gates: list[GateParams]) -> np.ndarray:
     """mAP of every gate candidate on one fusion candidate (fused and matched once): (gates, subsets)."""
-    s = score_rows(_STATE["truth"], fuse(_STATE["tables"], _STATE["sizes"], fp))
+    s = _fused_scored(fp)
     p = _STATE["p_abnormal"]
     return np.array([[gs.map(m) for m in _STATE["masks"]] for gs in (gated(s, p, g.rule, g.low, g.high) for g in gates)])
 
@@ -267,7 +276,12 @@ def tune(
     # subsets: 0 = every image; 1..K = all but fold k (where path k tunes); K+1..2K = fold k (where it is scored)
     masks = [everything] + [everything & ~h for h in held] + held
     n_paths = 1 + len(held)
-    state = {"tables": tables, "sizes": sizes, "truth": truth, "masks": masks,
+    prepared = prepare(tables, sizes)
+    outside = prepared.image_ids[truth.ids.get_indexer(prepared.image_ids) < 0]
+    if len(outside):
+        raise ValueError(f"{len(outside)} predicted image(s) are not among the scored images, e.g. {list(outside[:3])}")
+    state = {"tables": tables, "prepared": prepared, "truth": truth, "truth_index": truth.ids.get_indexer(prepared.image_ids),
+             "masks": masks,
              "p_abnormal": None if p_abnormal is None else p_abnormal.reindex(truth.ids).to_numpy(dtype=float)}
     several = len(models) > 1
     grid = list(itertools.product(iou_grid, skip_grid, CONF_TYPES)) if several else []

@@ -95,10 +95,14 @@ def score_rows(truth: Truth, preds: pd.DataFrame, iou_thr: float = IOU_THRESHOLD
     if (image < 0).any():
         unknown = sorted(set(preds["image_id"][image < 0]))
         raise ValueError(f"{len(unknown)} predicted image(s) are not among the scored images, e.g. {unknown[:3]}")
-    cls = preds["class_id"].to_numpy(dtype=np.int64)
-    score = preds["score"].to_numpy(dtype=float)
-    boxes = preds[BOX_COLUMNS].to_numpy(dtype=float)
-    tp = np.zeros(len(preds), dtype=bool)
+    return score_arrays(truth, image, preds["class_id"].to_numpy(dtype=np.int64), preds["score"].to_numpy(dtype=float),
+                        preds[BOX_COLUMNS].to_numpy(dtype=float), iou_thr)
+
+
+def score_arrays(truth: Truth, image: np.ndarray, cls: np.ndarray, score: np.ndarray, boxes: np.ndarray,
+                 iou_thr: float = IOU_THRESHOLD) -> Scored:
+    """:func:`score_rows` of a table given as arrays (``image``: index into ``truth.ids``)."""
+    tp = np.zeros(len(score), dtype=bool)
     n_images = len(truth.ids)
     for c in range(NUM_CLASSES):
         rows = np.flatnonzero(cls == c)
