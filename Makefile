@@ -46,7 +46,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend
+.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -109,17 +109,28 @@ $(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.cs
 oof: ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1 = a fold per card
 	@$(MAKE) --no-print-directory $(if $(DEVICES),-j$(words $(DEVICE_LIST))) $(RUN)/$(MODEL)/oof.csv
 
-all-oof: $(FOLDS) ## OOF + test predictions of every model (yolo, detectron, effdet, classifier)
-	@for m in $(MODELS_ALL); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
+# The ensemble's model set: MODELS (default: every detector in models/__init__.py) less EXCLUDE, plus EXTRA
+# folders of models trained elsewhere (oof.csv + test.csv, prediction or Kaggle submission format, named after
+# the folder or NAME=PATH); EXCLUDE=classifier turns the gate off. Each set keeps its own tuned parameters
+# (runs/NAME/ensemble/<set>/): a new set tunes, a finished one is skipped unless its inputs changed.
+DETECTORS   := $(shell python3 -c 'import models; print(*models.names("detector"))')
+CLASSIFIERS := $(shell python3 -c 'import models; print(*models.names("classifier"))')
+MODELS  ?= $(DETECTORS)
+EXCLUDE ?=
+EXTRA   ?=
+ENSEMBLE_MODELS = $(filter-out $(EXCLUDE),$(MODELS))
+ENSEMBLE_CLASSIFIER = $(firstword $(filter-out $(EXCLUDE),$(CLASSIFIERS)))
+ENSEMBLE_ARGS = --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --models "$(MODELS)" --exclude "$(EXCLUDE)" \
+  --extra "$(EXTRA)" --classifier $(or $(ENSEMBLE_CLASSIFIER),none)
 
-$(RUN)/ensemble/params.json: $(foreach m,$(MODELS_ALL),$(RUN)/$(m)/oof.csv)
-	$(PY) -m ensemble tune --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) $(if $(EXCLUDE),--exclude $(EXCLUDE))
+all-oof: $(FOLDS) ## OOF + test predictions of the ensemble's models and the classifier (MODELS, EXCLUDE choose)
+	@for m in $(ENSEMBLE_MODELS) $(ENSEMBLE_CLASSIFIER); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
 
-ensemble: all-oof ## tune WBF weights/iou/conf and the classifier gate on OOF (EXCLUDE=model leaves one out)
-	@$(MAKE) --no-print-directory $(RUN)/ensemble/params.json
+ensemble: all-oof ## tune WBF + gate on OOF: make ensemble [MODELS="yolo effdet"] [EXCLUDE=effdet] [EXTRA=path/to/preds]
+	$(PY) -m ensemble tune $(ENSEMBLE_ARGS)
 
-submission: ensemble ## apply the tuned ensemble to test: checked submissions/$(NAME).csv + reports/$(NAME)/
-	$(PY) -m ensemble submit --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --name $(NAME)
+submission: ensemble ## apply the tuned set to test: checked submissions/$(NAME).csv + reports/$(NAME)/ (same MODELS/EXCLUDE/EXTRA)
+	$(PY) -m ensemble submit $(ENSEMBLE_ARGS) --name $(NAME)
 
 evaluate: ## print test mAP@0.4 of submissions/$(NAME).csv (DATA with test_labels.csv: synthetic or PhysioNet)
 	$(CXR) evaluate --labels $(DATA)/test_labels.csv --submission submissions/$(NAME).csv
@@ -131,6 +142,11 @@ blend: ## fuse submissions: make blend SUBS="a.csv b.csv" [WEIGHTS="2 1"] [GROUP
 	$(PY) -m ensemble blend --data $(DATA) $(if $(BLEND),--config $(BLEND)) $(if $(SUBS),--subs $(SUBS)) \
 	  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(GROUPS),--groups $(GROUPS)) $(if $(GATE),--gate $(GATE)) \
 	  $(if $(LABELS),--labels $(LABELS)) $(BLEND_ARGS) --out submissions/$(NAME).csv --report-dir reports/$(NAME)
+
+predict-images: $(STAMP) ## the tuned ensemble of NAME on new studies: make predict-images SRC=<folder> OUT=<folder> [THRESHOLD=0.3]
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make predict-images SRC=<DICOM/PNG/JPEG folder> OUT=<folder> [NAME=run] [THRESHOLD=0.3] [SIZE=px] [META=meta.csv]" >&2; exit 2; }
+	$(PY) -m ensemble.predict_images --src $(SRC) --out $(OUT) --run-dir $(RUN) $(if $(SIZE),--size $(SIZE),--data $(DATA)) \
+	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META))
 
 pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
