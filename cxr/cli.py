@@ -92,7 +92,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         preds = preds[preds["image_id"].isin(set(ids))]  # the fold file picks a subset on purpose
     elif a.subset:
         if listed is None:
-            raise DataError(a.submission, "--subset needs a submission (a prediction table lists no empty images); use --folds")
+            raise DataError(a.submission,
+                            "--subset needs a submission (a prediction table lists no empty images); use --folds")
         ids = listed
     else:
         ids = labelled

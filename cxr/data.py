@@ -103,7 +103,8 @@ def check_folder(root: str | os.PathLike) -> dict:
         images = {p.stem: p for p in folder.glob("*.png") if not p.name.startswith(".")} if folder.is_dir() else {}
         no_image = sorted(set(sizes["image_id"]) - set(images))
         if no_image:
-            raise DataError(root / f"{split}_meta.csv", f"{len(no_image)} image(s) have no {split}/<id>.png, e.g. {no_image[:3]}")
+            raise DataError(root / f"{split}_meta.csv",
+                            f"{len(no_image)} image(s) have no {split}/<id>.png, e.g. {no_image[:3]}")
         no_size = sorted(set(images) - set(sizes["image_id"]))
         if no_size:
             raise DataError(folder, f"{len(no_size)} image(s) have no size in {split}_meta.csv, e.g. {no_size[:3]}")

@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr.dataset import DICOM_SUFFIXES, IMAGE_SUFFIXES, META_COLUMNS
-from cxr.io import DataError, atomic_path, is_temp, read_table, write_table
+from cxr.io import SAFE_ID, DataError, atomic_path, is_temp, read_table, write_table
 
 
 def read_dicom(path: str | os.PathLike, voi_lut: bool = True) -> np.ndarray:
@@ -146,7 +146,6 @@ FAILED_NAME = "failed.csv"
 # folded into meta.csv and removed when a run completes.
 JOURNAL_NAME = "meta.partial.csv"
 JOURNAL_COLUMNS = ["image_id", "dim0", "dim1", "size"]
-SAFE_STEM = re.compile(r"[^\s,\"']+")
 
 
 @dataclass
@@ -181,8 +180,8 @@ def prepare_png_set(
     for stale in out.iterdir():
         if is_temp(stale):
             stale.unlink()
-    failed: list[tuple[str, str]] = [(str(p), f"image_id {i!r} has a comma, space or quote") for i, p in sources.items() if not SAFE_STEM.fullmatch(i)]
-    sources = {i: p for i, p in sources.items() if SAFE_STEM.fullmatch(i)}
+    unsafe = [i for i in sources if not re.fullmatch(SAFE_ID, i)]  # ids name files and CSV cells downstream
+    failed = [(str(sources.pop(i)), f"unsafe image_id {i!r} (letters, digits, '_', '-', '.' only)") for i in unsafe]
     done = _done(out, size)
     done = done[done["image_id"].isin(set(sources))]
     todo = [(str(p), str(out / f"{i}.png"), size) for i, p in sources.items() if i not in set(done["image_id"])]

@@ -66,7 +66,8 @@ def build(
     labels = Path(labels) if labels else src / "train.csv"
     sample = Path(sample) if sample else src / "sample_submission.csv"
     # every input file is checked before the (hours-long) conversion starts
-    needed = [labels, *(size_file(src, s, labels) for s in SPLITS if kind == "png"), *([sample] if kind == "dicom" else [])]
+    needed = [labels, *(size_file(src, s, labels) for s in SPLITS if kind == "png")]
+    needed += [sample] if kind == "dicom" else []  # a PNG set without one gets it built from the test ids
     for path in needed:
         if not path.is_file():
             flag = {labels: " (pass --labels)", sample: " (pass --sample)"}.get(path, "")

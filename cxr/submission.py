@@ -79,7 +79,8 @@ def parse_strings(strings: pd.Series) -> Parsed:
     cls_ok = cls_text.str.fullmatch(r"\d{1,2}").to_numpy(dtype=bool).copy()
     cls = np.where(cls_ok, pd.to_numeric(cls_text.where(cls_ok, "0")).to_numpy(), -1).astype(int)
     cls_ok &= cls < NUM_CLASSES
-    values = pd.to_numeric(pd.Series(flat[:, 1:].ravel(), dtype=object), errors="coerce").to_numpy(dtype=float).reshape(-1, 5)
+    values = pd.to_numeric(pd.Series(flat[:, 1:].ravel(), dtype=object), errors="coerce")
+    values = values.to_numpy(dtype=float).reshape(-1, 5)
     is_nan_text = np.char.lower(flat[:, 1:]) == "nan"
     num_ok = ~(np.isnan(values) & ~is_nan_text).any(axis=1)
 
@@ -89,10 +90,12 @@ def parse_strings(strings: pd.Series) -> Parsed:
         problems.append(f"{counts[i]} values, not a positive multiple of 6")
         bad_rows.append(i)
     for k in np.flatnonzero(~cls_ok):
-        problems.append(f"class {str(flat[k, 0])!r} (group {k - first_group[group_row[k]] + 1}) is not one of 0..{NUM_CLASSES - 1}")
+        group = k - first_group[group_row[k]] + 1
+        problems.append(f"class {str(flat[k, 0])!r} (group {group}) is not one of 0..{NUM_CLASSES - 1}")
         bad_rows.append(group_row[k])
     for k in np.flatnonzero(cls_ok & ~num_ok):
-        problems.append(f"non-number in group {k - first_group[group_row[k]] + 1}: {[str(t) for t in flat[k]]}")
+        group = k - first_group[group_row[k]] + 1
+        problems.append(f"non-number in group {group}: {[str(t) for t in flat[k]]}")
         bad_rows.append(group_row[k])
     bad_rows = np.array(bad_rows, dtype=int)
     keep = ~np.isin(group_row, bad_rows)
@@ -164,7 +167,8 @@ def check_submission(path: str | os.PathLike, sample: str | os.PathLike, sizes: 
          "No finding must be '14 p 0 0 1 1', got box {box} (Kaggle scores it as this box)"),
         (finding & np.isfinite(b).all(axis=1) & ~((b[:, 0] < b[:, 2]) & (b[:, 1] < b[:, 3])),
          "class {c} box {box} needs 0 <= x_min < x_max and 0 <= y_min < y_max"),
-        (finding & ((b[:, 0] < 0) | (b[:, 1] < 0)), "class {c} box {box} has a negative coordinate (Kaggle scores it as written)"),
+        (finding & ((b[:, 0] < 0) | (b[:, 1] < 0)),
+         "class {c} box {box} has a negative coordinate (Kaggle scores it as written)"),
     ]
     if sizes is not None:
         known = sizes.set_index("image_id")
@@ -178,7 +182,8 @@ def check_submission(path: str | os.PathLike, sample: str | os.PathLike, sizes: 
         for k in np.flatnonzero(bad)[:200]:
             box = tuple(float(x) for x in b[k])
             extra = {"w": w[k], "h": h[k]} if sizes is not None else {}
-            flagged.append((parsed.row[k], k, f"{where(parsed.row[k])}: " + template.format(s=s[k], c=c[k], box=box, **extra)))
+            message = template.format(s=s[k], c=c[k], box=box, **extra)
+            flagged.append((parsed.row[k], k, f"{where(parsed.row[k])}: {message}"))
     problems += [m for _, _, m in sorted(flagged)]
     if len(problems) > 200:
         problems = problems[:200] + [f"... (stopped after 200 of {len(problems)} problems)"]

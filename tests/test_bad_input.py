@@ -124,8 +124,9 @@ def broken_folder(src: Path) -> dict[str, str]:
     write_dicom(src / "nopix.dicom", ramp(), pixel_data=False)
     jpg = (src / "j1.jpg").read_bytes()
     (src / "cutjpg.jpg").write_bytes(jpg[: len(jpg) - 40])
+    (src / "a b.png").write_bytes((src / "p1.png").read_bytes())  # ids name files and CSV cells
     return {"zero.png": "empty file", "text.png": "not a PNG", "cut.dicom": "less than expected",
-            "nopix.dicom": "no pixel data", "cutjpg.jpg": "truncated JPEG"}
+            "nopix.dicom": "no pixel data", "cutjpg.jpg": "truncated JPEG", "a b.png": "unsafe image_id 'a b'"}
 
 
 def test_prepare_skips_bad_files_converts_the_rest(tmp_path, capsys):
@@ -135,7 +136,7 @@ def test_prepare_skips_bad_files_converts_the_rest(tmp_path, capsys):
         main(["prepare", "--src", str(tmp_path / "src"), "--out", str(out), "--size", "16", "--workers", "2"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"error: {out / 'failed.csv'}: 5 file(s) failed")
+    assert err.strip().splitlines()[-1].startswith(f"error: {out / 'failed.csv'}: 6 file(s) failed")
     assert "Traceback" not in err
     failed = pd.read_csv(out / "failed.csv")
     assert list(failed.columns) == ["file", "reason"]
