@@ -20,6 +20,7 @@ from cxr.io import DataError, csv_row, read_table, write_table
 from cxr.predictions import validate
 
 EMPTY_PREDICTION = f"{NO_FINDING} 1 0 0 1 1"
+CLASS_TOKENS = {str(c): c for c in range(NUM_CLASSES)}  # how a class appears in a PredictionString
 
 
 def format_predictions(preds: pd.DataFrame, image_ids: list[str]) -> pd.DataFrame:
@@ -68,21 +69,24 @@ def parse_strings(strings: pd.Series) -> Parsed:
     0..14 or a value that is not a number is malformed: it is listed in ``problems`` and
     contributes no box. Non-finite numbers (``inf``, ``nan``) parse; checks catch them.
     """
-    tokens = strings.fillna("").astype(str).str.split()
-    counts = tokens.str.len().to_numpy()
+    tokens = [str(t).split() for t in strings.fillna("")]
+    counts = np.fromiter(map(len, tokens), dtype=int, count=len(tokens))
     bad_count = (counts == 0) | (counts % 6 != 0)
     whole = counts % 6 == 0  # rows whose tokens split into groups; the others add no box
-    rows = tokens if whole.all() else tokens[whole]
-    flat = np.array(list(itertools.chain.from_iterable(rows)), dtype=str).reshape(-1, 6)
+    rows = tokens if whole.all() else [t for t, ok in zip(tokens, whole) if ok]
+    flat = np.array(list(itertools.chain.from_iterable(rows)), dtype=object).reshape(-1, 6)
     group_row = np.repeat(np.arange(len(counts)), np.where(whole, counts // 6, 0))
-    cls_text = pd.Series(flat[:, 0], dtype=object)
-    cls_ok = cls_text.str.fullmatch(r"\d{1,2}").to_numpy(dtype=bool).copy()
-    cls = np.where(cls_ok, pd.to_numeric(cls_text.where(cls_ok, "0")).to_numpy(), -1).astype(int)
-    cls_ok &= cls < NUM_CLASSES
-    values = pd.to_numeric(pd.Series(flat[:, 1:].ravel(), dtype=object), errors="coerce")
-    values = values.to_numpy(dtype=float).reshape(-1, 5)
-    is_nan_text = np.char.lower(flat[:, 1:]) == "nan"
-    num_ok = ~(np.isnan(values) & ~is_nan_text).any(axis=1)
+    cls = pd.Series(flat[:, 0], dtype=object).map(CLASS_TOKENS).to_numpy(dtype=float)
+    cls_ok = ~np.isnan(cls)
+    cls = np.where(cls_ok, cls, -1).astype(int)
+    try:  # float() per token in C: the fast path for a well-formed file
+        values = flat[:, 1:].astype(float)
+        num_ok = np.ones(len(flat), dtype=bool)
+    except ValueError:  # some token is not a number: find which
+        values = pd.to_numeric(pd.Series(flat[:, 1:].ravel()), errors="coerce").to_numpy(dtype=float).reshape(-1, 5)
+        nan = np.isnan(values)
+        nan[nan] = [str(t).lower() != "nan" for t in flat[:, 1:][nan]]  # a literal "nan" parses; checks catch it
+        num_ok = ~nan.any(axis=1)
 
     first_group = np.r_[0, np.cumsum(np.bincount(group_row, minlength=len(counts)))][:-1]
     problems, bad_rows = [], []
