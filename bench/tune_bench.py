@@ -12,6 +12,8 @@ a noisy copy of the truth. Runs :func:`ensemble.ensemble.tune` exactly as ``make
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +70,11 @@ def detector_oof(gt: pd.DataFrame, sizes: pd.DataFrame, boxes: int, rng: np.rand
     return t[(t["x_max"] > t["x_min"] + 1) & (t["y_max"] > t["y_min"] + 1)].reset_index(drop=True)
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=15000)
@@ -93,11 +100,15 @@ def main() -> None:
     print(f"{len(ids)} real train images ({len(gt)} fused truth boxes, {folds['fold'].nunique()} folds) x {a.models} models, "
           f"{n_boxes:,} OOF rows (built in {time.perf_counter() - start:.0f} s); {a.jobs} processes")
     start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     params, search = tune(tables, [f"m{i}" for i in range(a.models)], gt, ids, sizes, p_abnormal,
                           folds=None if a.no_nested else folds, jobs=a.jobs)
     wall = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start  # this process + the finished worker processes
     print(f"ensemble tune: {wall:.0f} s ({wall / 60:.1f} min, target 10 min) for {len(search)} candidates"
           f"{'' if a.no_nested else ' + nested searches'}; chosen {params.fusion} {params.gate}")
+    print(f"CPU time of all processes {cpu:.0f} s: on {a.jobs} idle cores the wall time would be about "
+          f"{cpu / a.jobs:.0f} s ({cpu / a.jobs / 60:.1f} min); this machine's load average now {os.getloadavg()[0]:.1f}")
     print(f"OOF mAP in-sample {params.oof_map} | nested {params.nested_map}")
 
 

@@ -56,8 +56,23 @@ def wbf(
     sorted by group, then score (highest first). For one group this equals
     ``ensemble_boxes.weighted_boxes_fusion`` (within 1e-6).
     """
-    if conf_type not in CONF_TYPES:
-        raise ValueError(f"conf_type must be one of {CONF_TYPES}, got {conf_type!r}")
+    return wbf_each(group, model, scores, boxes, weights, iou_thr, skip_box_thr, (conf_type,))[0]
+
+
+def wbf_each(
+    group: np.ndarray,
+    model: np.ndarray,
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    weights: Sequence[float],
+    iou_thr: float,
+    skip_box_thr: float,
+    conf_types: Sequence[str],
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`wbf` for several ``conf_types`` at the price of one: the clusters do not depend on it."""
+    bad = [c for c in conf_types if c not in CONF_TYPES]
+    if bad:
+        raise ValueError(f"conf_type must be one of {CONF_TYPES}, got {bad[0]!r}")
     if not 0 <= iou_thr <= 1:
         raise ValueError(f"iou_thr must be in [0, 1], got {iou_thr}")
     w = np.asarray(weights, dtype=float)
@@ -70,7 +85,7 @@ def wbf(
     keep = (scores >= skip_box_thr) & ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) != 0.0)
     index = np.flatnonzero(keep)
     if len(index) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 4)), np.zeros(0)
+        return [(np.zeros(0, dtype=np.int64), np.zeros((0, 4)), np.zeros(0)) for _ in conf_types]
     group, model, b = group[index], model[index], b[index]
     weighted = scores[index] * w[model]
     order = _group_then_score(group, weighted)
@@ -78,11 +93,16 @@ def wbf(
     # chunks of whole groups, about CHUNK_BOXES boxes each
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     cuts = np.unique(np.r_[0, starts[np.searchsorted(starts, np.arange(CHUNK_BOXES, len(group), CHUNK_BOXES))], len(group)])
-    out = [_wbf_sorted(group[i:j], model[i:j], weighted[i:j], b[i:j], w, iou_thr, conf_type)
+    out = [_wbf_sorted(group[i:j], model[i:j], weighted[i:j], b[i:j], w, iou_thr, tuple(conf_types))
            for i, j in zip(cuts[:-1], cuts[1:]) if j > i]
-    g, fused, s = (np.concatenate(parts) for parts in zip(*out))
-    order = _group_then_score(g, s, later_first=False)
-    return g[order], fused[order], s[order]
+    g = np.concatenate([o[0] for o in out])
+    fused = np.concatenate([o[1] for o in out])
+    results = []
+    for k in range(len(conf_types)):
+        s = np.concatenate([o[2][k] for o in out])
+        order = _group_then_score(g, s, later_first=False)
+        results.append((g[order], fused[order], s[order]))
+    return results
 
 
 def _group_then_score(group: np.ndarray, score: np.ndarray, later_first: bool = True) -> np.ndarray:
@@ -105,7 +125,7 @@ def _group_then_score(group: np.ndarray, score: np.ndarray, later_first: bool = 
     return np.argsort((group - low) * n + rank)
 
 
-def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
+def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_types):
     """The lockstep walk over boxes already sorted by group, then weighted score (highest first)."""
     n = len(group)
     first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
@@ -122,7 +142,7 @@ def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
     wsum = np.zeros(n)  # sum of model weights
     top = np.zeros(n)  # highest weighted score
     count = np.zeros(n, dtype=np.int64)
-    needs_models = conf_type in ("box_and_model_avg", "absent_model_aware_avg")
+    needs_models = bool({"box_and_model_avg", "absent_model_aware_avg"} & set(conf_types))
     present = np.zeros((n, len(w)), dtype=bool) if needs_models else None
     clusters = np.zeros(n_groups, dtype=np.int64)
     active = n_groups
@@ -167,18 +187,21 @@ def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_type):
     cnt, conf_s, wsum_s = count[slots], conf[slots], wsum[slots]
     single = cnt == 1
     # ensemble-boxes keeps a one-box cluster as the box (float64); a fused one in float32
-    score = np.where(single, conf_s, (conf_s / cnt).astype(np.float32).astype(float))
+    mean = np.where(single, conf_s, (conf_s / cnt).astype(np.float32).astype(float))
     weight = np.where(single, wsum_s, wsum_s.astype(np.float32).astype(float))
-    if conf_type == "max":
-        score = np.where(single, conf_s, top[slots].astype(np.float32).astype(float)) / w.max()
-    elif conf_type == "box_and_model_avg":
-        score = score * cnt / weight
-        score = score * (present[slots] * w).sum(axis=1) / w.sum()
-    elif conf_type == "absent_model_aware_avg":
-        score = score * cnt / (weight + (~present[slots] * w).sum(axis=1))
-    else:
-        score = score * np.minimum(len(w), cnt) / w.sum()
-    return group[slots], coords[slots], score
+    scores = []
+    for conf_type in conf_types:  # the clusters do not depend on conf_type, only their scores
+        if conf_type == "max":
+            score = np.where(single, conf_s, top[slots].astype(np.float32).astype(float)) / w.max()
+        elif conf_type == "box_and_model_avg":
+            score = mean * cnt / weight
+            score = score * (present[slots] * w).sum(axis=1) / w.sum()
+        elif conf_type == "absent_model_aware_avg":
+            score = mean * cnt / (weight + (~present[slots] * w).sum(axis=1))
+        else:
+            score = mean * np.minimum(len(w), cnt) / w.sum()
+        scores.append(score)
+    return group[slots], coords[slots], scores
 
 
 @dataclass
@@ -229,22 +252,35 @@ def fuse_arrays(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`fuse_predictions` as arrays ``(image index into prep.image_ids, class_id, score, boxes)``,
     rows in the order of its table."""
+    return fuse_arrays_each(prep, weights, iou_thr, skip_box_thr, (conf_type,))[0]
+
+
+def fuse_arrays_each(
+    prep: Prepared,
+    weights: Sequence[float],
+    iou_thr: float,
+    skip_box_thr: float,
+    conf_types: Sequence[str],
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`fuse_arrays` for several ``conf_types``, clustering once."""
     w = np.asarray(weights, dtype=float)
     if len(w) != prep.n_tables:
         raise ValueError(f"{len(w)} weights for {prep.n_tables} tables")
-    g, fused, s = wbf(prep.group, prep.model, prep.score, prep.boxes, w, iou_thr, skip_box_thr, conf_type)
     # No finding: per image, the weighted sum over inputs of each input's highest No-finding score
     normal = np.zeros(len(prep.image_ids))
     np.add.at(normal, prep.nf_image, w[prep.nf_model] * prep.nf_score)
     has = np.flatnonzero(normal > 0)
-    image = np.r_[g // NUM_CLASSES, has]
-    cls = np.r_[g % NUM_CLASSES, np.full(len(has), NO_FINDING)]
-    score = np.r_[np.clip(s, 0, 1), normal[has] / w.sum()]
-    boxes = np.r_[fused * prep.scale[g // NUM_CLASSES], np.tile(np.asarray(NO_FINDING_BOX, dtype=float), (len(has), 1))]
-    # per image: boxes by score (highest first), then the No-finding row
-    order = _group_then_score(image * 2 + (cls == NO_FINDING), score, later_first=False)
-    keep = order[(boxes[order, 2] > boxes[order, 0]) & (boxes[order, 3] > boxes[order, 1])]
-    return image[keep], cls[keep], score[keep], boxes[keep]
+    out = []
+    for g, fused, s in wbf_each(prep.group, prep.model, prep.score, prep.boxes, w, iou_thr, skip_box_thr, conf_types):
+        image = np.r_[g // NUM_CLASSES, has]
+        cls = np.r_[g % NUM_CLASSES, np.full(len(has), NO_FINDING)]
+        score = np.r_[np.clip(s, 0, 1), normal[has] / w.sum()]
+        boxes = np.r_[fused * prep.scale[g // NUM_CLASSES], np.tile(np.asarray(NO_FINDING_BOX, dtype=float), (len(has), 1))]
+        # per image: boxes by score (highest first), then the No-finding row
+        order = _group_then_score(image * 2 + (cls == NO_FINDING), score, later_first=False)
+        keep = order[(boxes[order, 2] > boxes[order, 0]) & (boxes[order, 3] > boxes[order, 1])]
+        out.append((image[keep], cls[keep], score[keep], boxes[keep]))
+    return out
 
 
 def fuse_predictions(

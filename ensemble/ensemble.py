@@ -21,8 +21,9 @@ Gate (``p_normal = 1 - p_abnormal`` from the classifier):
 
 The rule with the higher OOF mAP is kept (``none`` if neither helps).
 
-Cost: each fusion candidate is fused once and its rows matched once (:mod:`ensemble.scoring`);
-gate candidates and fold subsets only re-rank those rows. Candidates run in ``jobs`` processes.
+Cost: each fusion candidate is fused once (the four conf types share one clustering) and its rows
+matched once (:mod:`ensemble.scoring`); gate candidates and fold subsets only re-rank those rows.
+Candidates run in ``jobs`` processes, with progress and ETA.
 
 Honest figures: the tuned mAP is measured on the OOF predictions that chose the parameters, so
 it is optimistic. With folds, the same search also runs once per fold k on the other folds, and
@@ -46,7 +47,7 @@ from cxr.dataset import NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.io import DataError, read_table
 from cxr.predictions import read_predictions, read_probabilities, validate
 from cxr.submission import read_submission
-from cxr.wbf import CONF_TYPES, fuse_arrays, fuse_predictions, prepare
+from cxr.wbf import CONF_TYPES, fuse_arrays_each, fuse_predictions, prepare
 from ensemble.scoring import Scored, Truth, gated, score_arrays, score_rows
 
 
@@ -170,26 +171,27 @@ def _init(state: dict) -> None:
     _STATE = state
 
 
-def _fused_scored(fp: FusionParams) -> Scored:
-    """One fusion candidate, fused from the prepared arrays and matched (:func:`fuse` without the table)."""
+def _fused_scored(fps: list[FusionParams]) -> list[Scored]:
+    """Fusion candidates that differ only in ``conf_type``, clustered once (:func:`cxr.wbf.fuse_arrays_each`)
+    from the prepared arrays, and matched: what :func:`fuse` + :func:`ensemble.scoring.score_rows` give."""
     st = _STATE
-    if len(st["tables"]) == 1 and fp.conf_type == "avg" and fp.skip_box_thr == 0:
-        return score_rows(st["truth"], st["tables"][0])
-    image, cls, score, boxes = fuse_arrays(st["prepared"], fp.weights, fp.iou_thr, fp.skip_box_thr, fp.conf_type)
-    return score_arrays(st["truth"], st["truth_index"][image], cls, score, boxes)
+    if len(st["tables"]) == 1 and all(fp.conf_type == "avg" and fp.skip_box_thr == 0 for fp in fps):
+        return [score_rows(st["truth"], st["tables"][0]) for _ in fps]  # fuse() passes one table through
+    fp = fps[0]
+    fused = fuse_arrays_each(st["prepared"], fp.weights, fp.iou_thr, fp.skip_box_thr, [f.conf_type for f in fps])
+    return [score_arrays(st["truth"], st["truth_index"][image], cls, score, boxes) for image, cls, score, boxes in fused]
 
 
-def _fusion_maps(fp: FusionParams) -> np.ndarray:
-    """mAP of one fusion candidate on every image subset of the search."""
-    s = _fused_scored(fp)
-    return np.array([s.map(m) for m in _STATE["masks"]])
+def _fusion_maps(fps: list[FusionParams]) -> list[np.ndarray]:
+    """mAP of fusion candidates (same weights, iou and skip) on every image subset of the search."""
+    return [np.array([s.map(m) for m in _STATE["masks"]]) for s in _fused_scored(fps)]
 
 
-def _gate_maps(fp: FusionParams, gates: list[GateParams]) -> np.ndarray:
-    """mAP of every gate candidate on one fusion candidate (fused and matched once): (gates, subsets)."""
-    s = _fused_scored(fp)
+def _gate_maps(fp: FusionParams, gates: list[GateParams]) -> list[np.ndarray]:
+    """mAP of every gate candidate on one fusion candidate (fused and matched once): [(gates, subsets)]."""
+    s = _fused_scored([fp])[0]
     p = _STATE["p_abnormal"]
-    return np.array([[gs.map(m) for m in _STATE["masks"]] for gs in (gated(s, p, g.rule, g.low, g.high) for g in gates)])
+    return [np.array([[gs.map(m) for m in _STATE["masks"]] for gs in (gated(s, p, g.rule, g.low, g.high) for g in gates)])]
 
 
 def _key(fp: FusionParams) -> tuple:
@@ -220,25 +222,25 @@ class _Runner:
         eta = elapsed / self.done * (self.planned - self.done)
         self.log(f"  [{self.done}/{self.planned}] {stage:6s} {text} -> mAP {value:.4f}  ({elapsed:.0f} s, ETA {eta:.0f} s)")
 
-    def run(self, calls: list[tuple[tuple, str, Callable, tuple, str]], later: int = 0) -> list[np.ndarray]:
-        """``calls``: (cache key, stage, function, args, text); returns each result, running the uncached
-        ones once. ``later``: how many runs are expected after these (for the ETA)."""
-        todo = {}
-        for key, stage, fn, args, text in calls:
-            if key not in self.cache and key not in todo:
-                todo[key] = (stage, fn, args, text)
-        self.planned = self.done + len(todo) + later
+    def run(self, jobs: list[tuple[list[tuple], str, Callable, tuple, list[str]]], later: int = 0) -> None:
+        """``jobs``: (cache keys, stage, function, args, texts); the function returns one result per key.
+        Runs the jobs with an uncached key, fills the cache. ``later``: results expected after these (ETA)."""
+        jobs = [j for j in jobs if any(k not in self.cache for k in j[0])]
+        self.planned = self.done + sum(len(j[0]) for j in jobs) + later
+
+        def store(job, results) -> None:
+            keys, stage, _, _, texts = job
+            for key, result, text in zip(keys, results, texts):
+                self.cache[key] = result
+                self._progress(stage, text, float(np.ravel(result)[0]))
+
         if self.pool is None:
-            for key, (stage, fn, args, text) in todo.items():
-                self.cache[key] = fn(*args)
-                self._progress(stage, text, float(np.ravel(self.cache[key])[0]))
+            for job in jobs:
+                store(job, job[2](*job[3]))
         else:
-            futures = {self.pool.submit(fn, *args): (key, stage, text) for key, (stage, fn, args, text) in todo.items()}
+            futures = {self.pool.submit(job[2], *job[3]): job for job in jobs}
             for f in as_completed(futures):
-                key, stage, text = futures[f]
-                self.cache[key] = f.result()
-                self._progress(stage, text, float(np.ravel(self.cache[key])[0]))
-        return [self.cache[key] for key, *_ in calls]
+                store(futures[f], f.result())
 
     def close(self) -> None:
         if self.pool is not None:
@@ -292,7 +294,15 @@ def tune(
     rows: list[dict] = []
 
     def fusion_calls(stage: str, fps: list[FusionParams], later: int) -> list[np.ndarray]:
-        return runner.run([(_key(fp), stage, _fusion_maps, (fp,), _describe(fp)) for fp in fps], later)
+        """mAP per subset of each candidate; one job per (weights, iou, skip): conf types share the clusters."""
+        jobs: dict[tuple, list[FusionParams]] = {}
+        for fp in fps:
+            group = jobs.setdefault(_key(fp)[:3], [])
+            if _key(fp) not in runner.cache and all(_key(fp) != _key(g) for g in group):
+                group.append(fp)
+        runner.run([([_key(fp) for fp in g], stage, _fusion_maps, (g,), [_describe(fp) for fp in g])
+                    for g in jobs.values() if g], later)
+        return [runner.cache[_key(fp)] for fp in fps]
 
     try:
         default = FusionParams(list(models), [1.0] * len(models))
@@ -321,9 +331,9 @@ def tune(
         gated_maps = list(fused_maps)
         if p_abnormal is not None:
             distinct = {_key(b): b for b in best}
-            per_fusion = dict(zip(distinct, runner.run(
-                [(("gate", *k), "gate", _gate_maps, (fp, gates), f"{len(gates)} gate rules on {_describe(fp)}")
-                 for k, fp in distinct.items()])))
+            runner.run([([("gate", *k)], "gate", _gate_maps, (fp, gates), [f"{len(gates)} gate rules on {_describe(fp)}"])
+                        for k, fp in distinct.items()])
+            per_fusion = {k: runner.cache[("gate", *k)] for k in distinct}
             rows += [{"stage": "gate", **asdict(best[0]), **asdict(g), "map": r[0]} for g, r in zip(gates, per_fusion[_key(best[0])])]
             for p in range(n_paths):
                 top = best_map[p]

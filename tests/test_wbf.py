@@ -10,7 +10,7 @@ import pytest
 from ensemble_boxes import weighted_boxes_fusion
 
 from cxr.dataset import PREDICTION_COLUMNS
-from cxr.wbf import CONF_TYPES, fuse_predictions, reference_fuse_predictions, wbf
+from cxr.wbf import CONF_TYPES, fuse_predictions, reference_fuse_predictions, wbf, wbf_each
 
 TOL = 1e-6
 
@@ -158,3 +158,16 @@ def test_fuse_predictions_order_and_no_finding():
         fuse_predictions([t1], sizes, [1, 2])
     with pytest.raises(ValueError, match="no size"):
         fuse_predictions([t1], sizes.iloc[:1])
+
+
+def test_one_clustering_serves_every_conf_type():
+    rng = np.random.default_rng(11)
+    images = [[random_model(rng, 30, 3) for _ in range(3)] for _ in range(10)]
+    group = np.concatenate([i * 100 + np.asarray(m[2], dtype=np.int64) for i, ms in enumerate(images) for m in ms])
+    model = np.concatenate([np.full(len(m[1]), t) for ms in images for t, m in enumerate(ms)])
+    scores = np.concatenate([np.asarray(m[1], dtype=float) for ms in images for m in ms])
+    boxes = np.concatenate([np.asarray(m[0], dtype=float).reshape(-1, 4) for ms in images for m in ms])
+    each = wbf_each(group, model, scores, boxes, [2.0, 1.0, 0.5], 0.5, 0.1, CONF_TYPES)
+    for conf_type, (g, b, s) in zip(CONF_TYPES, each):
+        g1, b1, s1 = wbf(group, model, scores, boxes, [2.0, 1.0, 0.5], 0.5, 0.1, conf_type)
+        assert (g == g1).all() and np.array_equal(b, b1) and np.array_equal(s, s1)
