@@ -2,66 +2,76 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
+import pickle
+import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from cxr.config import load
 from cxr.data import DataFolder
 from cxr.folds import make_folds
 from cxr.io import write_table
+from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import read_predictions
+from cxr.synth import SynthConfig, generate
 from models.__main__ import main
-from tests.conftest import demo_beats_prior
-from models.detectron.detectron import AlbumentationsMapper, Config, build_cfg, records
+from models.detectron.detectron import Config, Mapper, build_cfg, records
+from tests.conftest import demo_beats_prior, kill_when, model_args
 
-FAST = ["max_iter=4", "eval_period=2", "checkpoint_period=2", "imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
-
-
-@pytest.fixture(scope="module")
-def setup(synth_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("d2_run")
-    folds = run / "folds.csv"
-    write_table(make_folds(DataFolder(synth_dir).labels, n_folds=3, seed=0), folds)
-    return synth_dir, folds, run
+FAST = ["max_iter=4", "eval_period=4", "checkpoint_period=2", "imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
+PROFILES = Path(__file__).resolve().parents[1] / "models" / "detectron"
 
 
 def args(verb, setup, *extra, run=None):
-    data, folds, default_run = setup
-    return ["detectron", verb, "--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(run or default_run), *extra]
+    return model_args("detectron", verb, setup, *extra, run=run)
 
 
-def test_records_scale_boxes_per_axis(synth_dir):
+@pytest.fixture(scope="module")
+def trained(fold_setup):
+    """Fold 0 trained for 4 iterations and predicted (with flip TTA) once, shared by the tests below."""
+    main(args("train", fold_setup, "--set", *FAST))
+    main(args("predict", fold_setup, "--set", *FAST, "tta=true"))
+    return fold_setup[2] / "detectron" / "fold0"
+
+
+def test_mapper_scales_boxes_per_axis(synth_dir):
+    """Records hold original pixels and the meta table's size; the mapper puts the boxes on the
+    squashed network image, each axis by its own factor."""
     data = DataFolder(synth_dir)
     fused = data.fused()
     image_id = fused.loc[fused["class_id"] != 14, "image_id"].iloc[0]
     rec = records(data, [image_id])[0]
     w, h = data.train_sizes.set_index("image_id").loc[image_id, ["width", "height"]]
+    assert (rec["width"], rec["height"]) == (w, h) and (w, h) != (128, 128)
     g = fused[(fused["image_id"] == image_id) & (fused["class_id"] != 14)]
-    expected = g[["x_min", "y_min", "x_max", "y_max"]].to_numpy() * np.array([128 / w, 128 / h, 128 / w, 128 / h])
-    np.testing.assert_allclose(np.array([a["bbox"] for a in rec["annotations"]]), expected)
-    assert (rec["height"], rec["width"]) == (128, 128)
+    mapped = Mapper(Config(imgsz=96), train=False)(rec)
+    expected = g[["x_min", "y_min", "x_max", "y_max"]].to_numpy() * np.array([96 / w, 96 / h, 96 / w, 96 / h])
+    np.testing.assert_allclose(mapped["instances"].gt_boxes.tensor.numpy(), expected, rtol=1e-5)
+    assert mapped["instances"].gt_classes.tolist() == g["class_id"].tolist()
+    assert tuple(mapped["image"].shape) == (3, 96, 96) and (mapped["height"], mapped["width"]) == (96, 96)
 
 
 def test_empty_images_train(synth_dir, tmp_path):
     """A batch of normal images (no annotations) gives finite losses through the GN model built from scratch."""
     from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
 
     data = DataFolder(synth_dir)
     fused = data.fused()
     normal = fused.loc[fused["class_id"] == 14, "image_id"].tolist()[:2]
-    mapper = AlbumentationsMapper(128, train=True)
+    cfg = Config(depth=18, imgsz=128, device="cpu")
+    mapper = Mapper(cfg, train=True)
     batch = [mapper(r) for r in records(data, normal)]
     assert all(len(b["instances"]) == 0 for b in batch)
-    from detectron2.utils.events import EventStorage
-
-    model = build_model(build_cfg(Config(depth=18, imgsz=128, device="cpu"), tmp_path)).train()
+    model = build_model(build_cfg(cfg, tmp_path)).train()
     with EventStorage(0):  # detectron2 logs training statistics into the trainer's storage
         losses = model(batch)
     total = sum(losses.values())
@@ -70,43 +80,131 @@ def test_empty_images_train(synth_dir, tmp_path):
     assert model.backbone.bottom_up.stem.conv1.norm.__class__.__name__ == "GroupNorm"
 
 
-def test_train_predict_and_resume(setup, tmp_path):
-    data, folds, run = setup
-    main(args("train", setup, "--set", *FAST))
-    out = run / "detectron" / "fold0"
-    assert (out / "weights.pth").exists() and (out / "curves.png").exists()
-    metrics = [json.loads(l) for l in (out / "train" / "metrics.json").read_text().splitlines()]
+def test_train_and_predict(fold_setup, trained):
+    data, folds, _ = fold_setup
+    assert (trained / "weights.pth").exists() and (trained / "curves.png").exists()
+    metrics = [json.loads(l) for l in (trained / "train" / "metrics.json").read_text().splitlines()]
     assert any("val_map" in m for m in metrics) and any("total_loss" in m for m in metrics)
-    main(args("predict", setup, "--set", *FAST, "tta=true"))
+    # the last checkpoint and the final weights only; detectron2's resolved config beside ours
+    assert sorted(p.name for p in (trained / "train").glob("*.pth")) == ["model_final.pth"]
+    assert set(torch.load(trained / "weights.pth", weights_only=True)) == {"model"}
+    d2 = yaml.safe_load((trained / "detectron2.yaml").read_text())
+    assert d2["SOLVER"]["MAX_ITER"] == 4 and d2["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 14
     d = DataFolder(data)
-    oof = read_predictions(out / "oof.csv", d.train_sizes)
+    oof = read_predictions(trained / "oof.csv", d.train_sizes)
     f = pd.read_csv(folds, dtype={"image_id": str})
     assert set(oof["image_id"]) == set(f.loc[f["fold"] == 0, "image_id"])
-    assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    assert set(read_predictions(trained / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
 
-    # resume: kill once a checkpoint is complete (detectron2 names it in last_checkpoint after writing it),
-    # rerun: training continues from that checkpoint and ends at max_iter
+
+def test_resume_after_kill(fold_setup, tmp_path):
+    """Kill once a checkpoint is complete (detectron2 names it in last_checkpoint after writing it);
+    the rerun continues from that checkpoint and ends at max_iter."""
     fast = [s for s in FAST if not s.startswith(("eval_period", "max_iter"))] + ["eval_period=100", "max_iter=10"]
-    cmd = [sys.executable, "-m", "models", *args("train", setup, "--set", *fast, run=tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    argv = args("train", fold_setup, "--set", *fast, run=tmp_path)
     pointer = tmp_path / "detectron" / "fold0" / "train" / "last_checkpoint"
-    deadline = time.time() + 600
-    while not pointer.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, pointer.exists)
     checkpoint = pointer.read_text().strip()
     assert checkpoint.startswith("model_0") and not (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
     assert "Loading from" in log and checkpoint in log, log[-3000:]  # resumed from that checkpoint
     assert (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
 
 
+# a zoo-like start: FrozenBN ResNet, stem + res2 frozen, no FPN/box-head norm, BGR 0-255 statistics
+ZOO = ["norm=FrozenBN", "head_norm=''", "freeze_at=2", "pixel_mean=[103.53, 116.28, 123.675]", "pixel_std=[1, 1, 1]"]
+
+
+def write_zoo_checkpoint(path: Path, cfg: Config, out: Path) -> dict[str, np.ndarray]:
+    """A Faster R-CNN checkpoint of ``cfg``'s architecture with the COCO head (80 classes) in the
+    model zoo's published format: a pickle of ``{'model': {name: ndarray}, '__author__': ...}``."""
+    from detectron2.modeling import build_model
+
+    d2 = build_cfg(cfg, out).clone()
+    d2.defrost()
+    d2.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    torch.manual_seed(1)
+    state = {k: v.numpy() for k, v in build_model(d2).state_dict().items()}
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+    return state
+
+
+def test_zoo_checkpoint_transfers(fold_setup, tmp_path, capfd):
+    """--set weights=FILE base_lr=0: after a training iteration the backbone equals the file's, the
+    class layer has 14 + 1 outputs (the COCO 81 re-initialised), and the load is reported in one line."""
+    overrides = [*FAST, "max_iter=1", *ZOO]
+    from models.__main__ import parse_overrides
+
+    cfg = load(Config, PROFILES / "demo.yaml", parse_overrides(overrides))
+    source = write_zoo_checkpoint(tmp_path / "zoo.pkl", cfg, tmp_path)
+    main(args("train", fold_setup, "--set", *overrides, f"weights={tmp_path / 'zoo.pkl'}", "base_lr=0",
+              run=tmp_path / "run"))
+    log = capfd.readouterr().out
+    assert f"tensors from {tmp_path / 'zoo.pkl'}; re-initialised: roi_heads.box_predictor" in log
+    state = torch.load(tmp_path / "run" / "detectron" / "fold0" / "weights.pth", weights_only=True)["model"]
+    backbone = [k for k in state if k.startswith("backbone.")]
+    assert len(backbone) > 100
+    for k in backbone:
+        np.testing.assert_array_equal(state[k].numpy(), source[k], err_msg=k)
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 15
+    assert source["roi_heads.box_predictor.cls_score.weight"].shape[0] == 81
+    d2 = yaml.safe_load((tmp_path / "run" / "detectron" / "fold0" / "detectron2.yaml").read_text())
+    assert d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and d2["MODEL"]["PIXEL_STD"] == [1, 1, 1]
+
+
+def test_missing_checkpoint_is_one_line(fold_setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args("train", fold_setup, "--set", *FAST, f"weights={tmp_path / 'faster_rcnn_R_101_FPN_3x_f6e8b1.pkl'}",
+                  run=tmp_path))
+    assert e.value.code == 2 and "`make weights` downloads it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
+    """models/detectron/full.yaml as it is (R101-FPN FrozenBN at 1024 px, its batch and augmentation),
+    except max_iter=1 and weights=null (the zoo file is not here): one iteration, validation, then
+    a prediction on 2 test images. Prints seconds per step and peak memory."""
+    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=6, n_test=2, size=128, seed=5))
+    folds = tmp_path / "folds.csv"
+    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    cfg = load(Config, PROFILES / "full.yaml")
+    common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
+              "--profile", "full", "--set", "max_iter=1", "weights=null"]
+    start = time.time()
+    main(["detectron", "train", *common])
+    train_s = time.time() - start
+    out = tmp_path / "run" / "detectron" / "fold0"
+    d2 = yaml.safe_load((out / "detectron2.yaml").read_text())
+    assert d2["INPUT"]["MIN_SIZE_TEST"] == 1024 and d2["SOLVER"]["IMS_PER_BATCH"] == cfg.batch
+    assert d2["MODEL"]["RESNETS"]["DEPTH"] == 101 and d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN"
+    step_s = [json.loads(l) for l in (out / "train" / "metrics.json").read_text().splitlines() if "time" in l]
+    start = time.time()
+    main(["detectron", "predict", *common])
+    predict_s = time.time() - start
+    d = DataFolder(data)
+    assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with capsys.disabled():
+        print(f"\ndetectron full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step "
+              f"(iteration time {step_s[-1].get('time', float('nan')) if step_s else float('nan'):.1f} s), "
+              f"predict {predict_s:.0f} s, peak RSS {rss:.1f} GiB")
+
+
 @pytest.mark.slow
 def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
-    ours, prior, minutes = demo_beats_prior("detectron", tmp_path_factory.mktemp("detectron_demo"))
+    root = tmp_path_factory.mktemp("detectron_demo")
+    ours, prior, minutes = demo_beats_prior("detectron", root)
+    labels = DataFolder(root / "data").labels
+    folds = pd.read_csv(root / "folds.csv", dtype={"image_id": str})
+    val = folds.loc[folds["fold"] == 0, "image_id"].tolist()
+    oof = read_predictions(root / "run" / "detectron" / "fold0" / "oof.csv")
+    ap = mean_average_precision(ground_truth(labels[labels["image_id"].isin(val)]), oof, val)["ap"]
+    found = sorted(int(c) for c, v in ap.items() if c != "14" and v)
     with capsys.disabled():
-        print(f"\ndetectron demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min)")
+        print(f"\ndetectron demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min); "
+              f"finding classes with AP > 0: {found}")
     assert ours > prior
+    assert len(found) >= 3  # it finds boxes, not only the No-finding row

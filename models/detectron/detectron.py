@@ -1,42 +1,65 @@
 """Faster R-CNN (detectron2) adapter: prepare / train / predict for one fold.
 
-Contract: see models/README.md. detectron2 specifics:
+Contract: see models/README.md. detectron2 specifics, top to bottom:
 
-* Datasets are registered from the shared core's fused labels and the fold file (no copy of
-  the labels): ``vbd_<run>_fold<k>_{train,val}``, boxes scaled per axis from original pixels
-  to the squashed PNG. Images without a finding stay in training (empty annotations are not
-  filtered), so normal images teach the background.
-* From scratch, the model zoo's frozen BatchNorm diverges: backbone, FPN and box head use
-  GroupNorm and nothing is frozen (``FREEZE_AT=0``). ``MODEL.WEIGHTS`` is ``''`` or a
-  local file: nothing is downloaded.
-* Augmentation through albumentations in a dataset mapper (flip, shift-scale-rotate,
-  brightness/contrast).
-* detectron2's own ``DefaultTrainer``: checkpoints every ``checkpoint_period`` and
-  ``resume_or_load(resume=True)``, so a killed run resumes; ``metrics.json`` holds the
-  per-iteration losses, plus (every ``eval_period``) the validation loss and the
-  competition mAP@0.4 from :class:`ValidationHook`; ``curves.png`` plots both.
-* Multi-GPU through detectron2's ``launch`` (``num_gpus``); one process otherwise.
+* :func:`records`: one dict per image with the PNG path, the ORIGINAL size (from the meta
+  table; no PNG is decoded) and the fused boxes (``labels:``, default ``cxr.fusion.DEFAULT``)
+  in original pixels. Images without a finding stay in training, so normal images teach the
+  background. The records are handed to the trainer as a list: nothing is registered in
+  detectron2's global catalogs.
+* :class:`Mapper`: record -> model input at ``imgsz``: the squashed PNG is resized, boxes go
+  from original pixels to network pixels with ``cxr.boxes.to_resized``; in training,
+  albumentations flip, shift-scale-rotate and brightness/contrast.
+* :func:`build_cfg`: the zoo architecture (``zoo_config``, ``depth``) with the profile's
+  normalization, frozen stages and pixel statistics. Two starts:
+  from scratch (demo): GroupNorm everywhere, nothing frozen, gray-image statistics;
+  from a checkpoint (full): the statistics the file was trained with (model zoo and the MSRA
+  ImageNet ``R-50.pkl``/``R-101.pkl``: FrozenBN, BGR 0-255, means 103.53/116.28/123.675, std 1,
+  ``freeze_at: 2``, no norm in FPN and box head).
+* :func:`load_weights`: a model-zoo ``.pkl``/``.pth`` or an ImageNet ``.pkl`` (Caffe2 names,
+  renamed by detectron2's own ``c2_model_loading``) -> :func:`models.weights.transfer`; the
+  81-way (80 + background) COCO class and box layers are re-initialised for 14 classes.
+* :class:`Trainer`: detectron2's ``DefaultTrainer`` with our records and mapper, and these
+  hooks: timer, LR schedule, a periodic checkpoint of which only the latest is kept (a 30k
+  iteration R101 run would otherwise keep 15 of ~0.5 GB), :class:`ValidationHook`
+  (validation loss and the competition mAP@0.4 every ``eval_period``) and the writers
+  (``metrics.json``, console). ``resume_or_load(resume=True)`` continues a killed run.
+* :func:`train`: writes ``config.yaml`` (ours) and ``detectron2.yaml`` (detectron2's resolved
+  config), trains (multi-GPU through detectron2's ``launch``), then ``weights.pth`` (the final
+  model only) and ``curves.png``; of the checkpoints only ``train/model_final.pth`` stays.
 """
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
+from detectron2 import model_zoo
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import DefaultTrainer, HookBase, hooks, launch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
+from cxr.boxes import to_original, to_resized
 from cxr.config import save
 from cxr.data import DataFolder, split
-from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
+from cxr.dataset import BOX_COLUMNS, FINDING_CLASSES, NO_FINDING
+from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import atomic_path
 from cxr.metric import ground_truth, mean_average_precision
 from models.common import Detections, Infer, device, predict_split, write_fold_predictions
+from models.weights import resolve, transfer
 
 OUTPUT = "detections"
 
@@ -45,10 +68,18 @@ OUTPUT = "detections"
 class Config:
     zoo_config: str = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"  # architecture only; weights never fetched
     depth: int = 50  # ResNet depth: 18, 34, 50, 101
-    norm: str = "GN"  # GroupNorm: trains from scratch, unlike the zoo's FrozenBN
-    weights: str = ""  # '' (from scratch) or a local .pth / .pkl
+    # How the network is normalised and fed must match its start: GN + nothing frozen + gray statistics
+    # trains from scratch; a zoo/ImageNet file wants FrozenBN, freeze_at 2, no FPN/head norm, BGR 0-255 means.
+    norm: Literal["GN", "FrozenBN", "SyncBN", "BN"] = "GN"  # ResNet's normalization
+    head_norm: Literal["", "GN", "SyncBN", "BN"] = "GN"  # FPN and box head ('' = none, as in the zoo)
+    freeze_at: int = 0  # 0: train everything; 2: stem and res2 frozen (the zoo's)
+    pixel_format: Literal["BGR", "RGB"] = "BGR"  # channel order of pixel_mean/std (gray images: 3 equal channels)
+    pixel_mean: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
+    pixel_std: list[float] = field(default_factory=lambda: [64.0, 64.0, 64.0])
+    weights: str | None = None  # None (from scratch) or a local zoo .pkl/.pth or ImageNet R-50.pkl/R-101.pkl
+    labels: FusionConfig = field(default_factory=lambda: DEFAULT)  # reader fusion of the training labels
     imgsz: int = 1024
-    batch: int = 8  # images per iteration, all GPUs together
+    batch: int = 8  # images per iteration, all GPUs together (detectron2 has no gradient accumulation)
     max_iter: int = 30000
     base_lr: float = 0.01
     warmup_iters: int = 1000
@@ -60,6 +91,13 @@ class Config:
     rpn_post_nms_topk_train: int = 2000
     rpn_post_nms_topk_test: int = 1000
     roi_batch_per_image: int = 512
+    # training augmentation (albumentations): horizontal flip p=0.5, then an affine shift-scale-rotate
+    # with probability affine_p, then brightness/contrast +-brightness_contrast with p=0.5
+    shift: float = 0.05  # fraction of the image size
+    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
+    rotate: float = 5.0  # degrees, +-
+    affine_p: float = 0.5
+    brightness_contrast: float = 0.15
     eval_period: int = 2000
     checkpoint_period: int = 2000
     score_thr: float = 0.001  # low: the metric does not punish extra boxes
@@ -72,87 +110,70 @@ class Config:
     tta: bool = False
 
 
-def records(data: DataFolder, ids: list[str]) -> list[dict]:
-    """detectron2 dataset dicts for ``ids``: PNG path, PNG size, fused boxes in PNG pixels."""
-    from detectron2.structures import BoxMode
-
-    fused = data.fused()
+def records(data: DataFolder, ids: list[str], fusion: FusionConfig = DEFAULT) -> list[dict]:
+    """Dataset dicts for ``ids``: PNG path, original ``width``/``height`` (meta table), and the
+    fused finding boxes (``boxes`` (N, 4) original pixels, ``classes`` (N,)); the mapper scales."""
+    fused = data.fused(fusion)
     by_image = {k: g for k, g in fused[fused["class_id"] != NO_FINDING].groupby("image_id")}
     wh = data.train_sizes.set_index("image_id")[["width", "height"]]
     out = []
     for n, image_id in enumerate(ids):
-        path = data.image("train", image_id)
-        h, w = read_image(path).shape
         g = by_image.get(image_id)
-        annotations = []
-        if g is not None:
-            ow, oh = wh.loc[image_id]
-            boxes = g[BOX_COLUMNS].to_numpy(dtype=float) * np.array([w / ow, h / oh, w / ow, h / oh])
-            annotations = [{"bbox": b.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(c)}
-                           for b, c in zip(boxes, g["class_id"])]
-        out.append({"file_name": str(path), "image_id": n, "name": image_id, "height": h, "width": w,
-                    "annotations": annotations})
+        w, h = wh.loc[image_id]
+        out.append({
+            "file_name": str(data.image("train", image_id)), "image_id": n, "name": image_id,
+            "width": int(w), "height": int(h),
+            "boxes": np.zeros((0, 4)) if g is None else g[BOX_COLUMNS].to_numpy(dtype=float),
+            "classes": np.zeros(0, dtype=int) if g is None else g["class_id"].to_numpy(dtype=int),
+        })
     return out
 
 
-def register(data: DataFolder, folds: pd.DataFrame, fold: int, prefix: str) -> tuple[str, str]:
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+class Mapper:
+    """Record (see :func:`records`) -> detectron2 model input at ``cfg.imgsz``: ``image`` (3, S, S)
+    uint8 (the gray image in every channel), ``instances`` (boxes in network pixels), ``height`` and
+    ``width`` = S. Augmented when ``train``."""
 
-    names = []
-    for part, ids in zip(("train", "val"), split(folds, fold)):
-        name = f"{prefix}_fold{fold}_{part}"
-        if name not in DatasetCatalog.list():
-            DatasetCatalog.register(name, lambda ids=ids: records(data, ids))
-            MetadataCatalog.get(name).set(thing_classes=[CLASS_NAMES[c] for c in FINDING_CLASSES])
-        names.append(name)
-    return names[0], names[1]
-
-
-class AlbumentationsMapper:
-    """Dataset dict -> model input, with albumentations augmentation when training."""
-
-    def __init__(self, size: int, train: bool):
-        aug = [A.HorizontalFlip(p=0.5), A.Affine(scale=(0.9, 1.1), translate_percent=0.05, rotate=(-5, 5), p=0.5),
-               A.RandomBrightnessContrast(0.15, 0.15, p=0.5)] if train else []
-        self.transform = A.Compose([A.Resize(size, size), *aug],
-                                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3))
+    def __init__(self, cfg: Config, train: bool):
+        self.size = cfg.imgsz
+        self.resize = A.Resize(cfg.imgsz, cfg.imgsz)
+        self.augment = A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_percent=(-cfg.shift, cfg.shift), scale=(1 - cfg.scale, 1 + cfg.scale),
+                     rotate=(-cfg.rotate, cfg.rotate), p=cfg.affine_p),
+            A.RandomBrightnessContrast(cfg.brightness_contrast, cfg.brightness_contrast, p=0.5),
+        ], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3)) if train else None
 
     def __call__(self, record: dict) -> dict:
-        from detectron2.data import detection_utils
-        from detectron2.structures import BoxMode
-
-        record = copy.deepcopy(record)
-        image = read_image(record["file_name"])
-        h, w = image.shape
-        boxes = np.array([a["bbox"] for a in record["annotations"]], dtype=float).reshape(-1, 4).clip(0, [w, h, w, h])
-        labels = [a["category_id"] for a in record["annotations"]]
+        s = self.size
+        image = self.resize(image=read_image(record["file_name"]))["image"]
+        boxes = to_resized(record["boxes"], (record["width"], record["height"]), (s, s)).clip(0, s)
         ok = (boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)
-        out = self.transform(image=np.repeat(image[:, :, None], 3, axis=2), bboxes=boxes[ok],
-                             labels=[c for c, k in zip(labels, ok) if k])
-        image = out["image"]
-        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        annotations = [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(c)}
-                       for b, c in zip(out["bboxes"], out["labels"])]
-        record["instances"] = detection_utils.annotations_to_instances(annotations, image.shape[:2])
-        record["height"], record["width"] = image.shape[:2]
-        return record
+        out = {"image": np.repeat(image[:, :, None], 3, axis=2), "bboxes": boxes[ok], "labels": record["classes"][ok]}
+        if self.augment is not None:
+            out = self.augment(**out)
+        instances = Instances((s, s))
+        instances.gt_boxes = Boxes(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)))
+        instances.gt_classes = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64))
+        image = torch.as_tensor(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return {"file_name": record["file_name"], "image_id": record["image_id"], "image": image,
+                "instances": instances, "height": s, "width": s}
 
 
-def build_cfg(cfg: Config, out: Path, train_name: str = "", val_name: str = ""):
-    """The detectron2 config: zoo architecture, GN, no frozen stages, our solver and sizes."""
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
-
+def build_cfg(cfg: Config, out: Path) -> CfgNode:
+    """The detectron2 config: zoo architecture, the profile's normalization, input statistics, solver and sizes."""
     d2 = get_cfg()
     d2.merge_from_file(model_zoo.get_config_file(cfg.zoo_config))
-    d2.MODEL.WEIGHTS = cfg.weights
+    d2.MODEL.WEIGHTS = ""  # a start checkpoint goes through load_weights (and transfer), never detectron2's loader
     d2.MODEL.DEVICE = device(cfg.device)
-    d2.MODEL.PIXEL_MEAN, d2.MODEL.PIXEL_STD = [128.0] * 3, [64.0] * 3  # gray X-rays, not ImageNet BGR
+    d2.INPUT.FORMAT = cfg.pixel_format
+    d2.MODEL.PIXEL_MEAN, d2.MODEL.PIXEL_STD = list(cfg.pixel_mean), list(cfg.pixel_std)
     d2.MODEL.RESNETS.DEPTH = cfg.depth
     if cfg.depth in (18, 34):
         d2.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    d2.MODEL.RESNETS.NORM = d2.MODEL.FPN.NORM = d2.MODEL.ROI_BOX_HEAD.NORM = cfg.norm
-    d2.MODEL.BACKBONE.FREEZE_AT = 0
+    d2.MODEL.RESNETS.NORM = cfg.norm
+    d2.MODEL.FPN.NORM = d2.MODEL.ROI_BOX_HEAD.NORM = cfg.head_norm
+    d2.MODEL.BACKBONE.FREEZE_AT = cfg.freeze_at
     d2.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in cfg.anchor_sizes]
     d2.MODEL.FPN.OUT_CHANNELS = cfg.fpn_channels
     d2.MODEL.ROI_BOX_HEAD.FC_DIM = cfg.box_head_dim
@@ -163,9 +184,8 @@ def build_cfg(cfg: Config, out: Path, train_name: str = "", val_name: str = ""):
     d2.MODEL.ROI_HEADS.NUM_CLASSES = len(FINDING_CLASSES)
     d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_thr
     d2.TEST.DETECTIONS_PER_IMAGE = cfg.max_det
-    d2.DATASETS.TRAIN, d2.DATASETS.TEST = (train_name,), ()
+    d2.DATASETS.TRAIN, d2.DATASETS.TEST = (), ()  # the trainer gets the records themselves
     d2.DATALOADER.NUM_WORKERS = cfg.workers
-    d2.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # normal images are part of training
     d2.INPUT.MIN_SIZE_TRAIN, d2.INPUT.MAX_SIZE_TRAIN = (cfg.imgsz,), cfg.imgsz
     d2.INPUT.MIN_SIZE_TEST, d2.INPUT.MAX_SIZE_TEST = cfg.imgsz, cfg.imgsz
     d2.SOLVER.IMS_PER_BATCH = cfg.batch
@@ -183,60 +203,47 @@ def build_cfg(cfg: Config, out: Path, train_name: str = "", val_name: str = ""):
     return d2
 
 
-def _trainer_class():
-    from detectron2.data import build_detection_train_loader
-    from detectron2.engine import DefaultTrainer
+def load_weights(model: torch.nn.Module, path: str, log=print) -> None:
+    """Copy a checkpoint into ``model`` by name and shape (:func:`models.weights.transfer`).
 
-    class Trainer(DefaultTrainer):
-        validation: "ValidationHook | None" = None
-
-        def build_hooks(self):  # validation before the writer hook, so its scalars reach metrics.json
-            hooks = super().build_hooks()
-            if self.validation is not None:
-                hooks.insert(len(hooks) - 1, self.validation.make())
-            return hooks
-
-        @classmethod
-        def build_train_loader(cls, d2):
-            return build_detection_train_loader(d2, mapper=AlbumentationsMapper(d2.INPUT.MIN_SIZE_TEST, train=True))
-
-        def build_writers(self):  # console + metrics.json; detectron2's default adds TensorBoard, not installed
-            from detectron2.utils.events import CommonMetricPrinter, JSONWriter
-
-            return [CommonMetricPrinter(self.max_iter), JSONWriter(str(Path(self.cfg.OUTPUT_DIR) / "metrics.json"))]
-
-    return Trainer
+    Formats, read as detectron2 reads them: a model-zoo ``.pkl`` (``{'model': {name: ndarray},
+    '__author__': ...}``, detectron2 names); a Caffe2/Detectron1 ``.pkl`` such as the MSRA ImageNet
+    ``R-50.pkl`` (``res2_0_branch2a_w`` ...: renamed by ``c2_model_loading``); a ``.pth``
+    (``{'model': state_dict}`` or a bare state dict). The backbone is ``backbone.bottom_up``.
+    """
+    file = resolve(path)
+    if file.suffix == ".pkl":
+        ckpt = DetectionCheckpointer(model)._load_file(str(file))  # detectron2's own pickle-format reader
+    else:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        ckpt = ckpt if "model" in ckpt else {"model": ckpt}
+    state = {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
+    if ckpt.get("matching_heuristics"):  # Caffe2 / pycls names -> this model's
+        state = align_and_update_state_dicts(model.state_dict(), state, c2_conversion=ckpt.get("__author__") == "Caffe2")
+    transfer(model, state, file, lambda name: name.startswith("backbone.bottom_up."), log=log)
 
 
-class ValidationHook:
+class ValidationHook(HookBase):
     """Every ``period`` iterations and at the end: validation loss and mAP@0.4 into the event storage."""
 
-    def __init__(self, cfg: Config, data: DataFolder, val_ids: list[str], val_records: list[dict], period: int):
-        from detectron2.engine import HookBase
+    def __init__(self, cfg: Config, data: DataFolder, val_ids: list[str], period: int):
+        self.cfg, self.data, self.val_ids, self.period = cfg, data, val_ids, period
+        self.records = records(data, val_ids, cfg.labels)
+        self.mapper = Mapper(cfg, train=False)
 
-        self.base = HookBase
-        self.cfg, self.data, self.val_ids, self.val_records, self.period = cfg, data, val_ids, val_records, period
-
-    def make(self):
-        hook = self
-
-        class _Hook(self.base):
-            def after_step(self):
-                it = self.trainer.iter + 1
-                if it % hook.period == 0 or it == self.trainer.max_iter:
-                    loss, m = hook.evaluate(self.trainer.model)
-                    self.trainer.storage.put_scalars(val_loss=loss, val_map=m, smoothing_hint=False)
-
-        return _Hook()
+    def after_step(self) -> None:
+        it = self.trainer.iter + 1
+        if it % self.period == 0 or it == self.trainer.max_iter:
+            loss, m = self.evaluate(self.trainer.model)
+            self.trainer.storage.put_scalars(val_loss=loss, val_map=m, smoothing_hint=False)
 
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
-        mapper = AlbumentationsMapper(self.cfg.imgsz, train=False)
         was_training = model.training
         losses = []
         with torch.no_grad():
             model.train()  # detectron2 returns losses only in training mode
-            for start in range(0, len(self.val_records), self.cfg.batch):
-                batch = [mapper(r) for r in self.val_records[start : start + self.cfg.batch]]
+            for start in range(0, len(self.records), self.cfg.batch):
+                batch = [self.mapper(r) for r in self.records[start : start + self.cfg.batch]]
                 losses.append(sum(v.item() for v in model(batch).values()))
         preds = predict_split(_infer_fn(model, self.cfg), self.data, "train", self.val_ids, batch_size=self.cfg.batch)
         model.train(was_training)
@@ -244,40 +251,71 @@ class ValidationHook:
         return float(np.mean(losses)), mean_average_precision(gt, preds, self.val_ids)["map"]
 
 
-def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[str, str]:
-    """Register fold ``fold``'s train/val datasets with detectron2 (in-process; nothing is written)."""
-    return register(data, folds, fold, prefix=f"vbd_{out.parent.parent.name}")
+class Trainer(DefaultTrainer):
+    """detectron2's ``DefaultTrainer`` fed with our records and :class:`Mapper`, with our hooks."""
+
+    def __init__(self, d2: CfgNode, train_records: list[dict], mapper: Mapper, validation: ValidationHook | None):
+        # read by build_train_loader / build_hooks, which DefaultTrainer.__init__ calls
+        self.train_records, self.mapper, self.validation = train_records, mapper, validation
+        super().__init__(d2)
+
+    def build_train_loader(self, d2: CfgNode):
+        return build_detection_train_loader(self.train_records, mapper=self.mapper, total_batch_size=d2.SOLVER.IMS_PER_BATCH,
+                                            num_workers=d2.DATALOADER.NUM_WORKERS)
+
+    def build_hooks(self) -> list[HookBase]:
+        """Timer, LR schedule, the latest periodic checkpoint only (+ model_final), validation before
+        the writers (so its scalars reach metrics.json), writers."""
+        main = comm.is_main_process()
+        keep_last = hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=1)
+        writer = hooks.PeriodicWriter(self.build_writers(), period=20)
+        return [hooks.IterationTimer(), hooks.LRScheduler(), *([keep_last] if main else []),
+                *([self.validation] if self.validation is not None else []), *([writer] if main else [])]
+
+    def build_writers(self):  # console + metrics.json; detectron2's default adds TensorBoard, not installed
+        return [CommonMetricPrinter(self.max_iter), JSONWriter(str(Path(self.cfg.OUTPUT_DIR) / "metrics.json"))]
+
+
+def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[int, int]:
+    """Check that fold ``fold``'s records build (images present, sizes known); nothing is written.
+    Returns the number of (train, validation) images."""
+    train_ids, val_ids = split(folds, fold)
+    return len(records(data, train_ids, cfg.labels)), len(records(data, val_ids, cfg.labels))
 
 
 def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
-    from detectron2.utils import comm
-
-    train_name, _ = prepare(cfg, data, folds, fold, out)
-    d2 = build_cfg(cfg, out, train_name)
+    d2 = build_cfg(cfg, out)
     Path(d2.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-    trainer_class = _trainer_class()
-    _, val_ids = split(folds, fold)
-    if comm.is_main_process():
-        trainer_class.validation = ValidationHook(cfg, data, val_ids, records(data, val_ids), cfg.eval_period)
-    trainer = trainer_class(d2)
+    train_ids, val_ids = split(folds, fold)
+    validation = ValidationHook(cfg, data, val_ids, cfg.eval_period) if comm.is_main_process() else None
+    trainer = Trainer(d2, records(data, train_ids, cfg.labels), Mapper(cfg, train=True), validation)
     trainer.resume_or_load(resume=True)  # continues from train/last_checkpoint after a kill
+    if trainer.start_iter == 0 and cfg.weights:  # a fresh run starts from the profile's checkpoint
+        load_weights(trainer.checkpointer.model, cfg.weights, log=print if comm.is_main_process() else lambda _: None)
     trainer.train()
 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
+    """Train fold ``fold`` (resuming a killed run); returns ``weights.pth`` (the final model)."""
     final = out / "weights.pth"
     if final.exists():
         return final
+    if cfg.weights:
+        resolve(cfg.weights)  # a missing file stops here, before any work
     save(cfg, out / "config.yaml")
+    with atomic_path(out / "detectron2.yaml") as tmp:
+        tmp.write_text(build_cfg(cfg, out).dump())
     if cfg.num_gpus > 1:
-        from detectron2.engine import launch
-
         launch(_train_worker, cfg.num_gpus, args=(cfg, data, folds, fold, out))
     else:
         _train_worker(cfg, data, folds, fold, out)
-    plot_curves(out / "train" / "metrics.json", out / "curves.png")
+    train_dir = out / "train"
+    plot_curves(train_dir / "metrics.json", out / "curves.png")
+    model = torch.load(train_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     with atomic_path(final) as tmp:
-        shutil.copyfile(out / "train" / "model_final.pth", tmp)
+        torch.save({"model": model}, tmp)
+    for periodic in train_dir.glob("model_[0-9]*.pth"):  # model_final.pth is the last checkpoint now
+        periodic.unlink()
     return final
 
 
@@ -305,21 +343,22 @@ def plot_curves(metrics_json: Path, path: Path) -> Path:
 
 
 def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
+    """``model`` as an ``infer`` function: gray images (any size) -> boxes normalized to [0, 1]."""
     dev = next(model.parameters()).device
+    s = cfg.imgsz
+    resize = A.Resize(s, s)
 
     @torch.no_grad()
     def infer(images: list[np.ndarray]) -> list[Detections]:
         was_training = model.training
         model.eval()
-        batch = []
-        for im in images:
-            im = A.Resize(cfg.imgsz, cfg.imgsz)(image=im)["image"]
-            batch.append({"image": torch.as_tensor(np.repeat(im[None], 3, axis=0)).to(dev), "height": cfg.imgsz,
-                          "width": cfg.imgsz})
+        batch = [{"image": torch.as_tensor(np.repeat(resize(image=im)["image"][None], 3, axis=0)).to(dev),
+                  "height": s, "width": s} for im in images]
         outs = []
         for o in model(batch):
             inst = o["instances"].to("cpu")
-            outs.append((inst.pred_boxes.tensor.numpy() / cfg.imgsz, inst.scores.numpy(), inst.pred_classes.numpy()))
+            boxes = to_original(inst.pred_boxes.tensor.numpy(), (s, s), (1, 1))  # network pixels -> [0, 1]
+            outs.append((boxes, inst.scores.numpy(), inst.pred_classes.numpy()))
         model.train(was_training)
         return outs
 
@@ -328,9 +367,6 @@ def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
 
 def load_infer(cfg: Config, out: Path) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
     weights = out / "weights.pth"
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=detectron FOLD=k)")
