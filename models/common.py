@@ -1,4 +1,5 @@
-"""What every model adapter shares: run folders, the device line, image batches, flip TTA, output files.
+"""What every model adapter shares: run folders, the device line, image batches, flip TTA, output files,
+validation mAP, reading a checkpoint file.
 
 An adapter (``models/<name>/<name>.py``) implements ``prepare``, ``train`` and ``predict``
 over its framework; ``predict`` hands this module an ``infer`` function
@@ -23,6 +24,8 @@ import torch
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.images import read_image
+from cxr.io import DataError
+from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import write_predictions
 from cxr.wbf import flip_boxes, fuse_predictions
 
@@ -65,6 +68,41 @@ def predict_split(
     if not tta:
         return tables[0]
     return fuse_predictions(tables, data.sizes(split_name), iou_thr=tta_iou)
+
+
+def validation_map(infer: Infer, data: DataFolder, image_ids: Sequence[str], batch_size: int = 16) -> float:
+    """Competition mAP@0.4 of ``infer`` on train images ``image_ids`` (a fold), against the
+    default-fused labels (:func:`cxr.metric.ground_truth`): the number every training loop
+    validates with, framework-free so detectron2's hook and the hand-written loops share it."""
+    preds = predict_split(infer, data, "train", list(image_ids), batch_size=batch_size)
+    gt = ground_truth(data.labels[data.labels["image_id"].isin(image_ids)])
+    return mean_average_precision(gt, preds, list(image_ids))["map"]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``name -> tensor`` from a checkpoint file as frameworks publish them: a ``.safetensors``
+    file, or a torch file holding a plain state dict or one nested under ``state_dict_ema`` /
+    ``model_ema`` / ``state_dict`` / ``model`` (timm and effdet training checkpoints, our
+    ``weights.pt``; the EMA is preferred, as timm does). A DDP ``module.`` prefix is removed.
+    Files that need arbitrary unpickling are refused (:class:`cxr.io.DataError`)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError and friends: not a plain tensor file
+            raise DataError(path, f"not a state dict torch can load safely ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(path, "expected a state dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _to_table(ids: list[str], detections: list[Detections], wh: np.ndarray) -> pd.DataFrame:

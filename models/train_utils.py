@@ -1,0 +1,167 @@
+"""The training toolkit of the hand-written loops (``models/effdet``, ``models/classifier``).
+
+One optimizer step, one schedule, one EMA and one checkpoint format for both, so the two loops
+cannot drift apart again:
+
+* :func:`make_optimizer`: AdamW (decoupled weight decay) or SGD with Nesterov momentum.
+* :func:`cosine_schedule`: linear warmup then cosine decay to 0, per optimizer update
+  (timm's ``CosineLRScheduler``); update ``k`` (1-based) runs at ``schedule(k)``, so a
+  run's first update already has a non-zero learning rate.
+* :class:`Stepper`: autocast + GradScaler (AMP on GPU), gradient accumulation (``accumulate``
+  micro-batches per update; an epoch's last, partial group still makes an update), gradient
+  clipping, the optimizer and schedule step, and an EMA of the weights (timm's ``ModelEmaV3``)
+  updated after every update. A non-finite loss stops the run with a clear message.
+* :func:`save_checkpoint` / :func:`resume`: ``last.pt`` holds the model, the EMA, the optimizer,
+  the schedule, the GradScaler, the update count and the epoch log; a killed run continues
+  from the epoch after the last one saved, with the same learning rate and loss scale.
+* :func:`log_epoch`, :func:`save_if_best`, :func:`finish`: the per-epoch files every run writes
+  (``metrics.csv``, ``best.pt``, ``weights.pt`` = the best epoch's weights).
+
+Validation mAP (shared with detectron2's hook) is :func:`models.common.validation_map`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import pandas as pd
+import torch
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from cxr.io import atomic_path, write_table
+
+
+def make_optimizer(params, name: Literal["adamw", "sgd"], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+
+
+def updates_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimizer updates in an epoch of ``batches`` micro-batches (a last partial group counts)."""
+    return max(1, math.ceil(batches / accumulate))
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, epochs: int, updates: int, warmup_epochs: float) -> CosineLRScheduler:
+    """Linear warmup over ``warmup_epochs`` then cosine to 0 at the last of ``epochs * updates`` updates."""
+    total = max(1, epochs * updates)
+    warmup = min(total, max(1, int(warmup_epochs * updates)))
+    return CosineLRScheduler(opt, t_initial=max(1, total - warmup), lr_min=0.0, warmup_t=warmup, warmup_lr_init=0.0,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+class Stepper:
+    """Turns micro-batch losses into optimizer updates: AMP, accumulation, clipping, schedule, EMA.
+
+    ``model`` is what the optimizer trains (possibly DistributedDataParallel-wrapped); ``averaged``
+    is the module whose weights the EMA follows (the unwrapped network), ``ema_decay=None``: no EMA.
+    """
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: CosineLRScheduler, *,
+                 device: str, amp: bool, clip_grad: float | None, accumulate: int = 1,
+                 averaged: torch.nn.Module | None = None, ema_decay: float | None = None):
+        self.model, self.opt, self.sched = model, opt, sched
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp)
+        self.clip_grad, self.accumulate = clip_grad, max(1, accumulate)
+        self.averaged = averaged if averaged is not None else model
+        self.ema = ModelEmaV3(self.averaged, decay=ema_decay) if ema_decay is not None else None
+        self.updates = 0  # optimizer updates done
+        self._pending = 0  # micro-batches accumulated since the last update
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device_type, enabled=self.scaler.is_enabled())
+
+    def step(self, loss: torch.Tensor, last: bool, epoch: int) -> None:
+        """Backward of one micro-batch's loss; an optimizer update every ``accumulate`` or at ``last``."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} in epoch {epoch + 1}: lower lr or check the labels")
+        self._pending += 1
+        update = last or self._pending == self.accumulate
+        no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce once per update, not per micro-batch
+        with no_sync() if no_sync is not None and not update else contextlib.nullcontext():
+            self.scaler.scale(loss / self.accumulate).backward()
+        if not update:
+            return
+        self.sched.step_update(self.updates + 1)  # the learning rate of update k is schedule(k)
+        if self.clip_grad:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.updates += 1
+        self._pending = 0
+        if self.ema is not None:
+            self.ema.update(self.averaged, step=self.updates)  # step 1 copies the weights (timm: decay 0)
+
+    def final_model(self) -> torch.nn.Module:
+        """What is validated and saved: the EMA of the weights, or the weights without EMA."""
+        return self.ema.module if self.ema is not None else self.averaged
+
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.updates = state["updates"]
+
+
+def microbatches(loader) -> Iterator[tuple[Any, bool]]:
+    """``(batch, is_last)`` over ``loader``: the last micro-batch flushes a partial accumulation."""
+    n = len(loader)
+    for i, batch in enumerate(loader):
+        yield batch, i == n - 1
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, stepper: Stepper, epoch: int, best: float, log: list[dict]) -> None:
+    """``last.pt``: everything :func:`resume` needs, written atomically (a kill never leaves half a file)."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), **stepper.state_dict(), "epoch": epoch, "best": best, "log": log}, tmp)
+
+
+def resume(path: Path, model: torch.nn.Module, stepper: Stepper, device: str) -> tuple[int, float, list[dict]]:
+    """(first epoch to run, best score so far, log) from ``path``; (0, -inf, []) when there is none."""
+    if not path.exists():
+        return 0, -math.inf, []
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    stepper.load_state_dict(ckpt)
+    print(f"resuming from epoch {ckpt['epoch'] + 1} ({path}, {stepper.updates} updates done)")
+    return ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
+
+
+def log_epoch(out: Path, log: list[dict], row: dict) -> None:
+    """Append ``row`` to the run's log, print it on one line, rewrite ``metrics.csv``."""
+    log.append(row)
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    write_table(pd.DataFrame(log), out / "metrics.csv")
+
+
+def save_if_best(out: Path, model: torch.nn.Module, score: float, best: float) -> float:
+    """Write ``best.pt`` when ``score`` beats ``best`` (a NaN score counts only for the first epoch)."""
+    if score > best or (best == -math.inf and not score > best):
+        with atomic_path(out / "best.pt") as tmp:
+            torch.save({"model": model.state_dict()}, tmp)
+        return score if score == score else best
+    return best
+
+
+def finish(out: Path) -> Path:
+    """``weights.pt`` (the best epoch's weights): its presence marks a finished run."""
+    final = out / "weights.pt"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(out / "best.pt", tmp)
+    return final
