@@ -48,27 +48,27 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, dict |
     return code, (json.loads(lines[-1]) if lines else None), captured.err
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def train_tiny_run(root: Path, n_train: int = 40, n_test: int = 10, n_folds: int = 2,
+                   sets: dict[str, list[str]] = TINY) -> dict:
     """A tiny run through the real entry points (models train/predict/merge, ensemble tune), a hard
-    gate and unequal weights written into its params.json, then ``ensemble submit``."""
+    gate and unequal weights written into its params.json, then ``ensemble submit``. ``sets``: the
+    ``--set`` overrides of the demo profiles per model (bench/predict_images_bench.py uses it too)."""
     from cxr.data import DataFolder
     from cxr.folds import make_folds
     from cxr.io import write_table
     from ensemble.__main__ import main as ensemble_main
     from models.__main__ import main as models_main
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    data = generate(SynthConfig(out=str(root / "data"), n_train=40, n_test=10, size=128, seed=5))
+    data = generate(SynthConfig(out=str(root / "data"), n_train=n_train, n_test=n_test, size=128, seed=5))
     folds = root / "folds.csv"
-    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    write_table(make_folds(DataFolder(data).labels, n_folds=n_folds, seed=0), folds)
     run = root / "run"
     common = ["--data", str(data), "--folds", str(folds), "--run-dir", str(run)]
-    for model, sets in TINY.items():
-        for k in ("0", "1"):
-            models_main([model, "train", *common, "--fold", k, "--set", *sets])
-            models_main([model, "predict", *common, "--fold", k, "--set", *sets])
-        models_main([model, "merge", *common, "--set", *sets])
+    for model, overrides in sets.items():
+        for k in map(str, range(n_folds)):
+            models_main([model, "train", *common, "--fold", k, "--set", *overrides])
+            models_main([model, "predict", *common, "--fold", k, "--set", *overrides])
+        models_main([model, "merge", *common, "--set", *overrides])
     ensemble_main(["tune", *common, "--jobs", "1"])
     params = json.loads((run / "ensemble" / "params.json").read_text())
     params["fusion"].update(weights=[1.0, 2.0, 1.0], iou_thr=0.5)
@@ -79,6 +79,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mp.chdir(root)
         ensemble_main(["submit", *common, "--name", "tiny"])
     return {"root": root, "data": data, "folds": folds, "run": run, "submission": root / "submissions" / "tiny.csv"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return train_tiny_run(tmp_path_factory.mktemp("tiny_run"))
 
 
 @pytest.fixture(scope="module")
