@@ -62,7 +62,7 @@ from cxr.config import load
 from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.images import find_images, read_image, resize
-from cxr.io import DataError, read_table, write_table
+from cxr.io import DataError, read_table, write_json, write_table
 from cxr.labels import read_sizes
 from cxr.predictions import write_predictions
 from cxr.submission import write_submission
@@ -270,11 +270,9 @@ class Parts:
     def __init__(self, folder: Path, key: dict):
         self.folder = folder
         key_file = folder / "key.json"
-        text = json.dumps(key, sort_keys=True)
-        if folder.exists() and (not key_file.exists() or key_file.read_text() != text):
+        if folder.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(text)
+        write_json(key, key_file)
         self.done = sorted(folder.glob("part-*.ids.csv"))
         numbers = [int(p.name.split(".")[0][5:]) for p in folder.glob("part-*.csv")]
         self.next = max(numbers, default=-1) + 1
@@ -295,10 +293,12 @@ class Parts:
 
 
 def _key(run: Path, size: int, meta: str | None, threshold: float, overlay_px: int, classifier: str) -> dict:
-    files = [run / "ensemble" / "params.json", *sorted(run.glob("*/fold*/weights.*")),
-             *sorted(run.glob("*/fold*/config.yaml"))]
+    """What finished batches depend on: the parameters (by content: submit rewrites the file), the
+    fold models (by file stamp) and the settings."""
+    files = [*sorted(run.glob("*/fold*/weights.*")), *sorted(run.glob("*/fold*/config.yaml"))]
     stamp = hashlib.sha1("".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files).encode()).hexdigest()
-    return {"run": str(run.resolve()), "files": stamp, "size": size, "meta": str(Path(meta).resolve()) if meta else None,
+    return {"run": str(run.resolve()), "params": json.loads((run / "ensemble" / "params.json").read_text()),
+            "models": stamp, "size": size, "meta": str(Path(meta).resolve()) if meta else None,
             "threshold": threshold, "overlay_px": overlay_px, "classifier": classifier}
 
 

@@ -154,6 +154,21 @@ def test_rerun_redoes_nothing_and_settings_redo_all(predicted: dict, capsys: pyt
 
 
 @pytest.mark.slow
+def test_a_killed_run_resumes_batch_by_batch(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    argv = ["--src", str(trained["data"] / "test"), "--run-dir", str(trained["run"]), "--out", str(out), "--size", "128",
+            "--batch", "4", "--workers", "0"]
+    code, summary, _ = run_cli(argv, capsys)
+    assert code == 0 and summary["images"] == 10
+    complete = (out / "predictions.csv").read_text()
+    (out / ".parts" / "part-000001.ids.csv").unlink()  # as if killed while its 4 images were running
+    (out / "predictions.csv").unlink()
+    code, summary, _ = run_cli(argv, capsys)
+    assert code == 0 and summary["images"] == 10 and summary["skipped_done"] == 6
+    assert (out / "predictions.csv").read_text() == complete
+
+
+@pytest.mark.slow
 def test_bad_files_are_listed_and_the_rest_predicted(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "src"
     (src / "nested").mkdir(parents=True)
