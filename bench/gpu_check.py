@@ -45,7 +45,7 @@ def main() -> None:
         n_fit = int((folds["fold"] != 0).sum())
         for name in a.models.split(","):
             adapter = models.adapter(name)
-            cfg = load(adapter.Config, Path("models") / name / "full.yaml", OVERRIDES[name](a))
+            cfg = load(adapter.Config, Path("models") / name / "full.yaml", OVERRIDES.get(name, lambda a: {"imgsz": a.imgsz})(a))
             out = Path(tmp) / "run" / name / "fold0"
             out.mkdir(parents=True)
             torch.cuda.reset_peak_memory_stats()
