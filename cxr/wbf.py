@@ -145,18 +145,18 @@ def _wbf_sorted(group, model, weighted, b, w, iou_thr, conf_types):
     needs_models = bool({"box_and_model_avg", "absent_model_aware_avg"} & set(conf_types))
     present = np.zeros((n, len(w)), dtype=bool) if needs_models else None
     clusters = np.zeros(n_groups, dtype=np.int64)
-    active = n_groups
-    for r in range(int(size[0])):
-        while active and size[active - 1] <= r:
-            active -= 1
-        box = start[:active] + r
+    steps = np.arange(int(size[0]))
+    active_at = np.searchsorted(-size, -steps, side="left")  # groups with more than r boxes
+    for r in steps:
+        active = active_at[r]
+        st, cl = start[:active], clusters[:active]
+        box = st + r
         nb = b[box]
         bx1, by1, bx2, by2 = nb[:, 0:1], nb[:, 1:2], nb[:, 2:3], nb[:, 3:4]
-        slot = start[:active] + clusters[:active]
-        k = int(clusters[:active].max())
+        slot = st + cl
+        k = int(cl.max())
         if k:
-            slots = start[:active, None] + np.arange(k)
-            slots[np.arange(k) >= clusters[:active, None]] = n
+            slots = np.where(steps[:k] < cl[:, None], st[:, None] + steps[:k], n)
             inter = (np.maximum(np.minimum(x2.take(slots), bx2) - np.maximum(x1.take(slots), bx1), 0)
                      * np.maximum(np.minimum(y2.take(slots), by2) - np.maximum(y1.take(slots), by1), 0))
             iou = inter / (area.take(slots) + (bx2 - bx1) * (by2 - by1) - inter)

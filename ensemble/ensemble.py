@@ -198,9 +198,8 @@ def _key(fp: FusionParams) -> tuple:
     return tuple(fp.weights), fp.iou_thr, fp.skip_box_thr, fp.conf_type
 
 
-def _describe(fp: FusionParams, g: GateParams | None = None) -> str:
-    text = f"w={fp.weights} iou={fp.iou_thr} skip={fp.skip_box_thr} conf={fp.conf_type}"
-    return text + (f" gate={g.rule}({g.low},{g.high})" if g else "")
+def _describe(fp: FusionParams) -> str:
+    return f"w={fp.weights} iou={fp.iou_thr} skip={fp.skip_box_thr} conf={fp.conf_type}"
 
 
 class _Runner:
