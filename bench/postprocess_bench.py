@@ -12,6 +12,7 @@ of 3,000 images in at most 30 s.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def main() -> None:
     per_model_folds = [[make_table(gt, sizes, a.boxes, rng) for _ in range(a.folds)] for _ in range(a.models)]
     t_make = time.perf_counter() - start
     n_boxes = sum(len(t) for m in per_model_folds for t in m)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     per_model = [fuse_predictions(folds, sizes) for folds in per_model_folds]
     t_folds = time.perf_counter() - start
     p_abnormal = pd.Series(rng.uniform(0, 1, len(ids)), index=ids)
@@ -82,15 +83,18 @@ def main() -> None:
         out = write_submission(test, ids, Path(tmp) / "submission.csv")
         problems = check_submission(out, sample, sizes)
         t_sub = time.perf_counter() - start
-    start = time.perf_counter()
+    start, metric_cpu = time.perf_counter(), time.process_time()
     result = mean_average_precision(gt, test, ids)
     t_metric = time.perf_counter() - start
+    t_metric_cpu = time.process_time() - metric_cpu
     total = t_folds + t_apply + t_sub
+    cpu = time.process_time() - cpu - t_metric_cpu
     print(f"{a.images} images x {a.models} models x {a.folds} folds, {n_boxes:,} input boxes "
           f"({'real PhysioNet test labels' if a.labels else 'random truth'}; built in {t_make:.1f} s)")
     print(f"WBF folds per model {t_folds:6.1f} s | ensemble.apply (WBF across models + hard gate) {t_apply:5.1f} s | "
           f"submission write + check {t_sub:5.1f} s{' (' + str(len(problems)) + ' problems)' if problems else ''}")
-    print(f"fusion + gate + submission: {total:.1f} s (target 30 s) | mAP@0.4 {result['map']:.3f} in {t_metric:.1f} s")
+    print(f"fusion + gate + submission: {total:.1f} s wall, {cpu:.1f} s CPU (one process: the wall time on an idle core; "
+          f"target 30 s); load average {os.getloadavg()[0]:.1f} | {len(test):,} rows | mAP@0.4 {result['map']:.3f} in {t_metric:.1f} s")
 
 
 def make_table(gt: pd.DataFrame, sizes: pd.DataFrame, boxes: int, rng: np.random.Generator) -> pd.DataFrame:

@@ -148,17 +148,26 @@ def fuse(tables: list[pd.DataFrame], sizes: pd.DataFrame, p: FusionParams) -> pd
 
 
 def gate(preds: pd.DataFrame, p_abnormal: pd.Series, g: GateParams) -> pd.DataFrame:
-    """Apply the gate rule ``g`` with the classifier's probabilities (see module docstring)."""
+    """Apply the gate rule ``g`` with the classifier's probabilities (see module docstring).
+
+    ``p_abnormal`` is indexed by image_id and covers every image of ``preds``. Returns the finding
+    rows (gated) in their order, then one No-finding row per image of ``preds``, sorted by id.
+    """
     if g.rule == "none":
         return preds
+    probability = p_abnormal.to_numpy(dtype=float)
     boxes = preds[preds["class_id"] != NO_FINDING].copy()
-    p_normal = 1.0 - boxes["image_id"].map(p_abnormal).to_numpy(dtype=float)
+    ids = np.sort(pd.unique(preds["image_id"].astype(str)).astype(object))
+    where = p_abnormal.index.get_indexer(ids)
+    if (where < 0).any():
+        raise ValueError(f"no p_abnormal for {int((where < 0).sum())} image(s), e.g. {list(ids[where < 0][:3])}")
     if g.rule == "hard":
+        p_normal = 1.0 - probability[p_abnormal.index.get_indexer(boxes["image_id"])]
         between = (p_normal >= g.low) & (p_normal <= g.high)
-        boxes.loc[between, "score"] = boxes.loc[between, "score"] * (1.0 - p_normal[between])
+        score = boxes["score"].to_numpy(dtype=float)
+        boxes["score"] = np.where(between, score * (1.0 - p_normal), score)
         boxes = boxes[p_normal <= g.high]
-    ids = sorted(set(preds["image_id"]))
-    normal = pd.DataFrame({"image_id": ids, "class_id": NO_FINDING, "score": 1.0 - p_abnormal.loc[ids].to_numpy()})
+    normal = pd.DataFrame({"image_id": ids, "class_id": NO_FINDING, "score": 1.0 - probability[where]})
     normal[["x_min", "y_min", "x_max", "y_max"]] = NO_FINDING_BOX
     return pd.concat([boxes, normal[PREDICTION_COLUMNS]], ignore_index=True)
 
