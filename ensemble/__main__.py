@@ -23,7 +23,6 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import pandas as pd
 
 import models as model_table
 from cxr.baseline import oof_prior
