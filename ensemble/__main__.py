@@ -59,12 +59,15 @@ def choose(a: argparse.Namespace) -> Choice:
         raise DataError(run, f"unknown detector(s) {unknown}; known: {detectors} (a model trained elsewhere goes in --extra)")
     sources: dict[str, Path] = {}
     for item in _names(a.extra):
-        name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        name, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in detectors or name in sources:
             raise DataError(path, f"--extra name {name!r} must be new and made of letters, digits, '_', '.', '-'")
         if not Path(path).is_dir():
             raise DataError(path, "--extra needs a folder with oof.csv and test.csv")
         sources[name] = Path(path)
+    known = {*detectors, *sources, *model_table.names("classifier")}
+    if exclude - known:
+        raise DataError(run, f"--exclude names no model: {sorted(exclude - known)}; models: {sorted(known)}")
     chosen = [m for m in [*asked, *sources] if m not in exclude]
     if not chosen:
         raise DataError(run, "no model left to ensemble")

@@ -158,6 +158,9 @@ def test_model_set_is_a_choice_tuned_once_per_set(cli_run, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tune", *common, "--models", "yolo,resnet"])
     assert e.value.code == 2 and "unknown detector(s) ['resnet']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["tune", *common, "--exclude", "efdet"])  # a typo leaves nothing out silently
+    assert e.value.code == 2 and "--exclude names no model: ['efdet']" in capsys.readouterr().err
 
 
 def test_extra_model_in_submission_format_joins_and_is_checked(cli_run, tmp_path, capsys):
