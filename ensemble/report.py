@@ -16,8 +16,9 @@ from cxr.data import DataFolder  # noqa: E402
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NUM_CLASSES  # noqa: E402
 from cxr.images import read_image  # noqa: E402
 from cxr.io import atomic_path, write_json  # noqa: E402
-from cxr.metric import class_pr, mean_average_precision  # noqa: E402
+from cxr.metric import class_pr  # noqa: E402
 from ensemble.ensemble import Params  # noqa: E402
+from ensemble.scoring import Truth, score_rows  # noqa: E402
 
 
 def write_report(
@@ -37,7 +38,9 @@ def write_report(
     Returns ``summary.json``: name -> OOF mAP@0.4; ``nested.json`` holds name -> nested fold mean.
     """
     out.mkdir(parents=True, exist_ok=True)
-    scores = {name: mean_average_precision(gt, preds, image_ids) for name, preds in results.items()}
+    truth = Truth(gt, image_ids)  # the competition metric, fast (ensemble/scoring.py equals cxr.metric)
+    scores = {name: score_rows(truth, preds) for name, preds in results.items()}
+    scores = {name: {"map": s.map(), "ap": s.ap()} for name, s in scores.items()}
     summary = {name: s["map"] for name, s in scores.items()}
     nested = dict(params.nested_map) if params is not None else {}
     write_json(summary, out / "summary.json")

@@ -73,20 +73,26 @@ class Scored:
             by_class = [np.flatnonzero(self.cls == c) for c in range(NUM_CLASSES)]
             self.order = [rows[_desc(self.score[rows])] for rows in by_class]
 
-    def map(self, mask: np.ndarray | None = None) -> float:
-        """mAP@0.4 over the images where ``mask`` (per image) is true; all images when None."""
-        aps = []
+    def ap(self, mask: np.ndarray | None = None) -> dict[str, float | None]:
+        """AP@0.4 per class (``"0"`` .. ``"14"``, None without ground truth) over the images where ``mask`` is true."""
+        aps: dict[str, float | None] = {}
         for c in range(NUM_CLASSES):
             n_gt = int(self.truth.counts[c].sum() if mask is None else self.truth.counts[c][mask].sum())
             if n_gt == 0:
+                aps[str(c)] = None
                 continue
             rows = self.order[c] if mask is None else self.order[c][mask[self.image[self.order[c]]]]
             tp = self.tp[rows]
             ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
             recall = ctp / n_gt
             precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
-            aps.append(average_precision(recall, precision) if len(rows) else 0.0)
-        return float(np.mean(aps)) if aps else 0.0
+            aps[str(c)] = average_precision(recall, precision) if len(rows) else 0.0
+        return aps
+
+    def map(self, mask: np.ndarray | None = None) -> float:
+        """mAP@0.4 over the images where ``mask`` (per image) is true; all images when None."""
+        present = [v for v in self.ap(mask).values() if v is not None]
+        return float(np.mean(present)) if present else 0.0
 
 
 def score_rows(truth: Truth, preds: pd.DataFrame, iou_thr: float = IOU_THRESHOLD) -> Scored:

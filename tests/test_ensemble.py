@@ -214,7 +214,8 @@ def test_fast_scoring_equals_the_metric_on_subsets_and_gates(synth_dir):
     preds.loc[::5, "score"] = 0.5  # ties: the metric keeps row order
     truth = Truth(gt, ids)
     scored = score_rows(truth, preds)
-    assert scored.map() == mean_average_precision(gt, preds, ids)["map"]
+    expected = mean_average_precision(gt, preds, ids)
+    assert scored.map() == expected["map"] and scored.ap() == expected["ap"]
     half = ids[::2]
     assert scored.map(truth.mask(half)) == mean_average_precision(gt, preds[preds["image_id"].isin(half)], half)["map"]
     p = p_abnormal.reindex(truth.ids).to_numpy()
