@@ -297,7 +297,7 @@ def tune(
     grid = list(itertools.product(iou_grid, skip_grid, CONF_TYPES)) if several else []
     gates = [GateParams("soft")] + [GateParams("hard", lo, hi) for lo, hi in itertools.product(gate_grid, gate_grid) if lo < hi]
     weight_runs = len(models) * (len(weight_grid) - 1) if several else 0  # one weight per model is the current one
-    gate_runs = int(p_abnormal is not None)
+    gate_runs = max(1, jobs) if p_abnormal is not None else 0
     runner = _Runner(state, max(1, jobs), 1 + len(grid) + weight_runs + gate_runs, log)
     rows: list[dict] = []
 
@@ -339,9 +339,15 @@ def tune(
         gated_maps = list(fused_maps)
         if p_abnormal is not None:
             distinct = {_key(b): b for b in best}
-            runner.run([([("gate", *k)], "gate", _gate_maps, (fp, gates), [f"{len(gates)} gate rules on {_describe(fp)}"])
-                        for k, fp in distinct.items()])
-            per_fusion = {k: runner.cache[("gate", *k)] for k in distinct}
+            # each process takes a share of the gate rules (and fuses the candidate once for them)
+            shares = [list(range(i, len(gates), runner.jobs)) for i in range(min(runner.jobs, len(gates)))]
+            runner.run([([("gate", *k, i)], "gate", _gate_maps, (fp, [gates[j] for j in share]),
+                         [f"{len(share)} gate rules on {_describe(fp)}"])
+                        for k, fp in distinct.items() for i, share in enumerate(shares)])
+            per_fusion = {}
+            for k in distinct:
+                rows_of = {j: runner.cache[("gate", *k, i)][n] for i, share in enumerate(shares) for n, j in enumerate(share)}
+                per_fusion[k] = [rows_of[j] for j in range(len(gates))]
             rows += [{"stage": "gate", **asdict(best[0]), **asdict(g), "map": r[0]} for g, r in zip(gates, per_fusion[_key(best[0])])]
             for p in range(n_paths):
                 top = best_map[p]
