@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import timm
@@ -109,3 +110,34 @@ def test_checkpoint_of_another_architecture_is_one_clear_error(tiny_folds, tmp_p
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"{tmp_path}/resnet18.pth" in err and "backbone tensors fit" in err
+
+
+# The CLI in a child process that reports its own peak RSS (resource.getrusage) on its last line.
+WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+                 "    print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+
+
+@pytest.mark.slow
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
+    """models/classifier/full.yaml as it is (only epochs=1, and weights=null: the ImageNet file is not
+    here): EfficientNet-B5 at 768 px, one optimizer step (a fold file whose training split is one
+    image, so the CPU holds one image's activations), then validation = a prediction on two images."""
+    from cxr.config import load
+    from models.classifier.classifier import Config
+
+    data, folds, _ = tiny_folds
+    f = pd.read_csv(folds, dtype={"image_id": str})
+    pd.concat([f[f["fold"] == 0], f[f["fold"] == 1].head(1)]).to_csv(tmp_path / "one.csv", index=False)
+    argv = model_args("classifier", "train", (data, tmp_path / "one.csv", tmp_path), "--profile", "full",
+                      "--set", "epochs=1", "weights=null")
+    done = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, *argv], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = load(Config, "models/classifier/full.yaml", {"weights": None})
+    assert (cfg.backbone, cfg.imgsz) == ("tf_efficientnet_b5", 768)
+    metrics = pd.read_csv(tmp_path / "classifier" / "fold0" / "metrics.csv")
+    assert np.isfinite(metrics[["train_loss", "val_loss", "val_auc"]].to_numpy()).all()  # both labels among the 2
+    state = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
+    assert state["classifier.weight"].shape == (1, 2048)
+    with capsys.disabled():
+        print(f"\nclassifier full (B5, 768 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
+              f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -190,3 +191,44 @@ def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
     with capsys.disabled():
         print(f"\neffdet demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min)")
     assert ours > prior
+
+
+# The CLI in a child process that reports its own peak RSS (resource.getrusage) on its last line.
+WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+                 "    print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+
+
+@pytest.mark.slow
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
+    """models/effdet/full.yaml as it is (only epochs=1, and weights=null: the COCO file is not here):
+    EfficientDet-D4 at 1024 px, one optimizer step (a fold file whose training split is one image,
+    so the CPU holds one image's activations), validation, then the trained model on two images."""
+    from cxr.config import load
+    from cxr.images import read_image
+    from models.effdet.effdet import load_infer
+
+    data, folds, _ = tiny_folds
+    f = pd.read_csv(folds, dtype={"image_id": str})
+    one = pd.concat([f[f["fold"] == 0], f[f["fold"] == 1].head(1)])
+    one.to_csv(tmp_path / "one.csv", index=False)
+    argv = model_args("effdet", "train", (data, tmp_path / "one.csv", tmp_path), "--profile", "full",
+                      "--set", "epochs=1", "weights=null")
+    done = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, *argv], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "effdet" / "fold0"
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert np.isfinite(metrics[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
+    cfg = load(Config, "models/effdet/full.yaml", {"weights": None})
+    assert (cfg.arch, cfg.imgsz) == ("tf_efficientdet_d4", 1024)
+    state = torch.load(out / "weights.pt", weights_only=True)["model"]
+    assert state["class_net.predict.conv_pw.weight"].shape[0] == 9 * 14
+    images = [read_image(DataFolder(data).image("train", i)) for i in one.loc[one["fold"] == 0, "image_id"]]
+    started = time.perf_counter()
+    detections = load_infer(cfg, out)(images)
+    predict_s = time.perf_counter() - started
+    assert len(detections) == 2
+    for boxes, scores, classes in detections:
+        assert len(boxes) > 0 and ((classes >= 0) & (classes < NO_FINDING)).all() and (scores >= cfg.score_thr).all()
+    with capsys.disabled():
+        print(f"\neffdet full (D4, 1024 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
+              f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 2 images {predict_s:.1f} s")
