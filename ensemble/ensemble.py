@@ -303,13 +303,13 @@ def tune(
 
     def fusion_calls(stage: str, fps: list[FusionParams], later: int) -> list[np.ndarray]:
         """mAP per subset of each candidate; one job per (weights, iou, skip): conf types share the clusters."""
-        jobs: dict[tuple, list[FusionParams]] = {}
+        by_clusters: dict[tuple, list[FusionParams]] = {}
         for fp in fps:
-            group = jobs.setdefault(_key(fp)[:3], [])
+            group = by_clusters.setdefault(_key(fp)[:3], [])
             if _key(fp) not in runner.cache and all(_key(fp) != _key(g) for g in group):
                 group.append(fp)
         runner.run([([_key(fp) for fp in g], stage, _fusion_maps, (g,), [_describe(fp) for fp in g])
-                    for g in jobs.values() if g], later)
+                    for g in by_clusters.values() if g], later)
         return [runner.cache[_key(fp)] for fp in fps]
 
     try:
