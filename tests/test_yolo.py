@@ -166,7 +166,7 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
     """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation and train_args),
     except epochs=1 and weights=null (the COCO file is not here): 4 training images = one optimizer
     step, then a prediction on 2 images. Prints seconds per step and peak memory."""
-    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=8, n_test=2, size=128, seed=5))
+    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=6, n_test=2, size=128, seed=5))
     folds = tmp_path / "folds.csv"
     write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
     cfg = load(__import__("models.yolo.yolo", fromlist=["Config"]).Config, PROFILES / "full.yaml")

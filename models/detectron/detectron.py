@@ -56,7 +56,7 @@ from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
-from cxr.io import atomic_path
+from cxr.io import DataError, atomic_path
 from cxr.metric import ground_truth, mean_average_precision
 from models.common import Detections, Infer, device, predict_split, write_fold_predictions
 from models.weights import resolve, transfer
@@ -302,6 +302,10 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
         return final
     if cfg.weights:
         resolve(cfg.weights)  # a missing file stops here, before any work
+    elif cfg.norm == "FrozenBN":  # frozen identity statistics: an unnormalized ResNet that diverges
+        raise DataError("norm", "FrozenBN keeps a checkpoint's statistics and needs weights; to train from scratch "
+                                "set norm=GN head_norm=GN freeze_at=0 pixel_mean=[128,128,128] pixel_std=[64,64,64] "
+                                "(the demo profile's choice)")
     save(cfg, out / "config.yaml")
     with atomic_path(out / "detectron2.yaml") as tmp:
         tmp.write_text(build_cfg(cfg, out).dump())
