@@ -32,7 +32,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from cxr.io import atomic_path, write_table
+from cxr.io import DataError, atomic_path, write_table
 
 
 def make_optimizer(params, name: Literal["adamw", "sgd"], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -137,6 +137,9 @@ def resume(path: Path, model: torch.nn.Module, stepper: Stepper, device: str) ->
     if not path.exists():
         return 0, -math.inf, []
     ckpt = torch.load(path, map_location=device, weights_only=False)
+    if "updates" not in ckpt:
+        raise DataError(path, "checkpoint written by an older version of this loop: delete it (or the fold folder) "
+                              "to train this fold again")
     model.load_state_dict(ckpt["model"])
     stepper.load_state_dict(ckpt)
     print(f"resuming from epoch {ckpt['epoch'] + 1} ({path}, {stepper.updates} updates done)")

@@ -65,6 +65,15 @@ def test_all_folds_demo_profile_auc_and_coverage(fold_setup, capsys):
     assert (run / "classifier" / "calibration.png").stat().st_size > 1000
     metrics = pd.read_csv(run / "classifier" / "fold0" / "metrics.csv")
     assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "train_s"]
+    # load_infer (what bench scripts use) gives the probabilities predict wrote
+    from cxr.config import load
+    from cxr.images import read_image
+    from models.classifier.classifier import Config, load_infer
+
+    fold0 = pd.read_csv(run / "classifier" / "fold0" / "oof.csv", dtype={"image_id": str}).head(5)
+    infer = load_infer(load(Config, "models/classifier/demo.yaml", {"tta": True}), run / "classifier" / "fold0")
+    got = infer([read_image(DataFolder(data).image("train", i)) for i in fold0["image_id"]])
+    np.testing.assert_allclose(got, fold0["p_abnormal"].to_numpy(), atol=1e-5)
 
 
 def test_resume_after_kill(fold_setup, tmp_path):

@@ -205,3 +205,11 @@ def test_validation_map_scores_a_perfect_and_an_empty_detector(synth_dir):
 
     assert validation_map(perfect, data, ids, batch_size=4) == pytest.approx(1.0)
     assert validation_map(lambda images: [(np.zeros((0, 4)), np.zeros(0), np.zeros(0))] * len(images), data, ids) == 0.0
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_loop(tmp_path):
+    model, st = _stepper()
+    torch.save({"model": model.state_dict(), "opt": st.opt.state_dict(), "epoch": 0, "best": 0.1, "log": []},
+               tmp_path / "last.pt")
+    with pytest.raises(DataError, match="older version"):
+        resume(tmp_path / "last.pt", model, st, "cpu")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import albumentations as A
 import numpy as np
@@ -186,13 +186,34 @@ def _probabilities(model: torch.nn.Module, loader: torch.utils.data.DataLoader, 
     return np.concatenate(ps), np.concatenate(ys)
 
 
-def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+def _load_model(cfg: Config, out: Path, dev: str) -> torch.nn.Module:
     weights = out / "weights.pt"
     if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train fold {fold} first (make train MODEL=classifier FOLD={fold})")
-    dev = device(cfg.device)
+        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=classifier FOLD=k)")
     model = build(Config(**{**vars(cfg), "pretrained": None, "weights": None})).to(dev)
     model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True)["model"])
+    return model.eval()
+
+
+def load_infer(cfg: Config, out: Path) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """The trained fold model as ``infer(images) -> p_abnormal`` (8-bit grayscale images, any size;
+    flip TTA when the config says so)."""
+    dev = device(cfg.device)
+    model = _load_model(cfg, out, dev)
+    transform = Images([], None, cfg.imgsz, augment=False).transform
+
+    def infer(images: list[np.ndarray]) -> np.ndarray:
+        x = torch.stack([torch.from_numpy(transform(image=np.repeat(im[:, :, None], 3, axis=2))["image"].transpose(2, 0, 1).copy())
+                         for im in images])
+        loader = [(x, torch.zeros(len(images)))]
+        return _probabilities(model, loader, dev, cfg.tta)[0]
+
+    return infer
+
+
+def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
+    dev = device(cfg.device)
+    model = _load_model(cfg, out, dev)
     _, val_ids = split(folds, fold)
     paths = []
     for split_name, ids, name in (("train", val_ids, "oof.csv"), ("test", data.test_ids(), "test.csv")):
