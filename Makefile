@@ -29,6 +29,8 @@ DEVICE_LIST = $(subst $(comma), ,$(DEVICES))
 fold_device = $(if $(DEVICES),$(word $(shell echo $$(( $(1) % $(words $(DEVICE_LIST)) + 1 ))),$(DEVICE_LIST)),$(DEVICE))
 # SET="epochs=5 imgsz=512" overrides profile fields (python -m models ... --set)
 SET     ?=
+# FOLD_FUSION="iou_thr=0.4 conf_type=max": WBF settings of the folds' test merge (default cxr.wbf.FOLD_MERGE)
+FOLD_FUSION ?=
 # $(call ADAPTER,verb[,card]): one verb of MODEL's adapter
 ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
   --profile $(PROFILE) --run-dir $(RUN)$(if $(SET), --set $(SET))
@@ -104,7 +106,7 @@ $(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
 	$(call ADAPTER,predict,$(call fold_device,$*)) --fold $*
 
 $(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
-	$(call ADAPTER,merge)
+	$(call ADAPTER,merge)$(if $(FOLD_FUSION), --fold-fusion $(FOLD_FUSION))
 
 oof: ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1 = a fold per card
 	@$(MAKE) --no-print-directory $(if $(DEVICES),-j$(words $(DEVICE_LIST))) $(RUN)/$(MODEL)/oof.csv

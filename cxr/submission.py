@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
+from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, SUBMISSION_COLUMNS
 from cxr.io import DataError, csv_row, read_table, write_table
 from cxr.predictions import validate
 

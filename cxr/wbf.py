@@ -283,6 +283,40 @@ def fuse_arrays_each(
     return out
 
 
+@dataclass(frozen=True)
+class WBF:
+    """WBF settings as a config block (blend YAML, fold merge). Defaults: the 2nd-place final blend
+    (IoU 0.4, skip 0, avg; ZFTurbo et al.'s ensemble_models.py)."""
+
+    iou_thr: float = 0.4
+    skip_box_thr: float = 0.0
+    conf_type: ConfType = "avg"
+
+
+# How ``python -m models MODEL merge`` fuses its folds' test tables unless told otherwise
+# (``--fold-fusion``, make's FOLD_FUSION=); predict-images reads the settings the merge saved.
+FOLD_MERGE = WBF(iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
+
+
+def fuse_group(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame, settings: WBF,
+               weights: Sequence[float] | None = None) -> pd.DataFrame:
+    """WBF of ``tables`` with ``settings``: the one fusion step of fold merge, blend groups and the final blend.
+
+    Tables of weight 0 are left out; one table left is returned as it is (a single table is not
+    fused with itself). ``sizes`` = ``image_id, width, height`` of every image.
+    """
+    weights = [1.0] * len(tables) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(tables):
+        raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
+    kept = [(t, w) for t, w in zip(tables, weights) if w > 0]
+    if not kept:
+        raise ValueError("every table has weight 0: nothing to fuse")
+    if len(kept) == 1:
+        return kept[0][0].reset_index(drop=True)
+    return fuse_predictions([t for t, _ in kept], sizes, [w for _, w in kept], settings.iou_thr,
+                            settings.skip_box_thr, settings.conf_type)
+
+
 def fuse_predictions(
     tables: Sequence[pd.DataFrame],
     sizes: pd.DataFrame,

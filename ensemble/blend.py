@@ -42,31 +42,18 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cxr.config import from_dict, save, to_dict
+from cxr.config import from_dict, save
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
 from cxr.io import DataError, atomic_path, csv_row, read_table, show, write_table
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import validate
 from cxr.submission import check_submission, parse_strings, write_submission
-from cxr.wbf import ConfType, fuse_predictions
+from cxr.wbf import WBF, fuse_group
 from ensemble.ensemble import GateParams, gate
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-@dataclass
-class WBF:
-    """ensemble-boxes WBF settings. Defaults: the 2nd-place final blend (IoU 0.4, skip 0, avg)."""
-
-    iou_thr: float = 0.4
-    skip_box_thr: float = 0.0
-    conf_type: ConfType = "avg"
-
-
-# What ``python -m models MODEL merge`` fuses its folds' test tables with today.
-FOLD_MERGE = WBF(iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
 
 
 @dataclass
@@ -261,25 +248,6 @@ class Group:
     weights: list[float]
     wbf: WBF
     weight: float = 1.0
-
-
-def fuse_group(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame, wbf: WBF,
-               weights: Sequence[float] | None = None) -> pd.DataFrame:
-    """WBF of ``tables`` with ``wbf``: the one fusion step of blend groups, the final blend and fold merge.
-
-    Tables of weight 0 are left out; one table left is returned as it is. ``sizes`` =
-    ``image_id, width, height`` of every image (WBF works in [0, 1] coordinates).
-    """
-    weights = [1.0] * len(tables) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(tables):
-        raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
-    kept = [(t, w) for t, w in zip(tables, weights) if w > 0]
-    if not kept:
-        raise ValueError("every table has weight 0: nothing to fuse")
-    if len(kept) == 1:
-        return kept[0][0].reset_index(drop=True)
-    tables, weights = [t for t, _ in kept], [w for _, w in kept]
-    return fuse_predictions(tables, sizes, weights, wbf.iou_thr, wbf.skip_box_thr, wbf.conf_type)
 
 
 def fuse_groups(groups: Sequence[Group], sizes: pd.DataFrame, fusion: WBF) -> tuple[pd.DataFrame, list[pd.DataFrame]]:

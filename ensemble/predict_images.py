@@ -66,10 +66,11 @@ from cxr.io import DataError, read_table, write_json, write_table
 from cxr.labels import read_sizes
 from cxr.predictions import write_predictions
 from cxr.submission import write_submission
-from cxr.wbf import fuse_predictions
+from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from ensemble.ensemble import Params, apply, params_from_dict
 from ensemble.overlays import display_size, draw, findings_text, thumbnail, write_image, write_index
 import models as model_table
+from models.__main__ import fold_fusion
 from models.common import device, predict_split
 
 INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
@@ -87,6 +88,7 @@ class Member:
     folds: list[Callable]
     tta: bool
     batch: int  # the batch its own predict uses, so each model sees the batches make submission gave it
+    fusion: WBF = FOLD_MERGE  # how merge fused its folds (RUN/MODEL/fold_fusion.yaml)
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Membe
         except FileNotFoundError as e:
             raise DataError(out, f"fold {k} of {model!r} is not trained ({e})") from None
     # the batch each adapter's predict passes on (yolo: predict_batch; the others: batch)
-    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)))
+    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)), fold_fusion(run, model))
 
 
 def _classifier_infer(adapter: ModuleType, cfg, out: Path) -> Callable[[list[Path]], np.ndarray]:
@@ -180,8 +182,8 @@ def predict_view(ens: Ensemble, view: DataFolder, ids: list[str]) -> pd.DataFram
     tables = []
     for m in ens.detectors:
         per_fold = [predict_split(infer, view, "test", ids, m.tta, m.batch) for infer in m.folds]
-        # mirrors models/__main__.py merge: the folds' test tables fused by WBF at its defaults
-        tables.append(fuse_predictions(per_fold, sizes))
+        # the fold fusion of models/__main__.py merge, with the settings that merge saved
+        tables.append(fuse_group(per_fold, sizes, m.fusion))
     p_abnormal = None
     if ens.classifier is not None:
         paths = [view.image("test", i) for i in ids]

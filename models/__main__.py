@@ -15,22 +15,29 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cxr.config import load, to_dict
+from cxr.config import from_dict, load, save, to_dict
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError
 from cxr.predictions import read_predictions, write_predictions
-from cxr.wbf import fuse_predictions
+from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from models import MODELS, adapter as import_adapter, kind, names
 from models.common import fold_dir
 
 HERE = Path(__file__).parent
 
 
-def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path) -> tuple[Path, Path]:
+def fold_fusion(run: Path, model: str) -> WBF:
+    """The WBF settings ``merge`` fused ``model``'s folds with (saved beside its test.csv)."""
+    path = run / model / "fold_fusion.yaml"
+    return load(WBF, path) if path.is_file() else FOLD_MERGE
+
+
+def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path, fusion: WBF = FOLD_MERGE) -> tuple[Path, Path]:
     """All folds of ``model`` -> ``RUN/MODEL/oof.csv`` (out-of-fold) and ``RUN/MODEL/test.csv``.
 
-    Detections: the folds' test tables are fused with WBF. Probabilities (the classifier):
-    the folds' test probabilities are averaged, and an OOF ROC AUC report is written.
+    Detections: the folds' test tables are fused with WBF (``fusion``, saved as
+    ``fold_fusion.yaml`` so predict-images fuses new images the same way). Probabilities (the
+    classifier): the folds' test probabilities are averaged, and an OOF ROC AUC report is written.
     """
     ks = sorted(folds["fold"].unique())
     missing = [k for k in ks if not (fold_dir(run, model, k) / "oof.csv").exists()]
@@ -41,7 +48,8 @@ def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path) -> tuple
 
         return merge_probabilities([fold_dir(run, model, k) for k in ks], data, folds, run / model)
     oof = pd.concat([read_predictions(fold_dir(run, model, k) / "oof.csv") for k in ks], ignore_index=True)
-    test = fuse_predictions([read_predictions(fold_dir(run, model, k) / "test.csv") for k in ks], data.test_sizes)
+    test = fuse_group([read_predictions(fold_dir(run, model, k) / "test.csv") for k in ks], data.test_sizes, fusion)
+    save(fusion, run / model / "fold_fusion.yaml")
     return (
         write_predictions(oof, run / model / "oof.csv", data.train_sizes),
         write_predictions(test, run / model / "test.csv", data.test_sizes),
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
     p.add_argument("--run-dir", default="runs/demo", help="run root; outputs go to RUN_DIR/MODEL/foldK")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
+    p.add_argument("--fold-fusion", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"merge: WBF of the folds' test tables (iou_thr, skip_box_thr, conf_type; default {FOLD_MERGE})")
     a = p.parse_args(argv)
     try:
         adapter = import_adapter(a.model)
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load(adapter.Config, profile, overrides)
         data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
         if a.verb == "merge":
-            print(*merge(a.model, data, folds, run))
+            fusion = from_dict(WBF, {**to_dict(FOLD_MERGE), **parse_overrides(a.fold_fusion, "--fold-fusion")},
+                               "--fold-fusion")
+            print(*merge(a.model, data, folds, run, fusion))
             return
         out = fold_dir(run, a.model, a.fold)
         out.mkdir(parents=True, exist_ok=True)
