@@ -15,8 +15,6 @@ N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
-# the model table (models/__init__.py) is the one list of models; it imports only the stdlib
-MODELS_ALL := $(shell python3 -c 'import models; print(*models.names())')
 MODEL   ?= yolo
 FOLD    ?= 0
 PROFILE ?= demo

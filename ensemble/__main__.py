@@ -1,10 +1,11 @@
-"""``python -m ensemble tune|submit|blend``: tune WBF + gate on OOF, write the submission and the report, blend submissions.
+"""``python -m ensemble tune|submit|blend|predict-images``: tune WBF + gate on OOF, write the submission and the report, blend submissions.
 
     python -m ensemble tune   --data D --folds F --run-dir runs/NAME [--models yolo,effdet] [--exclude effdet]
                               [--extra path/to/notebook_preds] [--classifier classifier|none] [--jobs 2] [--force]
     python -m ensemble submit --data D --folds F --run-dir runs/NAME --name NAME [same model choice]
                               # submissions/NAME.csv, reports/NAME/
     python -m ensemble blend ...   # ensemble.blend: weighted blend of submission files (see its --help)
+    python -m ensemble predict-images ...   # ensemble.predict_images: the tuned ensemble on a folder of new studies
 
 The model set: ``--models`` (default: every detector of models/__init__.py) less ``--exclude``,
 plus ``--extra`` folders (a model trained elsewhere: ``oof.csv`` and ``test.csv`` in the prediction
@@ -150,8 +151,13 @@ def main(argv: list[str] | None = None) -> None:
 
         blend_main(argv[1:])
         return
+    if argv[:1] == ["predict-images"]:
+        from ensemble.predict_images import main as predict_images_main
+
+        predict_images_main(argv[1:])
+        return
     p = argparse.ArgumentParser(prog="python -m ensemble", description=__doc__.splitlines()[0])
-    p.add_argument("verb", choices=["tune", "submit", "blend"])
+    p.add_argument("verb", choices=["tune", "submit", "blend", "predict-images"])
     p.add_argument("--data", required=True)
     p.add_argument("--folds", required=True)
     p.add_argument("--run-dir", required=True)
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         tune_set(a) if a.verb == "tune" else submit(a)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an unwritable reports/ or submissions/ folder: the path, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
 
