@@ -4,9 +4,9 @@ One optimizer step, one schedule, one EMA and one checkpoint format for both, so
 cannot drift apart again:
 
 * :func:`make_optimizer`: AdamW (decoupled weight decay) or SGD with Nesterov momentum.
-* :func:`cosine_schedule`: linear warmup then cosine decay to 0, per optimizer update
-  (timm's ``CosineLRScheduler``); update ``k`` (1-based) runs at ``schedule(k)``, so a
-  run's first update already has a non-zero learning rate.
+* :func:`cosine_schedule`: linear warmup then cosine decay towards 0, per optimizer update
+  (timm's ``CosineLRScheduler``); update ``k`` (1-based) runs at ``schedule(k)``, so the
+  first and the last update both have a non-zero learning rate.
 * :class:`Stepper`: autocast + GradScaler (AMP on GPU), gradient accumulation (``accumulate``
   micro-batches per update; an epoch's last, partial group still makes an update), gradient
   clipping, the optimizer and schedule step, and an EMA of the weights (timm's ``ModelEmaV3``)
@@ -47,10 +47,11 @@ def updates_per_epoch(batches: int, accumulate: int) -> int:
 
 
 def cosine_schedule(opt: torch.optim.Optimizer, epochs: int, updates: int, warmup_epochs: float) -> CosineLRScheduler:
-    """Linear warmup over ``warmup_epochs`` then cosine to 0 at the last of ``epochs * updates`` updates."""
+    """Linear warmup over ``warmup_epochs`` (update k of W at k/W of the peak), then one cosine
+    half-period that would reach 0 one update after the last of ``epochs * updates``."""
     total = max(1, epochs * updates)
     warmup = min(total, max(1, int(warmup_epochs * updates)))
-    return CosineLRScheduler(opt, t_initial=max(1, total - warmup), lr_min=0.0, warmup_t=warmup, warmup_lr_init=0.0,
+    return CosineLRScheduler(opt, t_initial=total - warmup + 1, lr_min=0.0, warmup_t=warmup, warmup_lr_init=0.0,
                              warmup_prefix=True, t_in_epochs=False)
 
 

