@@ -106,7 +106,7 @@ def test_resume_after_kill(fold_setup, tmp_path):
     kill_when(argv, pointer.exists)
     checkpoint = pointer.read_text().strip()
     assert checkpoint.startswith("model_0") and not (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
-    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "models", *argv], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
     assert "Loading from" in log and checkpoint in log, log[-3000:]  # resumed from that checkpoint
@@ -242,4 +242,6 @@ def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
         print(f"\ndetectron demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min); "
               f"finding classes with AP > 0: {found}")
     assert ours > prior
-    assert len(found) >= 3  # it finds boxes, not only the No-finding row
+    # it finds boxes, not only the No-finding row, and of the right classes: Aortic enlargement (0) and
+    # Cardiomegaly (3), the demo's large frequent findings (a class-id mix-up would lose them)
+    assert {0, 3} <= set(found)

@@ -47,7 +47,7 @@ def _label_lines(root: Path, part: str) -> list[str]:
 
 def test_prepare_writes_yolo_dataset(fold_setup):
     main(args("prepare", fold_setup))
-    data, folds, run = fold_setup
+    _, folds, run = fold_setup
     root = run / "yolo" / "fold0" / "dataset"
     f = pd.read_csv(folds)
     val = f.loc[f["fold"] == 0, "image_id"]
@@ -67,7 +67,7 @@ def test_prepare_uses_the_profiles_reader_fusion(fold_setup, tmp_path):
     counts = {}
     dropped = tuple(d.labels["rad_id"].value_counts().index[:2])  # the two busiest readers
     for name, labels in {"default": None, "keep_all": "{mode: keep_all}",
-                         "drop": "{mode: keep_all, drop_readers: [%s]}" % ", ".join(dropped)}.items():
+                         "drop": f"{{mode: keep_all, drop_readers: [{', '.join(dropped)}]}}"}.items():
         extra = ["--set", f"labels={labels}"] if labels else []
         main(args("prepare", fold_setup, *extra, run=tmp_path / name))
         counts[name] = len(_label_lines(tmp_path / name / "yolo" / "fold0" / "dataset", "train"))
@@ -104,7 +104,7 @@ def test_resume_after_kill(fold_setup, tmp_path):
     # epoch 1 always writes last.pt and then best.pt (first fitness is the best): kill once both are complete
     kill_when(argv, lambda: _complete(weights / "last.pt") and _complete(weights / "best.pt"))
     assert not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
-    done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "models", *argv], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Resuming training" in done.stdout + done.stderr
     results = pd.read_csv(tmp_path / "yolo" / "fold0" / "train" / "results.csv")
@@ -206,4 +206,6 @@ def test_demo_profile_beats_prior_boxes(tmp_path_factory, capsys):
         print(f"\nyolo demo fold 0: OOF mAP@0.4 {ours:.4f} vs prior boxes {prior:.4f} ({minutes:.1f} min); "
               f"finding classes with AP > 0: {found}")
     assert ours > prior
-    assert len(found) >= 3  # it finds boxes, not only the No-finding row
+    # it finds boxes, not only the No-finding row, and of the right classes: Aortic enlargement (0) and
+    # Cardiomegaly (3), the demo's large frequent findings (a class-id mix-up would lose them)
+    assert {0, 3} <= set(found)
