@@ -155,6 +155,43 @@ def test_zoo_checkpoint_transfers(fold_setup, tmp_path, capfd):
     assert d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and d2["MODEL"]["PIXEL_STD"] == [1, 1, 1]
 
 
+def c2_name(key: str) -> str:
+    """A detectron2 ResNet name in the MSRA/Caffe2 ImageNet R-50.pkl's spelling:
+    ``res3.1.conv2.norm.weight`` -> ``res3_1_branch2b_bn_s``, ``stem.conv1.weight`` -> ``conv1_w``."""
+    key = key.replace("stem.conv1.norm.", "res_conv1.norm.").replace("stem.conv1.", "conv1.")
+    for ours, theirs in {"shortcut": "branch1", "conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}.items():
+        key = key.replace(f".{ours}.", f".{theirs}.")
+    key = key.replace(".norm.weight", "_bn_s").replace(".norm.bias", "_bn_b")
+    return key.replace(".weight", "_w").replace(".bias", "_b").replace(".", "_")
+
+
+def test_imagenet_caffe2_backbone_loads(tmp_path, capsys):
+    """An ImageNet R-50 in the format of the MSRA R-50.pkl (a pickle of {Caffe2 name: ndarray}: conv
+    weights, BN scale and shift folded, no running statistics, a 1000-class fc) loads into the FrozenBN
+    ResNet through detectron2's renaming; FPN and heads keep their init."""
+    from detectron2.modeling import build_model
+
+    from models.detectron.detectron import load_weights
+
+    cfg = Config(depth=50, norm="FrozenBN", head_norm="", freeze_at=2, imgsz=128, fpn_channels=64, box_head_dim=64,
+                 device="cpu")
+    torch.manual_seed(1)
+    source = build_model(build_cfg(cfg, tmp_path)).backbone.bottom_up.state_dict()
+    learned = [k for k in source if not k.endswith(("running_mean", "running_var"))]
+    blobs = {c2_name(k): source[k].numpy() for k in learned}
+    blobs.update(fc1000_w=np.zeros((1000, 2048), np.float32), fc1000_b=np.zeros(1000, np.float32))
+    with open(tmp_path / "R-50.pkl", "wb") as f:
+        pickle.dump(blobs, f)
+    torch.manual_seed(2)
+    model = build_model(build_cfg(cfg, tmp_path))
+    load_weights(model, str(tmp_path / "R-50.pkl"))
+    got = model.backbone.bottom_up.state_dict()
+    assert len(learned) == 159  # 53 convolutions: weight, BN scale, BN shift
+    for k in learned:
+        torch.testing.assert_close(got[k], source[k], rtol=0, atol=0, msg=k)
+    assert f"loaded {len(learned)} of " in capsys.readouterr().out
+
+
 def test_missing_or_needed_checkpoint_is_one_line(fold_setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args("train", fold_setup, "--set", *FAST, f"weights={tmp_path / 'faster_rcnn_R_101_FPN_3x_f6e8b1.pkl'}",
