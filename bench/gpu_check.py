@@ -22,10 +22,15 @@ from cxr.io import write_table
 from cxr.synth import SynthConfig, generate
 
 OVERRIDES = {  # full profile, shortened to a few hundred iterations: throughput, not convergence
-    "yolo": lambda a: {"imgsz": a.imgsz, "epochs": 3, "tta": False},  # 3 x 80 iterations of 16
+    "yolo": lambda a: {"imgsz": a.imgsz, "epochs": 3, "tta": False},  # 3 x 320 iterations of 4
     "detectron": lambda a: {"imgsz": a.imgsz, "max_iter": 300, "eval_period": 300, "checkpoint_period": 1000, "tta": False},
-    "effdet": lambda a: {"imgsz": a.imgsz, "epochs": 1, "tta": False},  # 320 iterations of 4
-    "classifier": lambda a: {"imgsz": a.imgsz, "epochs": 2, "tta": False},  # 2 x 80 iterations of 16
+    "effdet": lambda a: {"imgsz": a.imgsz, "epochs": 1, "tta": False},  # 640 iterations of 2
+    "classifier": lambda a: {"imgsz": a.imgsz, "epochs": 2, "tta": False},  # 2 x 320 iterations of 4
+}
+# Without `make weights` the full profiles start from scratch; FrozenBN R101 cannot (it diverges).
+FROM_SCRATCH = {
+    "detectron": {"weights": None, "norm": "GN", "head_norm": "GN", "freeze_at": 0,
+                  "pixel_mean": [128, 128, 128], "pixel_std": [64, 64, 64]},
 }
 
 
@@ -45,7 +50,12 @@ def main() -> None:
         n_fit = int((folds["fold"] != 0).sum())
         for name in a.models.split(","):
             adapter = models.adapter(name)
-            cfg = load(adapter.Config, Path("models") / name / "full.yaml", OVERRIDES.get(name, lambda a: {"imgsz": a.imgsz})(a))
+            profile = Path("models") / name / "full.yaml"
+            overrides = OVERRIDES.get(name, lambda a: {"imgsz": a.imgsz})(a)
+            cfg = load(adapter.Config, profile, overrides)
+            if cfg.weights and not Path(cfg.weights).is_file():
+                print(f"{name}: {cfg.weights} not found (make weights): timing from scratch", flush=True)
+                cfg = load(adapter.Config, profile, {**overrides, "weights": None, **FROM_SCRATCH.get(name, {})})
             out = Path(tmp) / "run" / name / "fold0"
             out.mkdir(parents=True)
             torch.cuda.reset_peak_memory_stats()
