@@ -127,6 +127,14 @@ def microbatches(loader) -> Iterator[tuple[Any, bool]]:
         yield batch, i == n - 1
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed the worker's albumentations pipeline (``dataset.transform``,
+    which ignores global seeds) from torch's per-worker seed, itself drawn from the run's seed, so two
+    runs with the same seed see the same augmentations."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, stepper: Stepper, epoch: int, best: float, log: list[dict]) -> None:
     """``last.pt``: everything :func:`resume` needs, written atomically (a kill never leaves half a file)."""
     with atomic_path(path) as tmp:

@@ -44,7 +44,7 @@ from cxr.images import read_image
 from cxr.io import write_table
 from models.common import device, load_efficientnet_lite0, read_state_dict
 from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
-                                save_checkpoint, save_if_best, updates_per_epoch)
+                                save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "probabilities"  # what merge does with the folds' tables (see models/__main__.py)
@@ -151,8 +151,9 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
 
     def loader(ids: list[str], augment: bool) -> torch.utils.data.DataLoader:
         ds = Images([data.image("train", i) for i in ids], table.loc[ids, "abnormal"].to_numpy(), cfg.imgsz, augment)
+        ds.transform.set_random_seed(cfg.seed)  # without workers; with workers seed_worker reseeds each copy
         return torch.utils.data.DataLoader(ds, batch_size=cfg.batch, shuffle=augment, num_workers=cfg.workers,
-                                           drop_last=augment and len(ids) > cfg.batch, persistent_workers=False)
+                                           drop_last=augment and len(ids) > cfg.batch, worker_init_fn=seed_worker)
 
     train_loader, val_loader = loader(train_ids, True), loader(val_ids, False)
     opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)

@@ -50,7 +50,7 @@ from cxr.io import write_table
 from models.common import (Detections, Infer, device, load_efficientnet_lite0, read_state_dict, validation_map,
                            write_fold_predictions)
 from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
-                                save_checkpoint, save_if_best, updates_per_epoch)
+                                save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"
@@ -228,8 +228,10 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
     train_ids = sorted(set(train_ids) & set(fused["image_id"]))  # dropped readers can leave an image unlabelled
     train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=(cfg.translate, cfg.scale, cfg.degrees))
     sampler = torch.utils.data.DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
+    train_ds.transform.set_random_seed(cfg.seed + rank)  # without workers; with workers seed_worker reseeds each copy
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=cfg.workers, collate_fn=collate, drop_last=len(train_ds) > cfg.batch)
+                                         num_workers=cfg.workers, collate_fn=collate, drop_last=len(train_ds) > cfg.batch,
+                                         worker_init_fn=seed_worker)
     val_fused = fused if cfg.labels == DEFAULT else data.fused()
     val_loader = torch.utils.data.DataLoader(Boxes(data, val_ids, val_fused, cfg.imgsz, augment=None), batch_size=cfg.batch,
                                              num_workers=cfg.workers, collate_fn=collate)
