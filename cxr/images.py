@@ -7,6 +7,7 @@ pylibjpeg-openjpeg or Pillow, whichever pydicom finds.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import time
@@ -194,7 +195,9 @@ def prepare_png_set(
     converted = 0
     if todo:
         workers = workers or os.cpu_count() or 1
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)))
+        # spawn, not fork: a child forked from a process whose OpenCV/torch thread pools ran (a
+        # notebook, the test session) can hang in its first OpenCV call
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"))
         try:
             futures = {pool.submit(convert_one, job): job[0] for job in todo}
             bar = tqdm(as_completed(futures), total=len(todo), desc=f"prepare {size}px", unit="img", disable=not progress)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -228,7 +229,7 @@ def decode(job: tuple[str, str, int, int, tuple[int, int] | None]) -> Decoded:
 
 
 def _single_thread() -> None:
-    cv2.setNumThreads(1)  # the workers are the parallelism (and a forked OpenCV pool can hang)
+    cv2.setNumThreads(1)  # the workers are the parallelism
 
 
 def stream(jobs: list, batch: int, pool: Executor | None) -> Iterator[list[Decoded]]:
@@ -400,7 +401,10 @@ def predict_folder(
         original = tuple(sizes.loc[image_id, ["width", "height"]].astype(int)) if sizes is not None else None
         jobs.append((image_id, str(path), size, overlay_px, original))
     bar = tqdm(total=len(files), initial=len(files) - len(jobs), unit="img", desc="predict", dynamic_ncols=True)
-    pool = ProcessPoolExecutor(workers, initializer=_single_thread) if workers > 0 else None
+    # spawn, not fork: a child forked from this process (whose OpenCV/torch thread pools have run)
+    # can hang in its first OpenCV call
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_single_thread) if workers > 0 else None
     try:
         with tempfile.TemporaryDirectory(prefix="predict-images-") as tmp:
             for k, decoded in enumerate(stream(jobs, batch, pool)):
