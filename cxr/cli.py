@@ -19,7 +19,7 @@ from cxr.config import load
 from cxr.dataset import SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
 from cxr.data import read_folds
-from cxr.io import DataError, atomic_path, csv_row, read_table, require_columns, write_json, write_table
+from cxr.io import DataError, one_line_errors, atomic_path, csv_row, read_table, require_columns, write_json, write_table
 
 
 def _sizes(path: str | None) -> pd.DataFrame | None:
@@ -292,17 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors():
+            args.func(args)
     except KeyboardInterrupt:  # finished work is kept (atomic outputs, prepare's journal): a re-run resumes
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # an unwritable output folder, a full disk: one line, not a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,21 @@ def _umask() -> int:
 
 # mkstemp creates 0600 files; outputs get the mode a plain open() would give them (0644 under umask 022).
 FILE_MODE = 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """The command-line boundary of every entry point: a :class:`DataError`, or an OSError (an
+    unwritable output folder, a full disk), becomes one ``error: ...`` line and exit code 2."""
+    try:
+        yield
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def show(value: Any) -> str:

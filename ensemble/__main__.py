@@ -28,7 +28,7 @@ from pathlib import Path
 import models as model_table
 from cxr.baseline import oof_prior
 from cxr.data import DataFolder, read_folds
-from cxr.io import DataError, read_table, write_json, write_table
+from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from cxr.metric import ground_truth
 from cxr.predictions import read_predictions
 from cxr.submission import check_submission, write_submission
@@ -171,15 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes that fuse candidates (default: every core)")
     p.add_argument("--force", action="store_true", help="tune again even when the parameters are up to date")
     a = p.parse_args(argv)
-    try:
+    with one_line_errors():
         tune_set(a) if a.verb == "tune" else submit(a)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # an unwritable reports/ or submissions/ folder: the path, not a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

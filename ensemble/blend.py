@@ -33,7 +33,6 @@ printed and written to ``REPORT_DIR/blend.csv``. A report only: nothing is tuned
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -44,7 +43,7 @@ import yaml
 
 from cxr.config import from_dict, save
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
-from cxr.io import DataError, atomic_path, csv_row, read_table, show, write_table
+from cxr.io import DataError, one_line_errors, atomic_path, csv_row, read_table, show, write_table
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import validate
@@ -443,13 +442,10 @@ def run(cfg: BlendConfig, out: Path, report_dir: Path) -> pd.DataFrame | None:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    try:
+    with one_line_errors():
         cfg, _ = _config(a)
         out = Path(a.out)
         run(cfg, out, Path(a.report_dir) if a.report_dir else Path("reports") / out.stem)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from cxr.config import load
 from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.images import find_images, read_image, resize
-from cxr.io import DataError, read_table, write_json, write_table
+from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from cxr.labels import read_sizes
 from cxr.predictions import write_predictions
 from cxr.submission import write_submission
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: in process)")
     p.add_argument("--overlay-px", type=int, default=1024, help="long side of the overlay pictures")
     a = p.parse_args(argv)
-    try:
+    with one_line_errors():
         if not 0 <= a.threshold <= 1:
             raise DataError("--threshold", f"{a.threshold} is not in [0, 1]")
         if a.batch < 1 or a.workers < 0 or a.overlay_px < 64 or (a.size is not None and a.size < 1):
@@ -485,9 +485,6 @@ def main(argv: list[str] | None = None) -> None:
         size_px = a.size if a.size is not None else data_image_size(Path(a.data))
         summary = predict_folder(Path(a.src), Path(a.run_dir), Path(a.out), size_px, a.meta, a.folds, a.threshold,
                                  a.batch, a.workers, a.overlay_px, a.classifier)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if summary["failed"]:
         print(f"warning: {summary['failed']} file(s) could not be read: {Path(a.out) / 'failed.csv'}", file=sys.stderr)
     print(json.dumps(summary))

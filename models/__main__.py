@@ -17,7 +17,7 @@ import yaml
 
 from cxr.config import from_dict, load, save, to_dict
 from cxr.data import DataFolder, read_folds
-from cxr.io import DataError
+from cxr.io import DataError, one_line_errors
 from cxr.predictions import read_predictions, write_predictions
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from models import MODELS, adapter as import_adapter, kind, names
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fold-fusion", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"merge: WBF of the folds' test tables (iou_thr, skip_box_thr, conf_type; default {FOLD_MERGE})")
     a = p.parse_args(argv)
-    try:
+    with one_line_errors():
         adapter = import_adapter(a.model)
         profile = Path(a.profile) if a.profile.endswith(".yaml") else HERE / a.model / f"{a.profile}.yaml"
         overrides = parse_overrides(a.set)
@@ -123,13 +123,6 @@ def main(argv: list[str] | None = None) -> None:
         if a.verb == "train":
             check_run_config(cfg, out)
         print(getattr(adapter, a.verb)(cfg, data, folds, a.fold, out))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # an unwritable run folder, a full disk: the path, not a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -440,3 +440,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("error", [DataError("x.csv", "bad value", row=3), NotADirectoryError(20, "Not a directory", "out/f.csv")])
+def test_every_entry_point_boundary_is_one_line_exit_2(error, capsys):
+    """cxr, python -m models, python -m ensemble (tune/submit/blend/predict-images) share this boundary."""
+    from cxr.io import one_line_errors
+
+    with pytest.raises(SystemExit) as e, one_line_errors():
+        raise error
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err in ("error: x.csv, row 3: bad value\n", "error: out/f.csv: Not a directory\n")

@@ -290,3 +290,13 @@ def test_real_test_set_gate_from_a_public_classifier(tmp_path):
     assert table.loc["gated", "No finding"] > table.loc["input", "No finding"] + 0.2
     assert table.loc["gated", "map"] > table.loc["input", "map"]
     assert check_submission(out, sample, read_sizes(sizes)) == []
+
+
+def test_unwritable_output_is_one_line(bench, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the output folder should be
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(bench["data"]), "--out", str(blocker / "b.csv"), "--report-dir", str(tmp_path / "r"),
+              "--subs", str(bench["subs"]["fold0"])])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {blocker}"), err
