@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+# `make test` runs one pytest-xdist worker per core: each worker's torch gets its share of the cores
+# (two 2-thread pools on 2 cores spin against each other). Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pandas as pd
 import pytest
@@ -18,12 +24,52 @@ from cxr.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Files that train models, longest first: with `--dist loadfile` each file runs on one worker, and
+# starting the long ones first lets the workers finish together.
+LONG_FILES = ["test_demo_quality.py", "test_detectron.py", "test_yolo.py", "test_effdet.py", "test_classifier.py",
+              "test_predict_images.py"]
 TRAIN_FOLDS = "vindr-cxr-train-annotations/nhtlongcs/data/folds"
 TRAIN_INFO = "vindr-cxr-train-annotations/nhtlongcs/datasets/train_info.csv"
 TEST_LABELS = "vindr-cxr-test-annotations/Tuprott991/vindr_physionet_384/annotations_test.csv"
 TEST_SIZES = "kaggle-competition-files/aqx95/data/csv/test.csv"
 SAMPLE_SUBMISSION = "kaggle-competition-files/aqx95/data/csv/sample_submission.csv"
 MANIFEST = "vindr-cxr-images/manifest.csv"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
+@pytest.fixture
+def figures(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """``figures(text)`` prints a measured figure (time, memory, score) in the run's summary; plain
+    prints would be lost under pytest-xdist, whose workers have no terminal."""
+    return lambda text: record_property("figure", text)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    lines = [f"{report.nodeid}: {value}" for key in ("passed", "failed") for report in terminalreporter.stats.get(key, [])
+             if report.when == "call" for name, value in report.user_properties if name == "figure"]
+    if lines:
+        terminalreporter.section("measured figures")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def memory_heavy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held by the full-profile tests (8-15 GiB each on CPU): one at a time across xdist workers, so
+    two never add up past a 24 GB machine. The workers share the base temp folder's parent."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "memory_heavy.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def real(relpath: str) -> Path:
@@ -107,10 +153,20 @@ def kill_when(argv: list[str], ready: Callable[[], bool], timeout: float = 600) 
         proc.wait()
 
 
-def demo_beats_prior(model: str, root: Path) -> tuple[float, float, float, list[int]]:
-    """Train ``model``'s demo profile on fold 0 of 3 (300 synthetic images at 128 px, the `make demo`
-    data) through the real entry point; return (model OOF mAP, prior-box OOF mAP, minutes, the
-    finding classes where the model's fold-0 AP is above 0)."""
+# The "every class" synthetic variant: 80% abnormal images, each with 1-3 of the 14 finding classes
+# drawn uniformly, boxes at least 15% of the side (19 px at 128 px), so every class is frequent and
+# visible at the demo size.
+EVERY_CLASS = {"normal_share": 0.2, "balanced_min_box": 0.15}
+
+
+def fold0_against_prior(model: str, root: Path, *overrides: str, every_class: bool = False
+                        ) -> tuple[float, float, float, list[int]]:
+    """Train ``model``'s demo profile (with ``--set OVERRIDES``) on fold 0 of 3 of 300 synthetic images
+    at 128 px, the `make demo` data or the :data:`EVERY_CLASS` variant, through the real entry point;
+    return (model OOF mAP, prior-box OOF mAP, minutes, the finding classes where the model's fold-0
+    AP is above 0)."""
+    import contextlib
+    import io
     import json
     import time
 
@@ -120,10 +176,12 @@ def demo_beats_prior(model: str, root: Path) -> tuple[float, float, float, list[
     from cxr.io import write_table
     from models.__main__ import main
 
-    data = generate(SynthConfig(out=str(root / "data"), n_train=300, n_test=20, size=128, seed=1))
+    data = generate(SynthConfig(out=str(root / "data"), n_train=300, n_test=20, size=128, seed=1,
+                                **(EVERY_CLASS if every_class else {})))
     folds = root / "folds.csv"
     write_table(make_folds(DataFolder(data).labels, n_folds=3, seed=0), folds)
-    common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(root / "run")]
+    common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(root / "run"),
+              *(["--set", *overrides] if overrides else [])]
     start = time.time()
     main([model, "train", *common])
     main([model, "predict", *common])
@@ -132,9 +190,6 @@ def demo_beats_prior(model: str, root: Path) -> tuple[float, float, float, list[
               "--folds", str(folds), "--out", str(root / "prior.csv")])
     results = []
     for path in (root / "run" / model / "fold0" / "oof.csv", root / "prior.csv"):
-        import contextlib
-        import io
-
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             cxr_main(["evaluate", "--labels", str(data / "train.csv"), "--submission", str(path), "--folds", str(folds),

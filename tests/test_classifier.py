@@ -44,7 +44,7 @@ def test_labels_fused_and_any_reader_agree_on_vindr_like_data(fold_setup):
     assert 0.1 < fused["abnormal"].mean() < 0.5
 
 
-def test_all_folds_demo_profile_auc_and_coverage(fold_setup, capsys):
+def test_all_folds_demo_profile_auc_and_coverage(fold_setup, figures):
     data, folds, run = fold_setup
     start = time.time()
     for k in range(3):
@@ -53,9 +53,8 @@ def test_all_folds_demo_profile_auc_and_coverage(fold_setup, capsys):
     main(args("merge", fold_setup))
     minutes = (time.time() - start) / 60
     report = json.loads((run / "classifier" / "report.json").read_text())
-    with capsys.disabled():
-        print(f"\nclassifier demo (3 folds x 100 images): OOF AUC {report['auc_overall']:.4f} "
-              f"per fold {report['auc_per_fold']} ({minutes:.1f} min)")
+    figures(f"classifier demo (3 folds x 100 images): OOF AUC {report['auc_overall']:.4f} "
+            f"per fold {report['auc_per_fold']} ({minutes:.1f} min)")
     assert report["auc_overall"] > 0.8
     oof = pd.read_csv(run / "classifier" / "oof.csv", dtype={"image_id": str})
     assert oof["image_id"].is_unique and set(oof["image_id"]) == set(pd.read_csv(folds, dtype={"image_id": str})["image_id"])
@@ -127,7 +126,7 @@ WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures, memory_heavy):
     """models/classifier/full.yaml as it is (only epochs=1, and weights=null: the ImageNet file is not
     here): EfficientNet-B5 at 768 px, one optimizer step (a fold file whose training split is one
     image, so the CPU holds one image's activations), then validation = a prediction on two images."""
@@ -147,6 +146,5 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_auc"]].to_numpy()).all()  # both labels among the 2
     state = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
     assert state["classifier.weight"].shape == (1, 2048)
-    with capsys.disabled():
-        print(f"\nclassifier full (B5, 768 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
-              f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")
+    figures(f"classifier full (B5, 768 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
+            f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")

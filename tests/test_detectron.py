@@ -232,7 +232,7 @@ def calibrated_zoo_checkpoint(path: Path, cfg: Config, out: Path, images: list[n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
+def test_full_profile_builds_steps_and_predicts(tmp_path, figures, memory_heavy):
     """models/detectron/full.yaml as it is (R101-FPN FrozenBN at 1024 px, its batch, augmentation and
     zoo-checkpoint start), except max_iter=1 and, as the zoo file is not here, weights = a zoo-format
     file of the same architecture: one iteration, validation, then a prediction on 2 test images."""
@@ -259,6 +259,5 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
     d = DataFolder(data)
     assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    with capsys.disabled():
-        print(f"\ndetectron full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
-              f"predict {predict_s:.0f} s (2 test + 3 val images, TTA), peak RSS {rss:.1f} GiB")
+    figures(f"detectron full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
+            f"predict {predict_s:.0f} s (2 test + 3 val images, TTA), peak RSS {rss:.1f} GiB")

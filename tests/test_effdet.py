@@ -191,7 +191,7 @@ WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures, memory_heavy):
     """models/effdet/full.yaml as it is (only epochs=1, and weights=null: the COCO file is not here):
     EfficientDet-D4 at 1024 px, one optimizer step (a fold file whose training split is one image,
     so the CPU holds one image's activations), validation, then the trained model on two images."""
@@ -221,6 +221,5 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, capsys):
     assert len(detections) == 2
     for boxes, scores, classes in detections:
         assert len(boxes) > 0 and ((classes >= 0) & (classes < NO_FINDING)).all() and (scores >= cfg.score_thr).all()
-    with capsys.disabled():
-        print(f"\neffdet full (D4, 1024 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
-              f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 2 images {predict_s:.1f} s")
+    figures(f"effdet full (D4, 1024 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
+            f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 2 images {predict_s:.1f} s")

@@ -161,7 +161,7 @@ def test_train_args_are_checked(fold_setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
+def test_full_profile_builds_steps_and_predicts(tmp_path, figures, memory_heavy):
     """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation and train_args),
     except epochs=1 and weights=null (the COCO file is not here): 4 training images = one optimizer
     step, then a prediction on 2 images. Prints seconds per step and peak memory."""
@@ -185,7 +185,6 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, capsys):
     d = DataFolder(data)
     assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    with capsys.disabled():
-        print(f"\nyolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
-              f"predict {predict_s:.0f} s (2 test + {len(d.train_sizes) - n_train} val images, TTA), "
-              f"peak RSS {rss:.1f} GiB")
+    figures(f"yolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
+            f"predict {predict_s:.0f} s (2 test + {len(d.train_sizes) - n_train} val images, TTA), "
+            f"peak RSS {rss:.1f} GiB")
