@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from cxr.wbf import CONF_TYPES, fuse_predictions, reference_fuse_predictions
+from cxr.wbf import CONF_TYPES, WBF, fuse_predictions, reference_fuse_predictions
 from postprocess_bench import default_labels, make_table, make_truth
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = reference_fuse_predictions(tables, sizes, weights, 0.5, 0.01, conf)
+            ref = reference_fuse_predictions(tables, sizes, weights, WBF(0.5, 0.01, conf))
         t_ref = time.perf_counter() - start
         key = ["image_id", "class_id", "score", "x_min", "y_min"]
         ours, ref = (d.sort_values(key).reset_index(drop=True) for d in (ours, ref))

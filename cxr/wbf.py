@@ -298,6 +298,13 @@ class WBF:
 FOLD_MERGE = WBF(iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
 
 
+def _table_weights(tables: Sequence[pd.DataFrame], weights: Sequence[float] | None) -> list[float]:
+    weights = [1.0] * len(tables) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(tables):
+        raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
+    return weights
+
+
 def fuse_group(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame, settings: WBF,
                weights: Sequence[float] | None = None) -> pd.DataFrame:
     """WBF of ``tables`` with ``settings``: the one fusion step of fold merge, blend groups and the final blend.
@@ -305,9 +312,7 @@ def fuse_group(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame, settings: WB
     Tables of weight 0 are left out; one table left is returned as it is (a single table is not
     fused with itself). ``sizes`` = ``image_id, width, height`` of every image.
     """
-    weights = [1.0] * len(tables) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(tables):
-        raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
+    weights = _table_weights(tables, weights)
     kept = [(t, w) for t, w in zip(tables, weights) if w > 0]
     if not kept:
         raise ValueError("every table has weight 0: nothing to fuse")
@@ -332,9 +337,7 @@ def fuse_predictions(
     score first, then its No-finding row (the weighted mean of the inputs' No-finding scores)
     when that is above 0. Scores are clipped to [0, 1].
     """
-    weights = list(weights) if weights is not None else [1.0] * len(tables)
-    if len(weights) != len(tables):
-        raise ValueError(f"{len(weights)} weights for {len(tables)} tables")
+    weights = _table_weights(tables, weights)
     if not tables:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
     prep = prepare(tables, sizes)
@@ -344,19 +347,13 @@ def fuse_predictions(
     return out
 
 
-def reference_fuse_predictions(
-    tables: Sequence[pd.DataFrame],
-    sizes: pd.DataFrame,
-    weights: Sequence[float] | None = None,
-    iou_thr: float = 0.55,
-    skip_box_thr: float = 0.0,
-    conf_type: ConfType = "avg",
-) -> pd.DataFrame:
-    """:func:`fuse_predictions` by calling ensemble-boxes image by image: the parity reference
-    of the tests and the bench (slow: ~30 ms per image of three models with 100 boxes each)."""
+def reference_fuse_predictions(tables: Sequence[pd.DataFrame], sizes: pd.DataFrame, weights: Sequence[float] | None,
+                               settings: WBF) -> pd.DataFrame:
+    """:func:`fuse_predictions` with ``settings`` by calling ensemble-boxes image by image: the parity
+    reference of the tests and the bench (slow: ~30 ms per image of three models with 100 boxes each)."""
     from ensemble_boxes import weighted_boxes_fusion
 
-    weights = list(weights) if weights is not None else [1.0] * len(tables)
+    weights = _table_weights(tables, weights)
     known = sizes.set_index("image_id")
     groups = [dict(tuple(t.groupby("image_id"))) for t in tables]
     image_ids = sorted(set().union(*[g.keys() for g in groups]))
@@ -376,7 +373,8 @@ def reference_fuse_predictions(
             normal += w * float(no_finding.max()) if len(no_finding) else 0.0
         if any(len(b) for b in boxes):
             b, s, c = weighted_boxes_fusion(
-                boxes, scores, labels, weights=weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type
+                boxes, scores, labels, weights=weights, iou_thr=settings.iou_thr, skip_box_thr=settings.skip_box_thr,
+                conf_type=settings.conf_type
             )
             part = pd.DataFrame(np.asarray(b).reshape(-1, 4) * scale, columns=BOX_COLUMNS)
             part.insert(0, "image_id", image_id)

@@ -41,6 +41,14 @@ def fold_dir(run_root: str | os.PathLike, model: str, fold: int) -> Path:
     return Path(run_root) / model / f"fold{fold}"
 
 
+def trained_weights(path: Path, model: str) -> Path:
+    """``path``, a fold's trained weights file; FileNotFoundError naming the make target when the fold
+    was not trained yet (``load_infer`` of every adapter starts here)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: train this fold first (make train MODEL={model} FOLD=k)")
+    return path
+
+
 def predict_split(
     infer: Infer,
     data: DataFolder,

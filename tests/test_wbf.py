@@ -10,7 +10,7 @@ import pytest
 from ensemble_boxes import weighted_boxes_fusion
 
 from cxr.dataset import PREDICTION_COLUMNS
-from cxr.wbf import CONF_TYPES, fuse_predictions, reference_fuse_predictions, wbf, wbf_each
+from cxr.wbf import CONF_TYPES, WBF, fuse_predictions, reference_fuse_predictions, wbf, wbf_each
 
 TOL = 1e-6
 
@@ -133,7 +133,7 @@ def test_fuse_predictions_matches_the_image_by_image_reference(conf_type):
     tables, sizes = prediction_tables(np.random.default_rng(7))
     for weights, iou, skip in (([1, 1, 1], 0.55, 0.0), ([3, 1, 0.5], 0.4, 0.1)):
         got = fuse_predictions(tables, sizes, weights, iou, skip, conf_type)
-        expected = reference_fuse_predictions(tables, sizes, weights, iou, skip, conf_type)
+        expected = reference_fuse_predictions(tables, sizes, weights, WBF(iou, skip, conf_type))
         assert list(got.columns) == PREDICTION_COLUMNS
         key = ["image_id", "class_id", "score", "x_min", "y_min"]
         got, expected = (d.sort_values(key).reset_index(drop=True) for d in (got, expected))

@@ -42,7 +42,7 @@ from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
 from cxr.io import write_table
-from models.common import device, load_efficientnet_lite0, read_state_dict
+from models.common import device, load_efficientnet_lite0, read_state_dict, trained_weights
 from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
                                 save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
 from models.weights import resolve, transfer
@@ -188,9 +188,7 @@ def _probabilities(model: torch.nn.Module, loader: torch.utils.data.DataLoader, 
 
 
 def _load_model(cfg: Config, out: Path, dev: str) -> torch.nn.Module:
-    weights = out / "weights.pt"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=classifier FOLD=k)")
+    weights = trained_weights(out / "weights.pt", "classifier")
     model = build(Config(**{**vars(cfg), "pretrained": None, "weights": None})).to(dev)
     model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True)["model"])
     return model.eval()

@@ -48,7 +48,7 @@ from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import write_table
 from models.common import (Detections, Infer, device, load_efficientnet_lite0, read_state_dict, validation_map,
-                           write_fold_predictions)
+                           trained_weights, write_fold_predictions)
 from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
                                 save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
 from models.weights import resolve, transfer
@@ -288,9 +288,7 @@ def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
 
 def load_infer(cfg: Config, out: Path) -> Infer:
     """The trained fold model (EMA weights) as an ``infer`` function (see models/common.py)."""
-    weights = out / "weights.pt"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=effdet FOLD=k)")
+    weights = trained_weights(out / "weights.pt", "effdet")
     dev = device(cfg.device)
     model = build(Config(**{**vars(cfg), "backbone_init": None, "weights": None})).model
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])

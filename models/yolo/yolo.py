@@ -46,7 +46,7 @@ from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.io import DataError, atomic_path
-from models.common import Detections, Infer, device, write_fold_predictions
+from models.common import Detections, Infer, device, trained_weights, write_fold_predictions
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"  # what merge does with the folds' tables (see models/__main__.py)
@@ -192,9 +192,7 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
 
 def load_infer(cfg: Config, out: Path) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py)."""
-    weights = out / "weights.pt"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=yolo FOLD=k)")
+    weights = trained_weights(out / "weights.pt", "yolo")
     model = YOLO(str(weights), task="detect")
 
     def infer(images: list[np.ndarray]) -> list[Detections]:
