@@ -31,6 +31,7 @@ Contract: see models/README.md. detectron2 specifics, top to bottom:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,10 +45,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, HookBase, hooks, launch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from cxr.boxes import to_original, to_resized
@@ -58,7 +61,7 @@ from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import DataError, atomic_path
 from cxr.metric import ground_truth, mean_average_precision
-from models.common import Detections, Infer, device, predict_split, write_fold_predictions
+from models.common import Detections, Infer, device, predict_split, trained_weights, write_fold_predictions
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"
@@ -136,6 +139,7 @@ class Mapper:
 
     def __init__(self, cfg: Config, train: bool):
         self.size = cfg.imgsz
+        self._seeded_in = -1  # the process whose numpy seed the augmentation was seeded from
         self.resize = A.Resize(cfg.imgsz, cfg.imgsz)
         self.augment = A.Compose([
             A.HorizontalFlip(p=0.5),
@@ -151,6 +155,11 @@ class Mapper:
         ok = (boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)
         out = {"image": np.repeat(image[:, :, None], 3, axis=2), "bboxes": boxes[ok], "labels": record["classes"][ok]}
         if self.augment is not None:
+            if self._seeded_in != os.getpid():
+                # albumentations ignores global seeds: draw its seed from numpy's, which detectron2
+                # seeds in each loader worker from the run's SEED, so runs see the same augmentations
+                self.augment.set_random_seed(int(np.random.randint(2**31)))
+                self._seeded_in = os.getpid()
             out = self.augment(**out)
         instances = Instances((s, s))
         instances.gt_boxes = Boxes(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)))
@@ -260,7 +269,9 @@ class Trainer(DefaultTrainer):
         super().__init__(d2)
 
     def build_train_loader(self, d2: CfgNode):
+        # the sampler's shuffle seed is the run's (detectron2 draws a random one otherwise), the same on every rank
         return build_detection_train_loader(self.train_records, mapper=self.mapper, total_batch_size=d2.SOLVER.IMS_PER_BATCH,
+                                            sampler=TrainingSampler(len(self.train_records), seed=d2.SEED),
                                             num_workers=d2.DATALOADER.NUM_WORKERS)
 
     def build_hooks(self) -> list[HookBase]:
@@ -287,6 +298,7 @@ def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int,
     d2 = build_cfg(cfg, out)
     Path(d2.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = split(folds, fold)
+    seed_all_rng(cfg.seed + comm.get_rank())  # what detectron2's default_setup would do with SEED: same init, same run
     validation = ValidationHook(cfg, data, val_ids, cfg.eval_period) if comm.is_main_process() else None
     trainer = Trainer(d2, records(data, train_ids, cfg.labels), Mapper(cfg, train=True), validation)
     trainer.resume_or_load(resume=True)  # continues from train/last_checkpoint after a kill
@@ -371,9 +383,7 @@ def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
 
 def load_infer(cfg: Config, out: Path) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py)."""
-    weights = out / "weights.pth"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: train this fold first (make train MODEL=detectron FOLD=k)")
+    weights = trained_weights(out / "weights.pth", "detectron")
     model = build_model(build_cfg(cfg, out))
     DetectionCheckpointer(model).load(str(weights))
     return _infer_fn(model, cfg)
