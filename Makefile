@@ -69,9 +69,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 weights: $(STAMP) ## download the full profiles' public checkpoints into weights/ and check sha256 (online machines only)
 	$(PY) -m models.weights
 
-# One pytest-xdist worker per core (at most 4), a test file per worker at a time: files share their
-# trained fixtures, and tests/conftest.py gives each worker's torch its share of the cores.
-PYTEST := $(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+# One pytest-xdist worker per core (at most 4); tests/conftest.py groups the tests into work units
+# (a file, or the full profiles) and gives each worker's torch its share of the cores.
+PYTEST := $(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder
 
 test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works
 	$(if $(OFFLINE),unshare -n sh -c 'ip link set lo up && exec $(PYTEST) $(PYTEST_ARGS)',$(PYTEST) $(PYTEST_ARGS))

@@ -126,7 +126,8 @@ WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures, memory_heavy):
+@pytest.mark.full_profile
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     """models/classifier/full.yaml as it is (only epochs=1, and weights=null: the ImageNet file is not
     here): EfficientNet-B5 at 768 px, one optimizer step (a fold file whose training split is one
     image, so the CPU holds one image's activations), then validation = a prediction on two images."""

@@ -232,7 +232,8 @@ def calibrated_zoo_checkpoint(path: Path, cfg: Config, out: Path, images: list[n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tmp_path, figures, memory_heavy):
+@pytest.mark.full_profile
+def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     """models/detectron/full.yaml as it is (R101-FPN FrozenBN at 1024 px, its batch, augmentation and
     zoo-checkpoint start), except max_iter=1 and, as the zoo file is not here, weights = a zoo-format
     file of the same architecture: one iteration, validation, then a prediction on 2 test images."""

@@ -191,7 +191,8 @@ WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures, memory_heavy):
+@pytest.mark.full_profile
+def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     """models/effdet/full.yaml as it is (only epochs=1, and weights=null: the COCO file is not here):
     EfficientDet-D4 at 1024 px, one optimizer step (a fold file whose training split is one image,
     so the CPU holds one image's activations), validation, then the trained model on two images."""

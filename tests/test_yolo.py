@@ -161,7 +161,8 @@ def test_train_args_are_checked(fold_setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_full_profile_builds_steps_and_predicts(tmp_path, figures, memory_heavy):
+@pytest.mark.full_profile
+def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation and train_args),
     except epochs=1 and weights=null (the COCO file is not here): 4 training images = one optimizer
     step, then a prediction on 2 images. Prints seconds per step and peak memory."""
