@@ -1,5 +1,6 @@
-"""Shared fixtures: the real VinDr files in ../shared/data (never copied into the repo) and a small
-synthetic benchmark generated once per session.
+"""Shared fixtures: the real VinDr files in ../shared/data (never copied into the repo), a small
+synthetic benchmark generated once per session, the fold-0 training runs of the quality tests, and
+how `make test`'s pytest-xdist workers share the work.
 
 Real-data tests skip with a reason when the files are absent, except under CI (``CI=true``),
 where a missing file is a failure: CI must never go green by skipping them.
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 # `make test` runs one pytest-xdist worker per core: each worker's torch gets its share of the cores
-# (two 2-thread pools on 2 cores spin against each other). Set before torch is first imported.
+# instead of every worker starting one thread per core. Set before torch is first imported.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
