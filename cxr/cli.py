@@ -19,7 +19,7 @@ from cxr.config import load
 from cxr.dataset import SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
 from cxr.data import read_folds
-from cxr.io import DataError, one_line_errors, atomic_path, csv_row, read_table, require_columns, write_json, write_table
+from cxr.io import DataError, atomic_path, csv_row, one_line_errors, read_table, require_columns, write_json, write_table
 
 
 def _sizes(path: str | None) -> pd.DataFrame | None:

@@ -43,7 +43,7 @@ import yaml
 
 from cxr.config import from_dict, save
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
-from cxr.io import DataError, one_line_errors, atomic_path, csv_row, read_table, show, write_table
+from cxr.io import DataError, atomic_path, csv_row, one_line_errors, read_table, show, write_table
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import validate

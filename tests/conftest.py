@@ -119,6 +119,11 @@ def model_args(model: str, verb: str, setup: tuple[Path, Path, Path], *extra: st
             "--run-dir", str(run or default_run), *extra]
 
 
+# The CLI in a child process that reports its own peak RSS (resource.getrusage) on its last line.
+WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+                 "    print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+
+
 def kill_when(argv: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
     """Start ``python -m models ARGV`` in its own process group and SIGKILL the group as soon as
     ``ready()`` holds (poll it for a COMPLETE checkpoint, never a sleep: a fast run would race it).

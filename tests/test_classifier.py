@@ -14,7 +14,7 @@ import torch
 
 from cxr.data import DataFolder
 from models.__main__ import main
-from tests.conftest import kill_when, model_args
+from tests.conftest import WITH_PEAK_RSS, kill_when, model_args
 
 
 def args(verb, setup, *extra, fold=0, run=None):
@@ -118,11 +118,6 @@ def test_checkpoint_of_another_architecture_is_one_clear_error(tiny_folds, tmp_p
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"{tmp_path}/resnet18.pth" in err and "backbone tensors fit" in err
-
-
-# The CLI in a child process that reports its own peak RSS (resource.getrusage) on its last line.
-WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-                 "    print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from cxr.dataset import NO_FINDING
 from cxr.predictions import read_predictions
 from models.__main__ import main
 from models.effdet.effdet import Boxes, Config, build, collate
-from tests.conftest import kill_when, model_args
+from tests.conftest import WITH_PEAK_RSS, kill_when, model_args
 
 FAST = ["epochs=1", "imgsz=128", "batch=4"]
 
@@ -183,11 +183,6 @@ def test_torchrun_world_size_one_gloo(fold_setup, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "effdet" / "fold0" / "weights.pt").exists()
-
-
-# The CLI in a child process that reports its own peak RSS (resource.getrusage) on its last line.
-WITH_PEAK_RSS = ("import resource, sys\nfrom models.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-                 "    print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
 
 
 @pytest.mark.slow
