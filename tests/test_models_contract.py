@@ -37,6 +37,13 @@ def test_every_profile_loads(name, profile):
     assert cfg.weights is None or isinstance(cfg.weights, str)
 
 
+
+@pytest.mark.parametrize("name", models.names())
+def test_load_infer_of_an_untrained_fold_names_the_make_target(name, tmp_path):
+    cfg = load(models.adapter(name).Config, HERE / name / "demo.yaml")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/weights\.pth?: train this fold first \(make train MODEL={name} FOLD=k\)"):
+        models.adapter(name).load_infer(cfg, tmp_path)
+
 def test_table_kinds_and_list_command():
     assert models.names("detector") + models.names("classifier") == models.names()
     out = subprocess.run([sys.executable, "-m", "models", "list", "--kind", "detector"], capture_output=True, text=True)
