@@ -19,7 +19,7 @@ from cxr.config import load
 from cxr.dataset import SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
 from cxr.data import read_folds
-from cxr.io import DataError, atomic_path, csv_row, one_line_errors, read_table, require_columns, write_json, write_table
+from cxr.io import DataError, csv_row, one_line_errors, read_table, require_columns, write_json, write_table
 
 
 def _sizes(path: str | None) -> pd.DataFrame | None:
@@ -136,12 +136,7 @@ def cmd_submission(a: argparse.Namespace) -> None:
         i = int(np.flatnonzero(preds["image_id"].isin(unknown).to_numpy())[0])
         raise DataError(a.predictions, f"image_id {preds['image_id'].iloc[i]!r} is not in {a.sample} "
                                        f"({len(unknown)} such image(s))", csv_row(i))
-    with atomic_path(a.out) as tmp:  # checked before it is renamed onto --out: an invalid file never lands there
-        write_table(submission.format_predictions(preds, ids), tmp)
-        problems = [p.replace(str(tmp), str(a.out)) for p in submission.check_submission(tmp, a.sample, sizes)]
-        if problems:
-            print(*problems, sep="\n")
-            raise DataError(a.out, f"not written: {len(problems)} problem(s) above")
+    submission.write_submission(preds, ids, a.out, a.sample, sizes)  # checked before it lands at --out
     print(f"wrote {a.out}: {len(ids)} images, {len(preds)} boxes")
 
 

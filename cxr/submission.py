@@ -2,29 +2,76 @@
 
 ``image_id,PredictionString`` with ``class score x_min y_min x_max y_max`` groups in
 original pixels, every test id exactly once; an image with no prediction gets
-``14 1 0 0 1 1`` (the No-finding row), as in Kaggle's sample_submission.
+``14 1 0 0 1 1`` (the No-finding row), as in Kaggle's sample_submission. An empty
+PredictionString is malformed (Kaggle's parser needs groups of six).
+
+:func:`write_submission` is the one writer (``ensemble submit``, ``blend``,
+``predict-images``, ``cxr submission``): coordinates are rounded to :data:`DECIMALS`,
+a box that the rounding would leave empty is widened to the smallest valid box, and
+the file is checked before it is renamed onto its path, so no invalid file ever lands.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, SUBMISSION_COLUMNS
-from cxr.io import DataError, csv_row, read_table, write_table
+from cxr.io import DataError, atomic_path, csv_row, read_table, write_table
 from cxr.predictions import validate
 
 EMPTY_PREDICTION = f"{NO_FINDING} 1 0 0 1 1"
 CLASS_TOKENS = {str(c): c for c in range(NUM_CLASSES)}  # how a class appears in a PredictionString
 
 
+DECIMALS = 1  # coordinates are written to 0.1 px: far below a pixel, and files stay small
+STEP = 10.0 ** -DECIMALS  # the smallest box side the format can hold
+
+
+def widen_thin_boxes(preds: pd.DataFrame, sizes: pd.DataFrame | None = None) -> tuple[pd.DataFrame, int]:
+    """Round finding boxes to :data:`DECIMALS` and widen those left empty (``x_min == x_max`` or
+    ``y_min == y_max``) to :data:`STEP`; returns the table and how many boxes were widened.
+
+    A model may emit a box thinner than 0.1 px (EfficientDet gave x 0.0-0.023 on the demo);
+    written as is it becomes ``0.0 0.0``, which the format refuses. Widened rather than dropped:
+    the box keeps its class and score, so an image whose only box it was does not turn into
+    the confident ``14 1 0 0 1 1`` the model never said, and a 0.1 px box matches no ground
+    truth at IoU 0.4 exactly as the original did not: the image scores as the model predicted.
+    The box grows right/down, or left/up where that would leave the image (``sizes``).
+    """
+    out = preds.copy()
+    finding = out["class_id"].to_numpy() != NO_FINDING
+    raw = out[BOX_COLUMNS].to_numpy(dtype=float)
+    b = np.round(raw, DECIMALS)
+    widened = np.zeros(len(out), dtype=bool)
+    for lo, hi, dim in ((0, 2, "width"), (1, 3, "height")):
+        thin = finding & (b[:, hi] <= b[:, lo]) & (raw[:, hi] >= raw[:, lo])  # an inverted box is a bug: left to the check
+        if not thin.any():
+            continue
+        limit = np.full(len(out), np.inf)
+        if sizes is not None:
+            limit = out["image_id"].map(sizes.set_index("image_id")[dim]).to_numpy(dtype=float)
+            limit = np.where(np.isnan(limit), np.inf, limit)
+        grow_back = thin & (b[:, lo] + STEP > limit)  # at the image's far edge: grow towards 0
+        b[thin & ~grow_back, hi] = np.round(b[thin & ~grow_back, lo] + STEP, DECIMALS)
+        b[grow_back, lo] = np.round(b[grow_back, hi] - STEP, DECIMALS)
+        widened |= thin
+    out[BOX_COLUMNS] = np.where(finding[:, None], b, raw)
+    return out, int(widened.sum())
+
+
 def format_predictions(preds: pd.DataFrame, image_ids: list[str]) -> pd.DataFrame:
-    """Prediction table -> submission table with one row per id in ``image_ids`` (in that order)."""
+    """Prediction table -> submission table with one row per id in ``image_ids`` (in that order).
+
+    Coordinates are written with :data:`DECIMALS` decimals; boxes should have been through
+    :func:`widen_thin_boxes` (as :func:`write_submission` does), or rounding may empty them.
+    """
     preds = preds.sort_values(["image_id", "score"], ascending=[True, False], kind="stable")
     strings = {}
     for image_id, g in preds.groupby("image_id", sort=False):
@@ -39,8 +86,39 @@ def format_predictions(preds: pd.DataFrame, image_ids: list[str]) -> pd.DataFram
     return pd.DataFrame({"image_id": image_ids, "PredictionString": [strings.get(i, EMPTY_PREDICTION) for i in image_ids]})
 
 
-def write_submission(preds: pd.DataFrame, image_ids: list[str], path: str | os.PathLike) -> Path:
-    return write_table(format_predictions(preds, image_ids), path)
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def write_submission(
+    preds: pd.DataFrame,
+    image_ids: Sequence[str],
+    path: str | os.PathLike,
+    sample: str | os.PathLike | None = None,
+    sizes: pd.DataFrame | None = None,
+    warn: Callable[[str], None] = _warn,
+) -> Path:
+    """Write a checked Kaggle submission of ``preds`` (the prediction format) at ``path``.
+
+    Thin boxes are widened (:func:`widen_thin_boxes`; the count goes to ``warn``), then the
+    file is written beside ``path`` and checked (:func:`check_submission`) against ``sample``
+    (Kaggle's sample_submission; default: exactly ``image_ids``) and ``sizes``; only a clean
+    file is renamed onto ``path``. Otherwise the problems are printed, a :class:`DataError`
+    names the first, and ``path`` is left as it was (an older valid file stays, nothing new appears).
+    """
+    path = Path(path)
+    preds, n = widen_thin_boxes(preds, sizes)
+    if n:
+        warn(f"{path}: {n} box(es) thinner than {STEP:g} px after rounding to {STEP:g} px widened to {STEP:g} px "
+             "(they keep class and score; no ground truth matches them at IoU 0.4 either way)")
+    with atomic_path(path) as tmp:
+        write_table(format_predictions(preds, list(image_ids)), tmp)
+        expected = sample if sample is not None else list(image_ids)
+        problems = [p.replace(str(tmp), str(path)) for p in check_submission(tmp, expected, sizes)]
+        if problems:  # the whole list on stdout, the error itself stays one line
+            print(*problems, sep="\n")
+            raise DataError(path, f"not written: {len(problems)} problem(s), the first: {problems[0]}")
+    return path
 
 
 def parse_prediction_string(text: str) -> list[tuple[int, float, float, float, float, float]]:
@@ -136,8 +214,10 @@ def read_submission(
     return validate(preds, path, sizes, warn)
 
 
-def check_submission(path: str | os.PathLike, sample: str | os.PathLike, sizes: pd.DataFrame | None = None) -> list[str]:
-    """Every problem of a submission file against Kaggle's sample_submission; empty when valid.
+def check_submission(
+    path: str | os.PathLike, sample: str | os.PathLike | Sequence[str], sizes: pd.DataFrame | None = None
+) -> list[str]:
+    """Every problem of a submission file against Kaggle's sample_submission (a path, or its ids); empty when valid.
 
     Besides malformed rows and wrong ids it flags what Kaggle would still score but is almost
     surely a bug: non-finite numbers, scores outside [0, 1], negative coordinates, boxes
@@ -146,7 +226,10 @@ def check_submission(path: str | os.PathLike, sample: str | os.PathLike, sizes: 
     """
     try:
         df = _read(path)
-        expected = read_table(sample, dtype={"image_id": str})["image_id"]
+        if isinstance(sample, (str, os.PathLike)):
+            expected = read_table(sample, dtype={"image_id": str})["image_id"]
+        else:
+            expected = pd.Series(list(sample), dtype=object)
     except DataError as e:
         return [str(e)]
     problems = []

@@ -31,7 +31,7 @@ from cxr.data import DataFolder, read_folds
 from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from cxr.metric import ground_truth
 from cxr.predictions import read_predictions
-from cxr.submission import check_submission, write_submission
+from cxr.submission import write_submission
 from ensemble.ensemble import GateParams, apply, load_model_tables, load_probabilities, params_from_dict, params_path, tune
 from ensemble.report import write_report
 
@@ -124,11 +124,7 @@ def submit(a: argparse.Namespace) -> None:
     p_test = load_probabilities(run / c.classifier / "test.csv", test_ids) if needs_gate else None
     test = apply(params, load_model_tables(run, c.models, "test", test_ids, c.sources, data.test_sizes), data.test_sizes, p_test)
     out = Path("submissions") / f"{a.name}.csv"
-    write_submission(test, test_ids, out)
-    problems = check_submission(out, data.root / "sample_submission.csv", data.test_sizes)
-    if problems:
-        print("\n".join(problems))
-        sys.exit(1)
+    write_submission(test, test_ids, out, data.root / "sample_submission.csv", data.test_sizes)  # checked, or not written
     print(f"wrote {out}: {len(test_ids)} images, {len(test)} rows, checked")
     ids = folds["image_id"].tolist()
     oof_tables = load_model_tables(run, c.models, "oof", ids, c.sources, data.train_sizes)

@@ -43,11 +43,11 @@ import yaml
 
 from cxr.config import from_dict, save
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
-from cxr.io import DataError, atomic_path, csv_row, one_line_errors, read_table, show, write_table
+from cxr.io import DataError, csv_row, one_line_errors, read_table, show, write_table
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import validate
-from cxr.submission import check_submission, parse_strings, write_submission
+from cxr.submission import parse_strings, write_submission
 from cxr.wbf import WBF, fuse_group
 from ensemble.ensemble import GateParams, gate
 
@@ -413,11 +413,7 @@ def run(cfg: BlendConfig, out: Path, report_dir: Path) -> pd.DataFrame | None:
     print(f"blended {len(cfg.submissions)} input(s) in {len(groups)} group(s)"
           f"{f', gate {cfg.gate.rule}' if p_abnormal is not None else ''}: {len(final)} rows")
 
-    with atomic_path(out) as tmp:  # only a checked submission ever lands at ``out``
-        write_submission(final, test_ids, tmp)
-        problems = check_submission(tmp, cfg.sample, sizes)
-        if problems:
-            raise RuntimeError("blend wrote an invalid submission:\n" + "\n".join(problems))
+    write_submission(final, test_ids, out, cfg.sample, sizes)  # only a checked submission ever lands at ``out``
     print(f"wrote {out}: {len(test_ids)} images, checked")
     save(cfg, report_dir / "blend.yaml")
 

@@ -441,7 +441,7 @@ def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out
         raise DataError(out / "failed.csv", f"none of the {len(files)} image(s) could be read")
     sizes = info[["image_id", "width", "height"]]
     write_predictions(preds, out / "predictions.csv", sizes)
-    write_submission(preds, ids, out / "submission.csv")
+    write_submission(preds, ids, out / "submission.csv", sizes=sizes)
     findings = findings_table(preds, ids, threshold)
     write_table(findings, out / "findings.csv")
     p = p_abnormal(preds, ids)
