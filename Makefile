@@ -19,12 +19,15 @@ MODEL   ?= yolo
 FOLD    ?= 0
 PROFILE ?= demo
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
-# GPUs: DEVICE=1 picks a card; DEVICES=0,1,2,3 runs fold k of `make oof` on card k mod 4, folds in parallel
+# GPUs: DEVICE=1 picks the card of train/predict/oof. DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
+# cards per job (default 1) and RAY_ADDRESS=host:port (an existing Ray cluster): oof, all-oof and pipeline run
+# every model x fold job through models/scheduler.py (Ray), a job on each free set of cards, never two on one.
 DEVICE  ?=
 DEVICES ?=
-comma   := ,
-DEVICE_LIST = $(subst $(comma), ,$(DEVICES))
-fold_device = $(if $(DEVICES),$(word $(shell echo $$(( $(1) % $(words $(DEVICE_LIST)) + 1 ))),$(DEVICE_LIST)),$(DEVICE))
+GPUS    ?=
+GPUS_PER_JOB ?=
+RAY_ADDRESS  ?=
+SCHEDULE = $(or $(DEVICES),$(GPUS),$(RAY_ADDRESS))
 # SET="epochs=5 imgsz=512" overrides profile fields (python -m models ... --set)
 SET     ?=
 # FOLD_FUSION="iou_thr=0.4 conf_type=max": WBF settings of the folds' test merge (default cxr.wbf.FOLD_MERGE)
@@ -32,6 +35,11 @@ FOLD_FUSION ?=
 # $(call ADAPTER,verb[,card]): one verb of MODEL's adapter
 ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
   --profile $(PROFILE) --run-dir $(RUN)$(if $(SET), --set $(SET))
+# $(SCHEDULER) MODEL...: every fold of these models as Ray jobs, then merge (runs/NAME/jobs.csv, runs/NAME/logs/)
+SCHEDULER = $(strip $(PY) -m models.scheduler --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN) \
+  $(if $(SET),--set $(SET)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
+  $(if $(GPUS),--gpus $(GPUS)) $(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) \
+  $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) --models)
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
 # allows: proof that nothing downloads. Elsewhere they run as they are.
 OFFLINE := $(shell unshare -n ip link set lo up 2>/dev/null && echo yes)
@@ -50,6 +58,8 @@ D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "GPUs: DEVICE=1 (one card) | DEVICES=0,1,2,3 or GPUS=N, GPUS_PER_JOB=2, RAY_ADDRESS=host:port: oof, all-oof and"
+	@echo "      pipeline run every model x fold job through Ray (models/scheduler.py; runs/NAME/jobs.csv, README)"
 
 install: $(STAMP) ## create .venv with the pinned stack (torch, ultralytics, detectron2, effdet, ...); no-op when done
 
@@ -104,14 +114,18 @@ predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format
 	$(call ADAPTER,predict,$(DEVICE)) --fold $(FOLD)
 
 $(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
-	$(call ADAPTER,train,$(call fold_device,$*)) --fold $*
-	$(call ADAPTER,predict,$(call fold_device,$*)) --fold $*
+	$(call ADAPTER,train,$(DEVICE)) --fold $*
+	$(call ADAPTER,predict,$(DEVICE)) --fold $*
 
 $(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
 	$(call ADAPTER,merge)$(if $(FOLD_FUSION), --fold-fusion $(FOLD_FUSION))
 
-oof: ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1 = a fold per card
-	@$(MAKE) --no-print-directory $(if $(DEVICES),-j$(words $(DEVICE_LIST))) $(RUN)/$(MODEL)/oof.csv
+oof: $(if $(SCHEDULE),$(FOLDS)) ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1: a job per card
+ifneq ($(SCHEDULE),)
+	$(SCHEDULER) $(MODEL)
+else
+	@$(MAKE) --no-print-directory $(RUN)/$(MODEL)/oof.csv
+endif
 
 # The ensemble's model set: MODELS (default: every detector in models/__init__.py) less EXCLUDE, plus EXTRA
 # folders of models trained elsewhere (oof.csv + test.csv, prediction or Kaggle submission format, named after
@@ -128,7 +142,11 @@ ENSEMBLE_ARGS = --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --models "$(MOD
   --extra "$(EXTRA)" --classifier $(or $(ENSEMBLE_CLASSIFIER),none)
 
 all-oof: $(FOLDS) ## OOF + test predictions of the ensemble's models and the classifier (MODELS, EXCLUDE choose)
+ifneq ($(SCHEDULE),)
+	$(SCHEDULER) $(ENSEMBLE_MODELS) $(ENSEMBLE_CLASSIFIER)
+else
 	@for m in $(ENSEMBLE_MODELS) $(ENSEMBLE_CLASSIFIER); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
+endif
 
 ensemble: all-oof ## tune WBF + gate on OOF: make ensemble [MODELS="yolo effdet"] [EXCLUDE=effdet] [EXTRA=path/to/preds]
 	$(PY) -m ensemble tune $(ENSEMBLE_ARGS)
