@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,16 @@ def one_line_errors() -> Iterator[None]:
 def show(value: Any) -> str:
     """repr of a cell value without numpy's wrapper (``15``, not ``np.int64(15)``)."""
     return repr(value.item() if hasattr(value, "item") else value)
+
+
+def show_values(values: Iterable[Any]) -> str:
+    """A row of cell values as ``['a', 3, 0.5, 10.0]``: :func:`show` of each (never ``np.float64(0.5)``)."""
+    return "[" + ", ".join(show(v) for v in values) + "]"
+
+
+def warn(message: str) -> None:
+    """The one warning channel of the command lines: ``warning: ...`` on stderr (stdout stays the result)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # Image ids become file names: no path separator, no leading '.' (so never '..' or a hidden file),

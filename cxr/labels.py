@@ -6,10 +6,17 @@ Every reader returns plain DataFrames with the columns of :mod:`cxr.dataset` and
 Label frame (what :func:`read_train_labels` returns): one row per reader box with
 ``image_id, class_id, rad_id, x_min, y_min, x_max, y_max`` (original pixels). No-finding
 rows have ``class_id == 14`` and NaN coordinates, as in Kaggle's file.
+
+Two things that would move a score without a word are caught here: a row repeated exactly
+(an error: a reader's box counted twice, or a file concatenated with itself) and a class
+name that differs from a known one only by case or spacing (read as the known name, with a
+warning naming the count; PhysioNet names are otherwise matched exactly, and anything else
+is a label outside the 14 findings, dropped by design).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,7 +30,10 @@ from cxr.dataset import (
     PHYSIONET_COLUMNS,
     TRAIN_COLUMNS,
 )
-from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show
+from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show, show_values
+from cxr.io import warn as _warn
+
+Warn = Callable[[str], None]
 
 LABEL_COLUMNS = ["image_id", "class_id", "rad_id", *BOX_COLUMNS]
 
@@ -58,17 +68,21 @@ def read_sizes(path: str | os.PathLike, per_box: bool = False) -> pd.DataFrame:
     return sizes[~dup].reset_index(drop=True)
 
 
-def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+def read_train_labels(
+    path: str | os.PathLike, sizes: pd.DataFrame | None = None, warn: Warn = _warn
+) -> pd.DataFrame:
     """Read Kaggle's ``train.csv`` (several readers per image) into the label frame.
 
-    Checks: required columns, non-empty ids and reader ids, ``class_id`` in 0..14 agreeing
-    with ``class_name``, finite boxes with ``x_min < x_max`` and ``y_min < y_max`` for
-    findings, empty (or ``0 0 1 1``) boxes for No finding, and, when ``sizes`` is given
-    (or the file has ``width``/``height`` columns), boxes inside the image.
+    Checks: required columns, non-empty ids and reader ids, no row repeated, ``class_id`` in
+    0..14 agreeing with ``class_name`` (a name off only by case or spacing goes to ``warn``),
+    finite boxes with ``x_min < x_max`` and ``y_min < y_max`` for findings, empty (or
+    ``0 0 1 1``) boxes for No finding, and, when ``sizes`` is given (or the file has
+    ``width``/``height`` columns), boxes inside the image.
     """
     df = read_table(path, dtype={"image_id": str, "rad_id": str, "class_name": str})
     require_columns(df, TRAIN_COLUMNS, path)
     _check_ids(df, path)
+    _no_repeated_rows(df, TRAIN_COLUMNS, path)
     rad = df["rad_id"].fillna("").astype(str).str.strip()
     if (rad == "").any():
         i = int(np.flatnonzero((rad == "").to_numpy())[0])
@@ -80,7 +94,9 @@ def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None
         raise DataError(path, f"class_id={show(df['class_id'].iloc[i])} is not one of 0..{NO_FINDING}", csv_row(i))
     class_id = class_id.astype(int)
     expected = class_id.map(lambda c: CLASS_NAMES[c])
-    bad = df["class_name"].astype(str).str.strip() != expected
+    given = df["class_name"].fillna("").astype(str)
+    loose = _loose(given) == _loose(expected)
+    bad = ~loose
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
@@ -89,6 +105,7 @@ def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None
             f"({show(expected.iloc[i])})",
             csv_row(i),
         )
+    _warn_spelling(given[given.str.strip() != expected], class_id, path, warn)
     out = pd.DataFrame({"image_id": df["image_id"], "class_id": class_id, "rad_id": rad})
     out[BOX_COLUMNS] = _boxes(df, path)
     finding = (class_id != NO_FINDING).to_numpy()
@@ -103,18 +120,22 @@ def read_train_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None
     return out
 
 
-def read_physionet_labels(path: str | os.PathLike) -> pd.DataFrame:
+def read_physionet_labels(path: str | os.PathLike, warn: Warn = _warn) -> pd.DataFrame:
     """Read PhysioNet VinDr-CXR ``annotations_test.csv`` (5-reader consensus) into the label frame.
 
     Labels outside the 14 competition classes (e.g. "Rib fracture") are ignored; an image
     left with no finding gets one No-finding row, so every image in the file is kept.
-    The single reader is called ``consensus``.
+    The single reader is called ``consensus``. A row repeated exactly is an error; a class
+    name off a known one only by case or spacing (``cardiomegaly``) is read as that class,
+    with a warning, instead of being dropped as a label outside the 14.
     """
     df = read_table(path, dtype={"image_id": str, "class_name": str})
     require_columns(df, PHYSIONET_COLUMNS, path)
     _check_ids(df, path)
-    name = df["class_name"].fillna("").astype(str).str.strip()
-    class_id = name.map(CLASS_ID)
+    _no_repeated_rows(df, PHYSIONET_COLUMNS, path)
+    given = df["class_name"].fillna("").astype(str)
+    class_id = _loose(given).map(_LOOSE_ID)  # NaN: a label outside the 14 findings and No finding
+    _warn_spelling(given[class_id.notna() & ~given.str.strip().isin(CLASS_ID)], class_id, path, warn)
     keep = class_id.notna() & (class_id != NO_FINDING)
     boxes = _boxes(df, path)
     out = pd.DataFrame({"image_id": df["image_id"], "class_id": class_id, "rad_id": "consensus"})
@@ -128,7 +149,7 @@ def read_physionet_labels(path: str | os.PathLike) -> pd.DataFrame:
     return pd.concat([findings, normal], ignore_index=True)[LABEL_COLUMNS]
 
 
-def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
+def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None, warn: Warn = _warn) -> pd.DataFrame:
     """Read either label format, told apart by its columns.
 
     A file with any Kaggle-only column (``rad_id`` or ``class_id``) is Kaggle train labels and
@@ -139,11 +160,41 @@ def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> p
     columns = set(header.columns)
     if columns & (set(TRAIN_COLUMNS) - set(PHYSIONET_COLUMNS)):
         require_columns(header, TRAIN_COLUMNS, path)
-        return read_train_labels(path, sizes)
+        return read_train_labels(path, sizes, warn)
     if not set(PHYSIONET_COLUMNS) <= columns:
         raise DataError(path, f"not a label file: expected Kaggle train columns {TRAIN_COLUMNS} or PhysioNet "
                               f"columns {PHYSIONET_COLUMNS}; found {list(header.columns)}")
-    return read_physionet_labels(path)
+    return read_physionet_labels(path, warn)
+
+
+def _loose(names: pd.Series) -> pd.Series:
+    """Class names without case or spacing: ``' Nodule / mass'`` -> ``'nodule/mass'``."""
+    return names.str.replace(r"\s+", "", regex=True).str.lower()
+
+
+_LOOSE_ID = dict(zip(_loose(pd.Series(CLASS_NAMES)), range(len(CLASS_NAMES))))
+
+
+def _warn_spelling(given: pd.Series, class_id: pd.Series, path: str | os.PathLike, warn: Warn) -> None:
+    """One warning for the class names read as the known name they match only loosely (``given``: those
+    names, indexed by row; ``class_id``: the class each row was read as)."""
+    if len(given):
+        i = int(given.index[0])
+        warn(f"{path}, row {csv_row(i)}: {len(given)} class_name(s) differ from the known names only by case or "
+             f"spacing, read as the known class, e.g. {show(given.iloc[0])} -> {show(CLASS_NAMES[int(class_id.loc[i])])}")
+
+
+def _no_repeated_rows(df: pd.DataFrame, columns: list[str], path: str | os.PathLike) -> None:
+    """A label row twice is an error, not a silent de-duplication: the real Kaggle and PhysioNet files
+    have none, so a repeat means a file concatenated with itself or a bad join, and the file is not the
+    one the user thinks it is (the whole train.csv twice moved a test score from 0.770 to 0.441)."""
+    dup = df.duplicated(columns)
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        same = (df[columns].iloc[:i] == df[columns].iloc[i]) | (df[columns].iloc[:i].isna() & df[columns].iloc[i].isna())
+        first = int(np.flatnonzero(same.all(axis=1).to_numpy())[0])
+        raise DataError(path, f"{int(dup.sum())} row(s) repeat an earlier row exactly; this one (image_id "
+                              f"{show(df['image_id'].iloc[i])}) repeats row {csv_row(first)}", csv_row(i))
 
 
 def check_inside(labels: pd.DataFrame, sizes: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -199,7 +250,7 @@ def _check_finding_boxes(labels: pd.DataFrame, finding: np.ndarray, path: str | 
         bad = bad & finding
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(path, f"{message}: box {tuple(b[i])} ({labels['image_id'].iloc[i]})", csv_row(i))
+            raise DataError(path, f"{message}: box {show_values(b[i])} ({labels['image_id'].iloc[i]})", csv_row(i))
 
 
 def _check_no_finding_boxes(labels: pd.DataFrame, no_finding: np.ndarray, path: str | os.PathLike) -> None:
@@ -208,4 +259,4 @@ def _check_no_finding_boxes(labels: pd.DataFrame, no_finding: np.ndarray, path: 
     bad = no_finding & ~ok
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(path, f"No finding must have an empty or 0 0 1 1 box, got {tuple(b[i])}", csv_row(i))
+        raise DataError(path, f"No finding must have an empty or 0 0 1 1 box, got {show_values(b[i])}", csv_row(i))

@@ -54,6 +54,36 @@ def test_error_names_file_row_and_value(tmp_path, row, message):
     assert str(path) in str(e.value) and "row 5" in str(e.value)  # header + 3 good rows before it
 
 
+def test_repeated_rows_are_an_error_naming_count_and_line(tmp_path):
+    """Issue 20: train.csv twice moved a score from 0.770 to 0.441 without a word."""
+    with pytest.raises(DataError, match=r"train.csv, row 5: 3 row\(s\) repeat an earlier row exactly; this one "
+                                        r"\(image_id 'a1'\) repeats row 2"):
+        read_train_labels(write(tmp_path, GOOD + GOOD))
+    physionet = [["p1", "Cardiomegaly", 10, 10, 50, 50], ["p2", "No finding", None, None, None, None]]
+    path = write(tmp_path, physionet + physionet[1:], ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
+    with pytest.raises(DataError, match=r"row 4: 1 row\(s\) repeat .* repeats row 3"):
+        read_labels(path)
+    read_train_labels(write(tmp_path, GOOD + [["a1", "Nodule/Mass", 8, "R3", 5, 5, 9, 9]]))  # another reader: fine
+
+
+def test_class_names_off_by_case_or_spacing_are_read_with_a_warning(tmp_path):
+    """Issue 20: a PhysioNet 'cardiomegaly' was dropped as a label outside the 14 (the score moved, no warning)."""
+    columns = ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"]
+    path = write(tmp_path, [["p1", "cardiomegaly", 10, 10, 50, 50], ["p1", "Nodule /  mass", 1, 1, 5, 5],
+                            ["p2", "Rib fracture", 1, 1, 5, 5], ["p3", "No finding", None, None, None, None]], columns)
+    warnings: list[str] = []
+    labels = read_labels(path, warn=warnings.append)
+    assert sorted(labels.loc[labels["image_id"] == "p1", "class_id"]) == [3, 8]
+    assert labels.set_index("image_id").loc[["p2", "p3"], "class_id"].tolist() == [NO_FINDING, NO_FINDING]
+    assert warnings == [(f"{path}, row 2: 2 class_name(s) differ from the known names only by case or spacing, "
+                         "read as the known class, e.g. 'cardiomegaly' -> 'Cardiomegaly'")]
+    warnings.clear()
+    labels = read_train_labels(write(tmp_path, GOOD + [["a2", "lung  opacity", 7, "R1", 1, 2, 3, 4]]), warn=warnings.append)
+    assert labels["class_id"].tolist()[-1] == 7 and len(warnings) == 1 and "row 5: 1 class_name(s)" in warnings[0]
+    with pytest.raises(DataError, match="does not match class_id=7"):  # another name is still an error
+        read_train_labels(write(tmp_path, GOOD + [["a2", "Lung opacities", 7, "R1", 1, 2, 3, 4]]))
+
+
 def test_missing_column_and_file(tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['rad_id'\]"):
         read_train_labels(write(tmp_path, [r[:3] + r[4:] for r in GOOD], [c for c in COLUMNS if c != "rad_id"]))
@@ -121,7 +151,9 @@ def test_real_train_labels(real_labels):
 
 
 def test_real_physionet_test_labels():
-    labels = read_physionet_labels(real(TEST_LABELS))
+    warnings: list[str] = []
+    labels = read_physionet_labels(real(TEST_LABELS), warn=warnings.append)
+    assert warnings == []  # every name spelled as Kaggle spells it; 65 rows outside the 14 dropped by design
     assert labels["image_id"].nunique() == 3_000
     findings = labels[labels["class_id"] != NO_FINDING]
     assert len(findings) == 2_632  # 2,697 boxes less 65 outside the 14 competition classes
