@@ -28,6 +28,8 @@ def make_folds(labels: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.Dat
     """Assign every image of ``labels`` to one of ``n_folds`` folds; returns ``image_id, fold``."""
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    if not 0 <= seed < 2**32:  # numpy's own error for a negative seed is a traceback deep in default_rng
+        raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {seed}")
     ids, y = image_label_matrix(labels)
     if len(ids) < n_folds:
         raise ValueError(f"{len(ids)} images cannot fill {n_folds} folds")

@@ -42,3 +42,9 @@ def test_cli_writes_image_fold(real_train_csv, tmp_path, capsys):
     written = pd.read_csv(out)
     assert list(written.columns) == ["image_id", "fold"] and len(written) == 15_000
     assert "Pneumothorax" in capsys.readouterr().out
+
+
+def test_seed_out_of_range_is_a_value_error_not_numpy_traceback():
+    labels = pd.DataFrame({"image_id": list("abcd"), "class_id": [14, 14, 3, 3]})
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0..4294967295, got -1"):
+        make_folds(labels, 2, seed=-1)
