@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from cxr import baseline, fusion, labels as labels_io, metric, predictions, submission, synth
+from cxr.args import Parser, iou, non_negative_int, seed
 from cxr.config import load
-from cxr.dataset import SUBMISSION_COLUMNS
+from cxr.dataset import BOX_COLUMNS, SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
 from cxr.data import read_folds
-from cxr.io import DataError, csv_row, one_line_errors, read_table, require_columns, write_json, write_table
+from cxr.io import DataError, csv_row, one_line_errors, read_table, require_columns, show, warn, write_json, write_table
 
 
 def _sizes(path: str | None) -> pd.DataFrame | None:
@@ -37,9 +38,25 @@ def cmd_folds(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: {len(folds)} images in {a.n_folds} folds (seed {a.seed})")
 
 
+def _drop_readers(labels: pd.DataFrame, text: str, path: str) -> tuple[str, ...]:
+    """``--drop-readers R8,R9``: rad_ids of the file; dropping a reader it lacks (a typo) or every
+    reader (an empty table) is an error, images left without a reader are counted in a warning."""
+    drop = tuple(r.strip() for r in text.split(",") if r.strip())
+    readers = sorted(set(labels["rad_id"]))
+    unknown = [r for r in drop if r not in readers]
+    if unknown:
+        raise DataError(path, f"--drop-readers {','.join(unknown)}: no such rad_id in the file; its readers: {readers}")
+    if set(readers) <= set(drop):
+        raise DataError(path, f"--drop-readers {','.join(drop)} drops every reader of the file: nothing left to fuse")
+    lost = labels["image_id"].nunique() - labels.loc[~labels["rad_id"].isin(drop), "image_id"].nunique()
+    if lost:
+        warn(f"{path}: {lost} image(s) read only by --drop-readers {','.join(drop)} are left out of the fused labels")
+    return drop
+
+
 def cmd_fuse(a: argparse.Namespace) -> None:
     labels = labels_io.read_train_labels(a.labels)
-    drop = tuple(a.drop_readers.split(",")) if a.drop_readers else ()
+    drop = _drop_readers(labels, a.drop_readers, a.labels)
     if a.count:
         configs = {m: fusion.FusionConfig(mode=m, iou_thr=a.iou_thr, drop_readers=drop) for m in ("keep_all", "nms", "wbf")}
         table = fusion.count_boxes(labels, configs)
@@ -51,10 +68,6 @@ def cmd_fuse(a: argparse.Namespace) -> None:
         print(f"wrote {a.out} ({cfg})")
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _load_predictions(path: str) -> tuple[pd.DataFrame, list[str] | None]:
     """A submission (PredictionString) or a prediction table; a submission also gives its image list.
 
@@ -63,16 +76,19 @@ def _load_predictions(path: str) -> tuple[pd.DataFrame, list[str] | None]:
     """
     header = read_table(path, nrows=0)
     if list(header.columns) == SUBMISSION_COLUMNS:
-        preds = submission.read_submission(path, warn=_warn)  # a repeated image_id is an error
+        preds = submission.read_submission(path, warn=warn)  # a repeated image_id is an error
         ids = read_table(path, dtype={"image_id": str})["image_id"].tolist()
         return preds, ids
-    return predictions.validate(read_table(path, dtype={"image_id": str}), path, warn=_warn), None
+    return predictions.validate(read_table(path, dtype={"image_id": str}), path, warn=warn), None
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     """Score like Kaggle: every labelled image counts; one the submission lacks has no prediction (missed).
 
     ``--folds`` (optionally ``--fold K``) or ``--subset`` (a submission's own image list) pick the images.
+    What would move the score without a word is warned about, with counts: scored images a
+    submission does not list or a prediction table has no row for (a table of one fold scored
+    against every label), and boxes all in [0, 1] (normalized coordinates).
     """
     if a.fold is not None and not a.folds:
         raise DataError("--fold", "needs --folds (the fold file that says which images are in the fold)")
@@ -82,6 +98,10 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     gt = metric.ground_truth(labels)
     labelled = sorted(set(gt["image_id"]))
     preds, listed = _load_predictions(a.submission)
+    n = predictions.normalized_boxes(preds["class_id"].to_numpy(), preds[BOX_COLUMNS].to_numpy())
+    if n:
+        warn(f"{a.submission}: every finding box ({n}) lies in [0, 1]: {predictions.NORMALIZED} "
+             "(scored as pixels, like Kaggle: they match almost nothing)")
     if a.folds:
         folds = read_folds(a.folds)
         if a.fold is not None:
@@ -97,10 +117,19 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         ids = listed
     else:
         ids = labelled
-    lacking = set(ids) - set(listed) if listed is not None else set()
-    if lacking:
-        _warn(f"{a.submission} lacks {len(lacking)} of {len(set(ids))} {'fold' if a.folds else 'labelled'} images: "
-              "scored as missed (Kaggle refuses such a file); --subset scores only the listed images")
+    scope = "fold" if a.folds else "labelled"
+    if listed is not None:
+        lacking = set(ids) - set(listed)
+        if lacking:
+            warn(f"{a.submission} lacks {len(lacking)} of {len(set(ids))} {scope} images: "
+                 "scored as missed (Kaggle refuses such a file); --subset scores only the listed images")
+    else:  # a table has no row for an image without boxes, but a detector's table has one for every image it saw
+        lacking = set(ids) - set(preds["image_id"])
+        if lacking:
+            hint = "" if a.fold is not None else (
+                "; a table of some folds' images: --folds FILE [--fold K] scores only those")
+            warn(f"{a.submission} has rows for {len(set(ids)) - len(lacking)} of {len(set(ids))} {scope} images: "
+                 f"the other {len(lacking)} are scored as missed (no box){hint}")
     missing = sorted(set(ids) - set(gt["image_id"]))
     if missing:
         raise DataError(a.labels, f"{len(missing)} scored image(s) have no labels, e.g. {missing[:3]}")
@@ -121,6 +150,9 @@ def _exit_on_problems(problems: list[str]) -> None:
 
 
 def cmd_check_submission(a: argparse.Namespace) -> None:
+    """Exit 1 with every problem of the submission; a file that cannot be read at all (either one) is
+    bad input like anywhere else: one line, exit 2."""
+    read_table(a.submission, nrows=0)
     _exit_on_problems(submission.check_submission(a.submission, a.sample, _sizes(a.sizes)))
     print(f"{a.submission}: valid")
 
@@ -134,7 +166,7 @@ def cmd_submission(a: argparse.Namespace) -> None:
     unknown = sorted(set(preds["image_id"]) - set(ids))
     if unknown:
         i = int(np.flatnonzero(preds["image_id"].isin(unknown).to_numpy())[0])
-        raise DataError(a.predictions, f"image_id {preds['image_id'].iloc[i]!r} is not in {a.sample} "
+        raise DataError(a.predictions, f"image_id {show(preds['image_id'].iloc[i])} is not in {a.sample} "
                                        f"({len(unknown)} such image(s))", csv_row(i))
     submission.write_submission(preds, ids, a.out, a.sample, sizes)  # checked before it lands at --out
     print(f"wrote {a.out}: {len(ids)} images, {len(preds)} boxes")
@@ -199,20 +231,20 @@ def cmd_data(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
+    p = Parser(prog="cxr", description=__doc__.splitlines()[0])  # one-line errors, exit 2 (subcommands too)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("folds", help="write image_id,fold (grouped by image, stratified over classes)")
     s.add_argument("--labels", required=True, help="Kaggle train.csv")
     s.add_argument("--n-folds", type=int, default=5)
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--seed", type=seed, default=42, help="0..2**32-1")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_folds)
 
     s = sub.add_parser("fuse", help="fuse readers' boxes (keep_all / nms / wbf); --count prints boxes per mode")
     s.add_argument("--labels", required=True)
     s.add_argument("--mode", choices=["keep_all", "nms", "wbf"], default=fusion.DEFAULT.mode)
-    s.add_argument("--iou-thr", type=float, default=fusion.DEFAULT.iou_thr)
+    s.add_argument("--iou-thr", type=iou, default=fusion.DEFAULT.iou_thr, help="in (0, 1]")
     s.add_argument("--drop-readers", default="", help="comma-separated rad_ids to ignore, e.g. R8,R9")
     s.add_argument("--count", action="store_true")
     s.add_argument("--out")
@@ -223,13 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--submission", required=True, help="Kaggle submission or prediction table")
     s.add_argument("--sizes", help="meta CSV: also check label boxes lie inside their images")
     s.add_argument("--folds", help="score the images of this fold file (prediction tables list no empty images)")
-    s.add_argument("--fold", type=int, help="with --folds: only this fold")
+    s.add_argument("--fold", type=non_negative_int, help="with --folds: only this fold")
     s.add_argument("--subset", action="store_true",
                    help="score only the images the submission lists (default: every labelled image; unlisted = missed)")
     s.add_argument("--coco", action="store_true", help="add COCO AP and AP50 (pycocotools)")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("check-submission", help="exit 0 if valid, else print each problem and exit 1")
+    s = sub.add_parser("check-submission",
+                       help="exit 0 if valid, else print each problem and exit 1 (2: a file cannot be read)")
     s.add_argument("--submission", required=True)
     s.add_argument("--sample", required=True, help="Kaggle sample_submission.csv (the test ids)")
     s.add_argument("--sizes", help="test meta CSV: also check boxes lie inside the original images")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PREDICTION_COLUMNS
-from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show, write_table
+from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show, show_values, write_table
 
 
 # Problems Kaggle's scorer accepts (it scores the box as written): with ``warn`` they are reported, not refused.
@@ -28,6 +28,7 @@ def validate(
     path: str | os.PathLike = "<predictions>",
     sizes: pd.DataFrame | None = None,
     warn: Callable[[str], None] | None = None,
+    lines: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Check a prediction table and return it with canonical dtypes and column order.
 
@@ -35,6 +36,8 @@ def validate(
     their image, which catches predictions left in resized pixels. With ``warn``, the
     problems Kaggle's scorer still scores (:data:`SCORABLE`) go to ``warn`` (count and
     first row) instead of raising; everything else is always a :class:`DataError`.
+    ``lines``: the file's line of each row, for a table parsed from a submission (many boxes
+    on one line); default: the row's own CSV line (:func:`cxr.io.csv_row`).
     """
     require_columns(df, PREDICTION_COLUMNS, path)
     df = df[PREDICTION_COLUMNS].copy()
@@ -61,16 +64,28 @@ def validate(
     for bad, what, message in checks:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            value = df.iloc[i][["image_id", "class_id", "score", *BOX_COLUMNS]].tolist()
+            row = csv_row(i) if lines is None else int(lines[i])
+            value = show_values(df.iloc[i][["image_id", "class_id", "score", *BOX_COLUMNS]])
             if warn is not None and message in SCORABLE:
-                warn(f"{path}, row {csv_row(i)}: {int(bad.sum())} box(es) with {what} {message} "
+                warn(f"{path}, row {row}: {int(bad.sum())} box(es) with {what} {message} "
                      f"(scored as written, like Kaggle), e.g. {value}")
                 continue
-            raise DataError(path, f"{what} {message}: {value}", csv_row(i))
+            raise DataError(path, f"{what} {message}: {value}", row)
     df["class_id"] = cls.astype(int)
     df["score"] = score
     df[BOX_COLUMNS] = b
     return df.reset_index(drop=True)
+
+
+NORMALIZED = "normalized coordinates, not original pixels"
+
+
+def normalized_boxes(class_id: np.ndarray, boxes: np.ndarray) -> int:
+    """How many finding boxes there are when every one lies in [0, 1] (a table left in normalized
+    coordinates, which Kaggle scores as pixels: nearly nothing matches); 0 otherwise."""
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    b = b[(np.asarray(class_id) != NO_FINDING) & np.isfinite(b).all(axis=1)]
+    return len(b) if len(b) and b[:, 2:].max() <= 1 else 0
 
 
 def read_predictions(path: str | os.PathLike, sizes: pd.DataFrame | None = None) -> pd.DataFrame:

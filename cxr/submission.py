@@ -2,8 +2,14 @@
 
 ``image_id,PredictionString`` with ``class score x_min y_min x_max y_max`` groups in
 original pixels, every test id exactly once; an image with no prediction gets
-``14 1 0 0 1 1`` (the No-finding row), as in Kaggle's sample_submission. An empty
-PredictionString is malformed (Kaggle's parser needs groups of six).
+``14 1 0 0 1 1`` (the No-finding row), as in Kaggle's sample_submission.
+
+An empty PredictionString means the same in every command (``evaluate``,
+``check-submission``, :func:`read_submission`, ``blend``, ``--extra`` models): the image has no
+box, not even No finding. Kaggle's format is groups of six per box and zero groups is zero
+boxes; its page asks for ``14 1 0 0 1 1`` when nothing is found, which is a box of class 14,
+so an empty string scores as no prediction (a normal image's No finding is missed). Our
+writers never write one; files from elsewhere (notebooks, other teams) may.
 
 :func:`write_submission` is the one writer (``ensemble submit``, ``blend``,
 ``predict-images``, ``cxr submission``): coordinates are rounded to :data:`DECIMALS`,
@@ -23,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, SUBMISSION_COLUMNS
-from cxr.io import DataError, atomic_path, csv_row, read_table, write_table
-from cxr.predictions import validate
+from cxr.io import DataError, atomic_path, csv_row, read_table, show, write_table
+from cxr.predictions import NORMALIZED, normalized_boxes, validate
 
 EMPTY_PREDICTION = f"{NO_FINDING} 1 0 0 1 1"
 CLASS_TOKENS = {str(c): c for c in range(NUM_CLASSES)}  # how a class appears in a PredictionString
@@ -143,13 +149,14 @@ class Parsed:
 def parse_strings(strings: pd.Series) -> Parsed:
     """Parse PredictionStrings with array operations (100k boxes well under a second).
 
-    A row with a count of values that is not a positive multiple of 6, a class outside
-    0..14 or a value that is not a number is malformed: it is listed in ``problems`` and
-    contributes no box. Non-finite numbers (``inf``, ``nan``) parse; checks catch them.
+    A row with a count of values that is not a multiple of 6, a class outside 0..14 or a
+    value that is not a number is malformed: it is listed in ``problems`` and contributes no
+    box. An empty (or blank) string is zero groups: an image with no box. Non-finite numbers
+    (``inf``, ``nan``) parse; checks catch them.
     """
     tokens = [str(t).split() for t in strings.fillna("")]
     counts = np.fromiter(map(len, tokens), dtype=int, count=len(tokens))
-    bad_count = (counts == 0) | (counts % 6 != 0)
+    bad_count = counts % 6 != 0
     whole = counts % 6 == 0  # rows whose tokens split into groups; the others add no box
     rows = tokens if whole.all() else [t for t, ok in zip(tokens, whole) if ok]
     flat = np.array(list(itertools.chain.from_iterable(rows)), dtype=object).reshape(-1, 6)
@@ -169,7 +176,7 @@ def parse_strings(strings: pd.Series) -> Parsed:
     first_group = np.r_[0, np.cumsum(np.bincount(group_row, minlength=len(counts)))][:-1]
     problems, bad_rows = [], []
     for i in np.flatnonzero(bad_count):
-        problems.append(f"{counts[i]} values, not a positive multiple of 6")
+        problems.append(f"{counts[i]} values, not a multiple of 6 (class score x_min y_min x_max y_max per box)")
         bad_rows.append(i)
     for k in np.flatnonzero(~cls_ok):
         group = k - first_group[group_row[k]] + 1
@@ -198,12 +205,13 @@ def read_submission(
     """Parse a submission into the prediction format (validated); a malformed row or a repeated id is a DataError.
 
     ``warn``: see :func:`cxr.predictions.validate` (boxes Kaggle scores as written are reported, not refused).
+    An empty PredictionString adds no row (no box). Errors name the submission's own CSV line.
     """
     df = _read(path)
     dup = df["image_id"].duplicated()
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise DataError(path, f"image_id {df['image_id'].iloc[i]!r} appears more than once", csv_row(i))
+        raise DataError(path, f"image_id {show(df['image_id'].iloc[i])} appears more than once", csv_row(i))
     parsed = parse_strings(df["PredictionString"])
     if parsed.problems:
         i = int(parsed.bad_rows[0])
@@ -211,7 +219,18 @@ def read_submission(
     preds = pd.DataFrame(parsed.values, columns=["score", *BOX_COLUMNS])
     preds.insert(0, "image_id", df["image_id"].to_numpy()[parsed.row])
     preds.insert(1, "class_id", parsed.cls)
-    return validate(preds, path, sizes, warn)
+    return validate(preds, path, sizes, warn, lines=parsed.row + csv_row(0))  # the CSV line of each box
+
+
+def read_sample_ids(sample: str | os.PathLike | Sequence[str]) -> pd.Series:
+    """The test ids of a sample submission (a path, or the ids themselves); an unreadable file or
+    one without ``image_id`` is a :class:`DataError` (the reference is broken, not the submission)."""
+    if not isinstance(sample, (str, os.PathLike)):
+        return pd.Series(list(sample), dtype=object)
+    df = read_table(sample, dtype={"image_id": str}, keep_default_na=False)
+    if "image_id" not in df.columns:
+        raise DataError(sample, f"not a sample submission: no image_id column; found {list(df.columns)}")
+    return df["image_id"]
 
 
 def check_submission(
@@ -222,14 +241,13 @@ def check_submission(
     Besides malformed rows and wrong ids it flags what Kaggle would still score but is almost
     surely a bug: non-finite numbers, scores outside [0, 1], negative coordinates, boxes
     outside the image (with ``sizes``), No-finding rows with a box other than ``0 0 1 1``,
-    and boxes that all lie in [0, 1] (normalized, not original pixels).
+    and boxes that all lie in [0, 1] (normalized, not original pixels). An empty PredictionString
+    is an image with no box: valid. A ``sample`` that cannot be read raises :class:`DataError`;
+    problems of the submission itself, unreadable included, are returned.
     """
+    expected = read_sample_ids(sample)
     try:
         df = _read(path)
-        if isinstance(sample, (str, os.PathLike)):
-            expected = read_table(sample, dtype={"image_id": str})["image_id"]
-        else:
-            expected = pd.Series(list(sample), dtype=object)
     except DataError as e:
         return [str(e)]
     problems = []
@@ -274,7 +292,7 @@ def check_submission(
     problems += [m for _, _, m in sorted(flagged)]
     if len(problems) > 200:
         problems = problems[:200] + [f"... (stopped after 200 of {len(problems)} problems)"]
-    coords = b[finding & np.isfinite(b).all(axis=1)]
-    if len(coords) and coords[:, 2:].max() <= 1:
-        problems.append(f"{path}: every finding box lies in [0, 1]: normalized coordinates, not original pixels")
+    n = normalized_boxes(c, b)
+    if n:
+        problems.append(f"{path}: every finding box ({n}) lies in [0, 1]: {NORMALIZED}")
     return problems

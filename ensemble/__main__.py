@@ -26,6 +26,7 @@ from pathlib import Path
 
 
 import models as model_table
+from cxr.args import PLAIN_NAME, Parser, is_plain_name, plain_name, positive_int
 from cxr.baseline import oof_prior
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
@@ -61,8 +62,8 @@ def choose(a: argparse.Namespace) -> Choice:
     sources: dict[str, Path] = {}
     for item in _names(a.extra):
         name, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in detectors or name in sources:
-            raise DataError(path, f"--extra name {name!r} must be new and made of letters, digits, '_', '.', '-'")
+        if not is_plain_name(name) or name in detectors or name in sources:
+            raise DataError(path, f"--extra name {name!r} must be new and a plain name ({PLAIN_NAME})")
         if not Path(path).is_dir():
             raise DataError(path, "--extra needs a folder with oof.csv and test.csv")
         sources[name] = Path(path)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
         predict_images_main(argv[1:])
         return
-    p = argparse.ArgumentParser(prog="python -m ensemble", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m ensemble", description=__doc__.splitlines()[0])
     p.add_argument("verb", choices=["tune", "submit", "blend", "predict-images"])
     p.add_argument("--data", required=True)
     p.add_argument("--folds", required=True)
@@ -161,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exclude", default="", help="models (or extras, or the classifier) to leave out")
     p.add_argument("--extra", default="", help="folders of models trained elsewhere (oof.csv + test.csv), [NAME=]PATH")
     classifiers = model_table.names("classifier")
-    p.add_argument("--classifier", default=classifiers[0] if classifiers else "none",
+    p.add_argument("--classifier", type=plain_name, default=classifiers[0] if classifiers else "none",
                    help="classifier run folder name, or 'none' for no gate")
-    p.add_argument("--name", default="demo")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes that fuse candidates (default: every core)")
+    p.add_argument("--name", type=plain_name, default="demo", help="submissions/NAME.csv, reports/NAME/ (a plain name)")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                   help="processes that fuse candidates (default: every core)")
     p.add_argument("--force", action="store_true", help="tune again even when the parameters are up to date")
     a = p.parse_args(argv)
     with one_line_errors():

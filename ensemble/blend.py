@@ -41,14 +41,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cxr.args import PLAIN_NAME, Parser, iou, is_plain_name, probability, skip_threshold
+from cxr.args import weight as fusion_weight
 from cxr.config import from_dict, save
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS, SUBMISSION_COLUMNS
-from cxr.io import DataError, csv_row, one_line_errors, read_table, show, write_table
+from cxr.io import DataError, csv_row, one_line_errors, read_table, show, show_values, write_table
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
-from cxr.predictions import validate
+from cxr.predictions import NORMALIZED, normalized_boxes, validate
 from cxr.submission import parse_strings, write_submission
-from cxr.wbf import WBF, fuse_group
+from cxr.wbf import CONF_TYPES, WBF, fuse_group
 from ensemble.ensemble import GateParams, gate
 
 
@@ -156,12 +158,10 @@ def read_input(path: str | Path, test_ids: Sequence[str], sizes: pd.DataFrame) -
     missing = sorted(set(test_ids) - set(df["image_id"]))
     if missing:
         raise DataError(path, f"{len(missing)} test image(s) missing, e.g. {missing[:3]}")
-    parsed = parse_strings(df["PredictionString"])
-    empty = (df["PredictionString"].str.strip() == "").to_numpy()  # no box on this image, not malformed
-    bad = [(int(i), problem) for i, problem in zip(parsed.bad_rows, parsed.problems) if not empty[i]]
-    if bad:
-        i, problem = bad[0]
-        raise DataError(path, f"PredictionString of {df['image_id'].iloc[i]}: {problem}", csv_row(i))
+    parsed = parse_strings(df["PredictionString"])  # an empty string: no box on this image (cxr.submission)
+    if parsed.problems:
+        i = int(parsed.bad_rows[0])
+        raise DataError(path, f"PredictionString of {df['image_id'].iloc[i]}: {parsed.problems[0]}", csv_row(i))
     preds = pd.DataFrame(parsed.values, columns=["score", *BOX_COLUMNS])
     preds.insert(0, "image_id", df["image_id"].to_numpy()[parsed.row])
     preds.insert(1, "class_id", parsed.cls)
@@ -191,9 +191,10 @@ def _check_values(preds: pd.DataFrame, lines: np.ndarray, sizes: pd.DataFrame, p
             k = int(np.flatnonzero(bad)[0])
             r = preds.iloc[k]
             where = f"{r.image_id} ({w[k]:.0f}x{h[k]:.0f})" if "outside" in message else r.image_id
-            raise DataError(path, f"{message}: {where}: {[int(cls[k]), score[k], *b[k].tolist()]}", int(lines[k]))
-    if finding.any() and np.nanmax(b[finding][:, 2:]) <= 1:
-        raise DataError(path, "every finding box lies in [0, 1]: normalized coordinates, not original pixels")
+            raise DataError(path, f"{message}: {where}: {show_values([cls[k], score[k], *b[k]])}", int(lines[k]))
+    n = normalized_boxes(cls, b)
+    if n:
+        raise DataError(path, f"every finding box ({n}) lies in [0, 1]: {NORMALIZED}")
 
 
 def read_probabilities(g: GateConfig, test_ids: Sequence[str]) -> pd.Series:
@@ -326,16 +327,12 @@ def _config(a: argparse.Namespace) -> tuple[BlendConfig, str]:
             for s, v in zip(subs, values):
                 if isinstance(s, dict):
                     s[key] = v if key == "weight" else ("" if v == "-" else v)
-    for spec in a.group_weights or []:
-        name, _, w = spec.partition("=")
+    for name, w in a.group_weights or []:
         groups = data.setdefault("groups", [])
         entry = next((g for g in groups if isinstance(g, dict) and g.get("name") == name), None)
         if entry is None:
             groups.append(entry := {"name": name})
-        try:
-            entry["weight"] = float(w)
-        except ValueError:
-            raise DataError("--group-weights", f"{spec!r} is not NAME=WEIGHT") from None
+        entry["weight"] = w
     for section, prefix in (("fusion", ""), ("group_fusion", "group_")):
         for key in ("iou_thr", "skip_box_thr", "conf_type"):
             value = getattr(a, prefix + key)
@@ -356,30 +353,49 @@ def _config(a: argparse.Namespace) -> tuple[BlendConfig, str]:
     return cfg, where
 
 
+def _group_weight(text: str) -> tuple[str, float]:
+    """``--group-weights NAME=W``: a group name and its weight (:func:`cxr.args.weight`)."""
+    name, sep, w = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=WEIGHT")
+    return name, fusion_weight(w)
+
+
+def _submission_path(text: str) -> str:
+    """``--out``: a ``.csv`` whose name is a plain name, since it also names ``reports/<name>/``."""
+    path = Path(text)
+    if path.suffix != ".csv" or not is_plain_name(path.stem):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path to NAME.csv ({PLAIN_NAME})")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ensemble blend", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m ensemble blend", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="blend YAML (ensemble/blend.yaml documents every key); flags below override it")
     p.add_argument("--subs", nargs="+", help="submissions (Kaggle CSV) or prediction tables to blend")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per submission (inside its group)")
+    p.add_argument("--weights", nargs="+", type=fusion_weight, help="one weight (>= 0) per submission (inside its group)")
     p.add_argument("--groups", nargs="+", help="one group name per submission ('-' = its own group)")
-    p.add_argument("--group-weights", nargs="+", metavar="NAME=W", help="group weight in the final fusion (default 1)")
-    p.add_argument("--iou-thr", type=float, help="final fusion IoU (default 0.4)")
-    p.add_argument("--skip-box-thr", type=float, help="final fusion: drop boxes scored below this (default 0)")
-    p.add_argument("--conf-type", help="final fusion score: avg | max | box_and_model_avg | absent_model_aware_avg")
-    p.add_argument("--group-iou-thr", type=float, help="fusion inside groups (default 0.4)")
-    p.add_argument("--group-skip-box-thr", type=float)
-    p.add_argument("--group-conf-type")
+    p.add_argument("--group-weights", nargs="+", type=_group_weight, metavar="NAME=W",
+                   help="group weight in the final fusion (default 1)")
+    p.add_argument("--iou-thr", type=iou, help="final fusion IoU in (0, 1] (default 0.4)")
+    p.add_argument("--skip-box-thr", type=skip_threshold, help="final fusion: drop boxes scored below this, in [0, 1) (default 0)")
+    p.add_argument("--conf-type", choices=CONF_TYPES, help="final fusion score (default avg)")
+    p.add_argument("--group-iou-thr", type=iou, help="fusion inside groups (default 0.4)")
+    p.add_argument("--group-skip-box-thr", type=skip_threshold)
+    p.add_argument("--group-conf-type", choices=CONF_TYPES)
     p.add_argument("--gate", help="probability file: image_id plus one probability column")
     p.add_argument("--gate-column", help="the probability column (needed when the file has several)")
-    p.add_argument("--gate-means", help="abnormal: the column is P(abnormal); normal: P(No finding)")
-    p.add_argument("--gate-rule", help="soft (default) | hard")
-    p.add_argument("--gate-low", type=float, help="hard: P(No finding) below this keeps boxes as they are")
-    p.add_argument("--gate-high", type=float, help="hard: P(No finding) above this drops every box")
+    p.add_argument("--gate-means", choices=["abnormal", "normal"],
+                   help="abnormal: the column is P(abnormal); normal: P(No finding)")
+    p.add_argument("--gate-rule", choices=["soft", "hard"], help="soft (default) | hard")
+    p.add_argument("--gate-low", type=probability, help="hard: P(No finding) below this keeps boxes as they are")
+    p.add_argument("--gate-high", type=probability, help="hard: P(No finding) above this drops every box")
     p.add_argument("--data", help="data folder: DATA/sample_submission.csv and DATA/test_meta.csv, unless given")
     p.add_argument("--sample", help="Kaggle sample_submission.csv (the test ids)")
     p.add_argument("--sizes", help="original sizes: test_meta.csv or Kaggle's test.csv")
     p.add_argument("--labels", help="test labels (PhysioNet annotations_test.csv): report only, never tuned on")
-    p.add_argument("--out", default="submissions/blend.csv", help="the checked submission")
+    p.add_argument("--out", type=_submission_path, default="submissions/blend.csv",
+                   help="the checked submission, NAME.csv (NAME: a plain name)")
     p.add_argument("--report-dir", help="resolved config and score table (default reports/<out name>)")
     return p
 

@@ -87,15 +87,6 @@ def params_path(run: Path, models: Sequence[str], classifier: str | None) -> Pat
     return Path(run) / "ensemble" / set_name(models, classifier) / "params.json"
 
 
-def read_model_table(path: Path, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """A model's predictions: the prediction format, or a Kaggle submission (``image_id,PredictionString``,
-    original pixels) such as a public notebook's OOF and test files."""
-    header = read_table(path, nrows=0)
-    if "PredictionString" in header.columns:
-        return read_submission(path, sizes)
-    return read_predictions(path, sizes)
-
-
 def load_model_tables(
     run: Path,
     models: Sequence[str],
@@ -107,8 +98,10 @@ def load_model_tables(
     """Each model's ``oof.csv`` or ``test.csv``; a model with no row for some image is an error (no silent holes).
 
     A model is read from ``run/<model>/`` unless ``sources`` names its folder (a model trained
-    elsewhere: prediction or Kaggle submission format). Detectors write a No-finding row for
-    every image they saw, so a missing image means a missing fold or an interrupted prediction.
+    elsewhere: the prediction format, or a Kaggle submission in original pixels such as a public
+    notebook's OOF and test files, where an empty PredictionString is an image with no box).
+    Detectors write a No-finding row for every image they saw, so a missing image means a missing
+    fold or an interrupted prediction.
     An outside model's table must also hold no other image (a wrong split or another fold file),
     and its boxes are checked against ``sizes`` (catches resized pixels).
     """
@@ -121,18 +114,26 @@ def load_model_tables(
         if not path.exists():
             hint = "give a folder with oof.csv and test.csv" if outside else f"run make oof MODEL={m}"
             raise DataError(path, f"model {m!r} has no {split} predictions: {hint}")
-        t = read_model_table(path)
-        missing = sorted(wanted - set(t["image_id"]))
+        table = None
+        if "PredictionString" in read_table(path, nrows=0).columns:  # a line per image (an empty string: no box)
+            covered = set(read_table(path, dtype={"image_id": str}, keep_default_na=False)["image_id"])
+        else:  # a row per box: an image without a row has no prediction at all
+            table = read_predictions(path)
+            covered = set(table["image_id"])
+        missing = sorted(wanted - covered)
         if missing:
             raise DataError(path, f"model {m!r} has no prediction for {len(missing)} {split} image(s), e.g. {missing[:3]}")
         if outside:
-            extra = sorted(set(t["image_id"]) - wanted)
+            extra = sorted(covered - wanted)
             if extra:
                 where = "in the fold file" if split == "oof" else "among the test images"
                 raise DataError(path, f"model {m!r} predicts {len(extra)} {split} image(s) not {where}, e.g. {extra[:3]}")
-            if sizes is not None:
-                t = validate(t, path, sizes)
-        tables.append(t[t["image_id"].isin(wanted)].reset_index(drop=True))
+        check = sizes if outside else None  # boxes in resized pixels: checked only where they come from elsewhere
+        if table is None:
+            table = read_submission(path, check)
+        elif check is not None:
+            table = validate(table, path, check)
+        tables.append(table[table["image_id"].isin(wanted)].reset_index(drop=True))
     return tables
 
 

@@ -39,7 +39,6 @@ An empty SRC, a run without tuned parameters or a model missing a fold is one li
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -59,6 +58,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cxr.args import Parser, int_at_least, non_negative_int, plain_name, positive_int, probability
 from cxr.config import load
 from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
@@ -460,28 +460,25 @@ def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ensemble.predict_images", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m ensemble.predict_images", description=__doc__.splitlines()[0])
     p.add_argument("--src", required=True, help="folder of DICOM/PNG/JPEG images (searched recursively; id = file stem)")
     p.add_argument("--run-dir", required=True, help="the trained run: runs/NAME (with ensemble/params.json)")
     p.add_argument("--out", required=True, help="output folder (not inside SRC)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--data", help="the DATA folder the models were trained on: its PNG size is the input size")
-    size.add_argument("--size", type=int, help="the square PNG size the models were trained on (e.g. 1024)")
+    size.add_argument("--size", type=positive_int, help="the square PNG size the models were trained on (e.g. 1024)")
     p.add_argument("--meta", help="original sizes (Kaggle meta CSV) when SRC holds already-squashed PNGs")
     p.add_argument("--folds", help="fold file: every model must have these folds (default: the folds found)")
     classifiers = model_table.names("classifier")
-    p.add_argument("--classifier", default=classifiers[0] if classifiers else "none",
+    p.add_argument("--classifier", type=plain_name, default=classifiers[0] if classifiers else "none",
                    help="the gate's classifier (its run folder), as for python -m ensemble")
-    p.add_argument("--threshold", type=float, default=0.3, help="score from which a finding is listed and drawn")
-    p.add_argument("--batch", type=int, default=32, help="images per batch (a multiple of the models' predict batch)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (0: in process)")
-    p.add_argument("--overlay-px", type=int, default=1024, help="long side of the overlay pictures")
-    a = p.parse_args(argv)
+    p.add_argument("--threshold", type=probability, default=0.3, help="score from which a finding is listed and drawn")
+    p.add_argument("--batch", type=positive_int, default=32, help="images per batch (a multiple of the models' predict batch)")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="decoding processes (0: in process)")
+    p.add_argument("--overlay-px", type=int_at_least(64), default=1024, help="long side of the overlay pictures")
+    a = p.parse_args(argv)  # every value checked by its type: one line and exit 2 before anything is read
     with one_line_errors():
-        if not 0 <= a.threshold <= 1:
-            raise DataError("--threshold", f"{a.threshold} is not in [0, 1]")
-        if a.batch < 1 or a.workers < 0 or a.overlay_px < 64 or (a.size is not None and a.size < 1):
-            raise DataError("arguments", "--batch and --size must be >= 1, --workers >= 0, --overlay-px >= 64")
         size_px = a.size if a.size is not None else data_image_size(Path(a.data))
         summary = predict_folder(Path(a.src), Path(a.run_dir), Path(a.out), size_px, a.meta, a.folds, a.threshold,
                                  a.batch, a.workers, a.overlay_px, a.classifier)

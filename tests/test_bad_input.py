@@ -452,3 +452,117 @@ def test_every_entry_point_boundary_is_one_line_exit_2(error, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err in ("error: x.csv, row 3: bad value\n", "error: out/f.csv: Not a directory\n")
+
+
+# ---------------------------------------------------------------- issue 20: values checked where they enter
+
+
+def entry_point(name: str):
+    """The command-line mains of the project, each with its own parser (all cxr.args.Parser)."""
+    if name == "cxr":
+        return main
+    if name == "blend":
+        from ensemble.blend import main as blend_main
+
+        return blend_main
+    from ensemble.__main__ import main as ensemble_main  # predict-images is forwarded from here
+
+    return ensemble_main
+
+
+RUN = ["--data", "d", "--folds", "f.csv", "--run-dir", "runs/x"]
+PREDICT = ["predict-images", "--src", "s", "--run-dir", "runs/x", "--out", "o"]
+
+
+@pytest.mark.parametrize(
+    "entry, args, message",
+    [
+        ("cxr", ["folds", "--labels", "t.csv", "--seed", "-1", "--out", "f.csv"], "--seed: -1 is not a seed (an integer in 0..4294967295)"),
+        ("cxr", ["folds", "--labels", "t.csv", "--seed", "1e3", "--out", "f.csv"], "--seed: '1e3' is not an integer"),
+        ("cxr", ["fuse", "--labels", "t.csv", "--iou-thr", "5", "--out", "x.csv"], "--iou-thr: 5 is not an IoU in (0, 1]"),
+        ("cxr", ["fuse", "--labels", "t.csv", "--iou-thr", "nan", "--out", "x.csv"], "--iou-thr: nan is not an IoU"),
+        ("cxr", ["evaluate", "--labels", "t.csv", "--submission", "s.csv", "--fold", "-1"], "--fold: -1 is not an integer >= 0"),
+        ("cxr", ["evaluate", "--labels", "t.csv"], "the following arguments are required: --submission"),
+        ("blend", ["--subs", "a.csv", "--iou-thr", "0"], "--iou-thr: 0 is not an IoU in (0, 1]"),
+        ("blend", ["--subs", "a.csv", "--group-iou-thr", "1.5"], "--group-iou-thr: 1.5 is not an IoU"),
+        ("blend", ["--subs", "a.csv", "--skip-box-thr", "1"], "--skip-box-thr: 1 is not in [0, 1)"),
+        ("blend", ["--subs", "a.csv", "--weights", "-1"], "--weights: -1 is not a weight (a finite number >= 0)"),
+        ("blend", ["--subs", "a.csv", "--weights", "inf"], "--weights: inf is not a weight"),
+        ("blend", ["--subs", "a.csv", "--group-weights", "m=-2"], "--group-weights: -2 is not a weight"),
+        ("blend", ["--subs", "a.csv", "--group-weights", "m"], "--group-weights: 'm' is not NAME=WEIGHT"),
+        ("blend", ["--subs", "a.csv", "--gate-low", "2"], "--gate-low: 2 is not in [0, 1]"),
+        ("blend", ["--subs", "a.csv", "--gate-rule", "firm"], "--gate-rule: invalid choice: 'firm'"),
+        ("blend", ["--subs", "a.csv", "--conf-type", "mean"], "--conf-type: invalid choice: 'mean'"),
+        ("blend", ["--subs", "a.csv", "--out", "submissions/a b.csv"], "--out: 'submissions/a b.csv' is not a path to NAME.csv"),
+        ("blend", ["--subs", "a.csv", "--out", "submissions/..csv"], "--out: 'submissions/..csv' is not a path to NAME.csv"),
+        ("ensemble", ["submit", *RUN, "--name", "../x"], "--name: '../x' is not a plain name (letters, digits"),
+        ("ensemble", ["submit", *RUN, "--name", "a b"], "--name: 'a b' is not a plain name"),
+        ("ensemble", ["submit", *RUN, "--name", ".."], "--name: '..' is not a plain name"),
+        ("ensemble", ["tune", *RUN, "--jobs", "0"], "--jobs: 0 is not an integer >= 1"),
+        ("ensemble", ["tune", *RUN, "--classifier", "../c"], "--classifier: '../c' is not a plain name"),
+        ("ensemble", [*PREDICT, "--size", "0"], "--size: 0 is not an integer >= 1"),
+        ("ensemble", [*PREDICT, "--data", "d", "--threshold", "1.5"], "--threshold: 1.5 is not in [0, 1]"),
+        ("ensemble", [*PREDICT, "--data", "d", "--batch", "0"], "--batch: 0 is not an integer >= 1"),
+        ("ensemble", [*PREDICT, "--data", "d", "--workers", "-1"], "--workers: -1 is not an integer >= 0"),
+        ("ensemble", [*PREDICT, "--data", "d", "--overlay-px", "10"], "--overlay-px: 10 is not an integer >= 64"),
+    ],
+)
+def test_flag_values_are_one_line_exit_2_before_anything_is_read(tmp_path, monkeypatch, capsys, entry, args, message):
+    """Issue 20, item 1: every entry point refuses a value out of its range with one line naming the flag
+    (no usage block, no traceback), exit 2, before any file is read or written (none of these files exist)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        entry_point(entry)(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_fuse_that_drops_every_reader_or_an_unknown_one_is_an_error(tmp_path, train_csv, capsys):
+    out = tmp_path / "fused.csv"
+    err = cli_error(capsys, "fuse", "--labels", train_csv, "--drop-readers", "R1", "--out", out)
+    assert "--drop-readers R1 drops every reader of the file: nothing left to fuse" in err and not out.exists()
+    err = cli_error(capsys, "fuse", "--labels", train_csv, "--drop-readers", "R8", "--out", out)
+    assert "--drop-readers R8: no such rad_id in the file; its readers: ['R1']" in err and not out.exists()
+
+
+# ---------------------------------------------------------------- issue 20: what would move a score without a word
+
+
+def test_repeated_label_rows_stop_evaluate(tmp_path, physionet, capsys):
+    twice = tmp_path / "twice.csv"
+    pd.concat([pd.read_csv(physionet)] * 2).to_csv(twice, index=False)
+    good = sub(tmp_path, [["n1", "14 1 0 0 1 1"], ["n2", "14 1 0 0 1 1"], ["f1", "8 0.9 100 100 200 200"]])
+    _, err = evaluate(capsys, "--labels", twice, "--submission", good)
+    assert f"error: {twice}, row 5: 3 row(s) repeat an earlier row exactly; this one (image_id 'n1') repeats row 2" in err
+
+
+def test_class_name_off_by_case_is_scored_as_the_class_with_a_warning(tmp_path, physionet, capsys):
+    lower = tmp_path / "lower.csv"
+    pd.read_csv(physionet).replace({"Nodule/Mass": "nodule/mass"}).to_csv(lower, index=False)
+    good = sub(tmp_path, [["n1", "14 1 0 0 1 1"], ["n2", "14 1 0 0 1 1"], ["f1", "8 0.9 100 100 200 200"]])
+    result, err = evaluate(capsys, "--labels", lower, "--submission", good)
+    assert result["map"] == 1.0 and result["ap"]["8"] == 1.0  # not dropped: f1 keeps its nodule
+    assert "row 4: 1 class_name(s) differ from the known names only by case or spacing" in err
+
+
+def test_table_of_one_fold_scored_against_every_label_warns(tmp_path, physionet, capsys):
+    """Issue 20: a prediction table of one fold scored without --folds counts the other folds as missed."""
+    table = tmp_path / "fold1.csv"
+    pd.DataFrame([["f1", 8, 0.9, 100, 100, 200, 200], ["n2", 14, 1.0, 0, 0, 1, 1]],
+                 columns=["image_id", "class_id", "score", "x_min", "y_min", "x_max", "y_max"]).to_csv(table, index=False)
+    result, err = evaluate(capsys, "--labels", physionet, "--submission", table)
+    assert result["ap"]["14"] == 0.5  # n1, of the other fold, is missed
+    assert (f"warning: {table} has rows for 2 of 3 labelled images: the other 1 are scored as missed (no box); "
+            "a table of some folds' images: --folds FILE [--fold K] scores only those") in err
+    folds = tmp_path / "folds.csv"
+    pd.DataFrame({"image_id": ["n1", "n2", "f1"], "fold": [0, 1, 1]}).to_csv(folds, index=False)
+    result, err = evaluate(capsys, "--labels", physionet, "--submission", table, "--folds", folds, "--fold", 1)
+    assert result["map"] == 1.0 and err == ""
+
+
+def test_normalized_boxes_are_scored_with_a_warning(tmp_path, physionet, capsys):
+    normalized = sub(tmp_path, [["n1", "14 1 0 0 1 1"], ["n2", "14 1 0 0 1 1"], ["f1", "8 0.9 0.1 0.1 0.2 0.2"]])
+    result, err = evaluate(capsys, "--labels", physionet, "--submission", normalized)
+    assert result["ap"]["8"] == 0.0  # scored as pixels, like Kaggle
+    assert "every finding box (1) lies in [0, 1]: normalized coordinates, not original pixels" in err

@@ -238,7 +238,9 @@ def bad_copy(bench: dict, tmp_path: Path, case: str) -> tuple[list[str], list[st
     elif case == "malformed":
         sub.loc[2, "PredictionString"], expect = "3 0.5 10 10 50", "row 4: PredictionString"
     elif case == "outside_image":
-        sub.loc[2, "PredictionString"], expect = "3 0.5 10 10 50000 50", "row 4: box lies outside the original image"
+        sub.loc[2, "PredictionString"] = "3 0.5 10 10 50000 50"
+        w, h = bench["sizes"].set_index("image_id").loc[ids[2], ["width", "height"]]
+        expect = f"row 4: box lies outside the original image: {ids[2]} ({w}x{h}): [3, 0.5, 10.0, 10.0, 50000.0, 50.0]"
     elif case == "normalized":
         sub["PredictionString"], expect = "3 0.5 0.1 0.1 0.5 0.5", "normalized coordinates"
     elif case == "gate_outside":
@@ -273,6 +275,7 @@ def test_bad_input_is_one_line_and_exit_2(bench, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and all(x in err for x in expected), (expected, err)
+    assert "np." not in err  # values as written (1771.4), never np.float64(1771.4)
     assert not out.exists() and not list(tmp_path.glob(".never.csv.*"))  # nothing half-written
 
 

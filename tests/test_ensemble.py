@@ -194,6 +194,22 @@ def test_extra_model_in_submission_format_joins_and_is_checked(cli_run, tmp_path
     assert e.value.code == 2 and "outside the image" in capsys.readouterr().err
 
 
+def test_outside_model_in_submission_format_empty_string_and_line_numbers(tmp_path):
+    """An empty PredictionString is an image with no box (covered, not missing), as in every command;
+    a bad box is named by its CSV line, not its box count (issue 20)."""
+    sizes = pd.DataFrame({"image_id": ["a", "b", "c"], "width": 100, "height": 100})
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    rows = [["a", "3 0.5 10 10 20 20 4 0.5 10 10 20 20"], ["b", ""], ["c", "14 1 0 0 1 1"]]
+    pd.DataFrame(rows, columns=["image_id", "PredictionString"]).to_csv(folder / "oof.csv", index=False)
+    (t,) = load_model_tables(tmp_path, ["nb"], "oof", ["a", "b", "c"], {"nb": folder}, sizes)
+    assert t["image_id"].tolist() == ["a", "a", "c"]
+    rows[2][1] = "3 0.5 10 10 200 20"
+    pd.DataFrame(rows, columns=["image_id", "PredictionString"]).to_csv(folder / "oof.csv", index=False)
+    with pytest.raises(DataError, match=r"oof.csv, row 4: box outside the image: \['c', 3, 0.5, 10.0, 10.0, 200.0, 20.0\]"):
+        load_model_tables(tmp_path, ["nb"], "oof", ["a", "b", "c"], {"nb": folder}, sizes)
+
+
 def test_submit_reads_the_baseline_prior_and_blend_is_forwarded(cli_run, tmp_path, capsys):
     data, gt, good, noisy, _, run, common = cli_run
     main(["tune", *common, "--models", "yolo,effdet"])

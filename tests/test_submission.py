@@ -56,7 +56,6 @@ def test_write_read_round_trip(tmp_path, sample):
         ([["a", "14 1 0 0 1 1"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "'c' appears 2 times"),
         ([["a", "14 1 0 0 1 1"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"], ["d", "14 1 0 0 1 1"]], "'d' is not a test id"),
         ([["a", "3 0.5 1 2 3"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "row 2 (a): 5 values"),
-        ([["a", ""], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "row 2 (a): 0 values"),
         ([["a", "15 0.5 1 2 30 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "class '15'"),
         ([["a", "3 0.5 1 2 x 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "non-number"),
         ([["a", "3 1.5 1 2 30 40"], ["b", "14 1 0 0 1 1"], ["c", "14 1 0 0 1 1"]], "score 1.5 not in [0, 1]"),
@@ -69,6 +68,35 @@ def test_write_read_round_trip(tmp_path, sample):
 def test_checker_finds_problem(tmp_path, sample, rows, problem):
     problems = check_submission(write_raw(tmp_path, rows), sample, SIZES)
     assert any(problem in p for p in problems), problems
+
+
+def test_empty_prediction_string_is_an_image_without_boxes(tmp_path, sample, capsys):
+    """One meaning everywhere (issue 20): an empty PredictionString is valid and adds no box, not even
+    No finding, in check_submission, read_submission and evaluate (blend: tests/test_blend.py)."""
+    path = write_raw(tmp_path, [["a", ""], ["b", "  "], ["c", "3 0.5 10 20 30 40"]])
+    assert check_submission(path, sample, SIZES) == []
+    assert read_submission(path, SIZES)["image_id"].tolist() == ["c"]
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame([["a", "No finding", None, None, None, None], ["b", "No finding", None, None, None, None],
+                  ["c", "Cardiomegaly", 10, 20, 30, 40]],
+                 columns=["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"]).to_csv(labels, index=False)
+    main(["evaluate", "--labels", str(labels), "--submission", str(path), "--subset"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["ap"]["3"] == 1.0 and result["ap"]["14"] == 0.0  # a's and b's No finding missed: no box predicted
+
+
+def test_errors_name_the_csv_line_not_the_box(tmp_path):
+    """A submission holds many boxes on a line: errors and warnings name the line (issue 20), and
+    values print as plain numbers."""
+    path = write_raw(tmp_path, [["a", "3 0.5 10 20 30 40 4 0.5 10 20 30 40 5 0.5 10 20 30 40"],
+                                ["b", "3 0.5 10 20 1771.4 40"], ["c", "14 1 0 0 1 1"]])
+    with pytest.raises(DataError, match=r"sub.csv, row 3: box outside the image: \['b', 3, 0.5, 10.0, 20.0, 1771.4, 40.0\]"):
+        read_submission(path, SIZES)
+    warnings = []
+    read_submission(write_raw(tmp_path, [["a", "3 0.5 10 20 30 40 4 0.5 10 20 30 40"], ["b", "3 0.5 -1 20 30 40"]]),
+                    warn=warnings.append)
+    assert len(warnings) == 1 and "sub.csv, row 3: 1 box(es) with box negative coordinate" in warnings[0]
+    assert "np." not in warnings[0]
 
 
 def test_checker_wrong_columns(tmp_path, sample):
@@ -84,6 +112,12 @@ def test_check_submission_cli_exit_codes(tmp_path, sample, capsys):
         main(["check-submission", "--submission", str(bad), "--sample", str(sample)])
     assert e.value.code == 1
     assert "test id 'b' is missing" in capsys.readouterr().out
+    for args in (["--submission", str(good), "--sample", str(tmp_path / "nope.csv")],
+                 ["--submission", str(tmp_path / "nope.csv"), "--sample", str(sample)]):
+        with pytest.raises(SystemExit) as e:  # a file that cannot be read is bad input: exit 2, one line
+            main(["check-submission", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.strip() == f"error: {tmp_path / 'nope.csv'}: file not found", err
 
 
 @pytest.mark.parametrize(
