@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from cxr.io import SAFE_ID
-
 SEED_MAX = 2**32 - 1  # numpy, torch and random all accept 0..2**32-1; numpy refuses a negative seed
 
 
@@ -96,12 +94,15 @@ def weight(text: str) -> float:
     return value
 
 
-PLAIN_NAME = "letters, digits, '_', '-', '.'; not starting with '.': no '/', '..' or space"
+PLAIN_NAME = "letters, digits, '_', '-', '.', not starting with '.' or '-': no '/', '..' or space"
+# As cxr.io.SAFE_ID, and not starting with '-' either (a name after a flag would read as another flag).
+# The Makefile checks NAME against the same pattern.
+PLAIN_NAME_RE = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
 
 
 def is_plain_name(text: str) -> bool:
-    """A name that becomes one file or folder name inside the folder meant for it (:data:`cxr.io.SAFE_ID`)."""
-    return re.fullmatch(SAFE_ID, text) is not None
+    """A name that becomes one file or folder name inside the folder meant for it (:data:`PLAIN_NAME_RE`)."""
+    return re.fullmatch(PLAIN_NAME_RE, text) is not None
 
 
 def plain_name(text: str) -> str:

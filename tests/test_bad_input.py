@@ -566,3 +566,14 @@ def test_normalized_boxes_are_scored_with_a_warning(tmp_path, physionet, capsys)
     result, err = evaluate(capsys, "--labels", physionet, "--submission", normalized)
     assert result["ap"]["8"] == 0.0  # scored as pixels, like Kaggle
     assert "every finding box (1) lies in [0, 1]: normalized coordinates, not original pixels" in err
+
+
+
+@pytest.mark.parametrize("name, plain", [("vbd", True), ("vbd_1.2-a", True), ("../x", False), ("a/b", False),
+                                          ("a b", False), ("..", False), (".x", False), ("-x", False), ("", False)])
+def test_plain_names(name, plain):
+    """Output names (--name, blend's --out NAME.csv, --extra NAME=, --classifier) are one file name in the
+    folder meant for them; the Makefile checks NAME= against the same cxr.args.PLAIN_NAME_RE."""
+    from cxr.args import is_plain_name
+
+    assert is_plain_name(name) == plain
