@@ -188,7 +188,7 @@ def cmd_baseline(a: argparse.Namespace) -> None:
 def cmd_synth(a: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(a).items() if k in ("out", "n_train", "n_test", "size", "seed") and v is not None}
     cfg = load(synth.SynthConfig, a.config, overrides) if a.config else synth.SynthConfig(**overrides)
-    out = synth.generate(cfg)
+    out = synth.generate(cfg, where=a.config or "cxr synth")
     print(f"wrote {out}: {cfg.n_train} train + {cfg.n_test} test images at {cfg.size}px")
 
 

@@ -35,7 +35,7 @@ from cxr.boxes import iou_matrix, to_original
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import fuse_readers
 from cxr.config import save
-from cxr.io import atomic_path, write_table
+from cxr.io import DataError, atomic_path, write_table
 from cxr.submission import EMPTY_PREDICTION
 
 STATS_PATH = Path(__file__).with_name("vindr_stats.json")
@@ -276,8 +276,29 @@ def _image(cfg: SynthConfig, stats: dict, split: str, index: int) -> tuple[dict,
     return meta, png, reader_rows, truth
 
 
-def generate(cfg: SynthConfig) -> Path:
-    """Write the synthetic benchmark to ``cfg.out``; returns the folder."""
+MIN_SIZE = 16  # pixels: below this the anatomy's blur and the smallest boxes have nothing to draw on
+
+
+def check(cfg: SynthConfig, where: str = "SynthConfig") -> None:
+    """Raise :class:`DataError` (naming ``where``: the YAML file or the command) at the first bad field."""
+    problems = [
+        (cfg.size >= MIN_SIZE, f"size must be at least {MIN_SIZE} pixels, got {cfg.size}"),
+        (cfg.n_train >= 1, f"n_train must be at least 1, got {cfg.n_train}"),
+        (cfg.n_test >= 1, f"n_test must be at least 1, got {cfg.n_test}"),
+        (cfg.normal_share is None or 0 <= cfg.normal_share <= 1, f"normal_share must be in [0, 1], got {cfg.normal_share}"),
+        (cfg.stray_boxes >= 0, f"stray_boxes must be >= 0, got {cfg.stray_boxes}"),
+        (cfg.noise >= 0, f"noise must be >= 0, got {cfg.noise}"),
+        (0 <= cfg.balanced_min_box < 1, f"balanced_min_box must be in [0, 1), got {cfg.balanced_min_box}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise DataError(where, message)
+
+
+def generate(cfg: SynthConfig, where: str = "SynthConfig") -> Path:
+    """Write the synthetic benchmark to ``cfg.out``; returns the folder. A bad field is a
+    :class:`DataError` naming ``where`` (see :func:`check`) before anything is written."""
+    check(cfg, where)
     stats = load_stats(cfg.stats)
     out = Path(cfg.out)
     train_cols = ["image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS]

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cxr.cli import main
 from cxr.images import read_image
@@ -91,3 +92,12 @@ def test_core_pipeline_on_synth(synth_dir, tmp_path, capsys):
     assert {"coco_ap", "coco_ap50"} <= set(test)
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert len(sub) == len(pd.read_csv(d / "sample_submission.csv"))
+
+
+def test_bad_settings_are_one_line(tmp_path, capsys):
+    for flags, message in ((["--size", "0"], "cxr synth: size must be at least 16 pixels, got 0"),
+                           (["--n-train", "0"], "cxr synth: n_train must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["synth", "--out", str(tmp_path / "s"), *flags])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "s").exists()
