@@ -209,7 +209,7 @@ def _report_failures(result, out: Path) -> None:
 def cmd_prepare(a: argparse.Namespace) -> None:
     from cxr.images import FAILED_NAME, META_NAME, prepare_png_set
 
-    result = prepare_png_set(a.src, a.out, a.size, a.workers)
+    result = prepare_png_set(a.src, a.out, a.size, a.workers, exact=a.exact)
     rate = result.converted / result.seconds if result.seconds else 0.0
     print(f"{a.out}: {len(result.meta)} images at {a.size}px ({result.converted} converted now, {rate:.1f} images/s), "
           f"original sizes in {Path(a.out) / META_NAME}")
@@ -218,10 +218,14 @@ def cmd_prepare(a: argparse.Namespace) -> None:
         raise DataError(Path(a.out) / FAILED_NAME, f"{len(result.failed)} file(s) failed and were skipped (file, reason)")
 
 
+EXACT_HELP = ("decode JPEG 2000 DICOMs at full resolution (default: at the lowest stored resolution that covers "
+              "--size, ~3x faster, within 1.5 grey levels mean)")
+
+
 def cmd_data(a: argparse.Namespace) -> None:
     from cxr.kaggle import build
 
-    summary, results = build(a.src, a.out, a.size, a.labels, a.sample, a.workers)
+    summary, results = build(a.src, a.out, a.size, a.labels, a.sample, a.workers, exact=a.exact)
     for split, r in results.items():
         rate = r.converted / r.seconds if r.seconds else 0.0
         print(f"{split}: {len(r.meta)} images ({r.converted} converted now, {rate:.1f} images/s)")
@@ -306,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="train.csv when it is not in SRC")
     s.add_argument("--sample", help="sample_submission.csv when it is not in SRC")
     s.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
+    s.add_argument("--exact", action="store_true", help=EXACT_HELP)
     s.set_defaults(func=cmd_data)
 
     s = sub.add_parser("prepare", help="convert a DICOM/PNG/JPEG folder to a square PNG set + meta.csv (+ failed.csv)")
@@ -313,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--size", type=int, default=1024)
     s.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
+    s.add_argument("--exact", action="store_true", help=EXACT_HELP)
     s.set_defaults(func=cmd_prepare)
     return p
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cxr.data import check_folder
 from cxr.dataset import DICOM_SUFFIXES, SUBMISSION_COLUMNS
-from cxr.images import FAILED_NAME, PrepareResult, find_images, prepare_png_set
+from cxr.images import FAILED_NAME, PrepareResult, find_images, prepare_png_set, writing
 from cxr.io import DataError, atomic_path, read_table, require_columns, write_table
 from cxr.labels import read_sizes, read_train_labels
 from cxr.submission import EMPTY_PREDICTION
@@ -52,16 +52,21 @@ def build(
     sample: str | os.PathLike | None = None,
     workers: int = 0,
     progress: bool = True,
+    exact: bool = False,
 ) -> tuple[dict, dict[str, PrepareResult]]:
     """Convert and copy ``src`` into the DATA layout at ``out``; return (check summary, per-split results).
 
     Every input file is checked to exist before converting. Re-running resumes (finished images
     are kept). When an image fails to convert, every other image is still converted and the meta
     files written, then a :class:`DataError` names the failure lists (``OUT/<split>/failed.csv``).
+    ``exact``: JPEG 2000 at full resolution (see :func:`cxr.images.prepare_png_set`). A second run
+    on the same ``out`` while this one runs stops at once (:class:`cxr.images.Busy`).
     """
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise DataError(out, "OUT must differ from SRC")
+    if workers < 0:
+        raise DataError("--workers", f"must be 0 (one per core) or more, got {workers}")
     kind = source_kind(src)
     labels = Path(labels) if labels else src / "train.csv"
     sample = Path(sample) if sample else src / "sample_submission.csv"
@@ -72,13 +77,17 @@ def build(
         if not path.is_file():
             flag = {labels: " (pass --labels)", sample: " (pass --sample)"}.get(path, "")
             raise DataError(path, f"file not found{flag}")
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        return _build(src, out, kind, labels, sample, size, workers, progress, exact)
 
+
+def _build(src: Path, out: Path, kind: str, labels: Path, sample: Path, size: int, workers: int, progress: bool,
+           exact: bool) -> tuple[dict, dict[str, PrepareResult]]:
     read_train_labels(labels)  # columns, classes, boxes: checked now; against the sizes after conversion
     # a PNG set's original sizes come from its tables (checked now); a DICOM's from the file itself
     given = {s: read_sizes(size_file(src, s, labels), per_box=size_file(src, s, labels) == labels)
              for s in SPLITS} if kind == "png" else {}
-    results = {s: prepare_png_set(src / s, out / s, size, workers, progress) for s in SPLITS}
+    results = {s: prepare_png_set(src / s, out / s, size, workers, progress, exact) for s in SPLITS}
     for s in SPLITS:
         sizes = given[s] if kind == "png" else _dicom_sizes(results[s])
         write_table(pd.DataFrame({"image_id": sizes["image_id"], "dim0": sizes["height"], "dim1": sizes["width"]}),

@@ -62,7 +62,8 @@ from cxr.args import Parser, int_at_least, non_negative_int, plain_name, positiv
 from cxr.config import load
 from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
-from cxr.images import find_images, read_image, resize
+from cxr.images import fit, scan_images, squash, writing
+from cxr.images import load as load_image
 from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from cxr.labels import read_sizes
 from cxr.predictions import write_predictions
@@ -213,14 +214,13 @@ def decode(job: tuple[str, str, int, int, tuple[int, int] | None]) -> Decoded:
     """Read and squash one file (runs in a worker process); a failure is returned, not raised."""
     image_id, file, size, overlay_px, original = job
     try:
-        image = read_image(file)
-        if image.ndim != 2:
-            raise DataError(file, f"not a single 2-D image (shape {image.shape})")
-        w, h = original or (image.shape[1], image.shape[0])
-        vw, vh = display_size(w, h, overlay_px)
-        interpolation = cv2.INTER_AREA if vw * vh < image.size else cv2.INTER_LINEAR
-        view = cv2.resize(image, (vw, vh), interpolation=interpolation)
-        return Decoded(image_id, file, int(w), int(h), resize(image, size), view)
+        # as prepare reads it; a JPEG 2000 DICOM may decode at a reduced resolution covering both outputs
+        pixels = load_image(file, max(size, overlay_px))
+        if pixels.image.ndim != 2:
+            raise DataError(file, f"not a single 2-D image (shape {pixels.image.shape})")
+        w, h = original or (pixels.width, pixels.height)
+        view = fit(pixels, *display_size(w, h, overlay_px))
+        return Decoded(image_id, file, int(w), int(h), squash(pixels, size), view)
     except DataError as e:
         message = str(e)
         return Decoded(image_id, file, error=message[len(e.path) + 2:] if message.startswith(f"{e.path}: ") else message)
@@ -373,14 +373,26 @@ def predict_folder(
     """Run the tuned ensemble of ``run`` on every image under ``src``; write OUT (see module docstring).
 
     Returns a summary: images predicted, skipped as already done, failed, findings above threshold.
+    Files that cannot be used (unreadable, dangling links, unsafe names) are listed in
+    OUT/failed.csv and skipped. A second run on the same OUT while this one runs stops at once.
     """
     if not src.is_dir():
         raise DataError(src, "not a folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise DataError(out, f"must not lie inside SRC {src} (its overlays would be read as new images)")
-    files = find_images(src)
-    if not files:
+    with writing(out):
+        return _predict_folder(src, run, out, size, meta, folds, threshold, batch, workers, overlay_px, classifier)
+
+
+def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None, folds: str | None, threshold: float,
+                    batch: int, workers: int, overlay_px: int, classifier: str) -> dict:
+    files, unusable = scan_images(src)
+    if not files and not unusable:
         raise DataError(src, "no DICOM/PNG/JPEG files found")
+    failed = [{"file": f, "reason": reason} for f, reason in unusable]
+    if not files:
+        write_table(pd.DataFrame(failed, columns=["file", "reason"]), out / "failed.csv")
+        raise DataError(out / "failed.csv", f"none of the {len(unusable)} image file(s) under {src} can be used")
     sizes = read_sizes(meta).set_index("image_id") if meta else None
     fold_ids = read_folds(folds)["fold"].unique().tolist() if folds else None
     ens = load_ensemble(run, classifier, fold_ids)  # before decoding anything: a bad run fails in seconds
@@ -390,7 +402,7 @@ def predict_folder(
     if sizes is not None:  # the meta file's row order: a test set then batches exactly as in make submission
         rank = {image_id: k for k, image_id in enumerate(sizes.index)}
         order.sort(key=lambda image_id: rank.get(image_id, len(rank)))
-    jobs, failed = [], []
+    jobs = []
     for image_id in order:
         path = files[image_id]
         if image_id in done:

@@ -5,7 +5,10 @@ one test also feeds the real JPEG-2000 DICOMs through the same route when they a
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,7 +18,7 @@ import pytest
 
 from cxr.cli import main
 from cxr.data import DataFolder, check_folder, read_folds
-from cxr.images import png_size
+from cxr.images import png_size, writing
 from cxr.io import DataError
 from tests.conftest import real
 from tests.test_bad_input import write_dicom
@@ -121,7 +124,8 @@ def test_broken_image_stops_with_the_failure_list(tmp_path, capsys):
         (lambda out: shutil.copy(out / "test" / "s0.png", out / "test" / "s9.png"), "no size in test_meta.csv"),
         (lambda out: sample_table(["s0"]).to_csv(out / "sample_submission.csv", index=False), "1 test image(s) missing"),
         (lambda out: sample_table(["s0", "s1", "s1"]).to_csv(out / "sample_submission.csv", index=False), "'s1' listed twice"),
-        (lambda out: labels_table().assign(image_id="zz").to_csv(out / "train.csv", index=False), "'zz' has no size"),
+        (lambda out: labels_table().replace({"image_id": {"t0": "zz"}}).to_csv(out / "train.csv", index=False),
+         "'zz' has no size"),
     ],
 )
 def test_check_folder_finds_problem(tmp_path, capsys, break_it, message):
@@ -185,3 +189,73 @@ def test_png_set_with_sizes_in_train_csv_and_test_csv(tmp_path, capsys):
         main(["data", "--src", str(src), "--out", str(tmp_path / "DATA2"), "--size", "16"])
     assert "train.csv, row 3: image_id 't0' listed again with another size" in capsys.readouterr().err
 
+
+
+# ---------------------------------------------------------------------------- one run per output folder
+
+
+def busy_line(out: Path, pid: int) -> str:
+    return f"error: {out} is being written by another run (pid {pid})"
+
+
+def test_a_second_run_on_a_folder_being_written_stops_in_one_line(tmp_path, capsys):
+    """prepare (another process), data and predict-images refuse a held folder in one line, exit 2,
+    and touch nothing in it; once it is free the same command runs."""
+    from ensemble import predict_images
+
+    src = png_set(tmp_path / "png")
+    labels_table().to_csv(src / "train.csv", index=False)
+    out, data = tmp_path / "out", tmp_path / "DATA"
+    with writing(out), writing(data):
+        cmd = [sys.executable, "-m", "cxr.cli", "prepare", "--src", str(src / "train"), "--out", str(out), "--size", "16"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == busy_line(out, os.getpid()), proc.stderr
+        with pytest.raises(SystemExit) as e:
+            main(["data", "--src", str(src), "--out", str(data), "--size", "16"])
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and captured.err.strip() == busy_line(data, os.getpid()) and "valid" not in captured.out
+        with pytest.raises(SystemExit) as e:
+            predict_images.main(["--src", str(src / "test"), "--run-dir", str(tmp_path / "run"), "--out", str(out),
+                                 "--size", "16"])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == busy_line(out, os.getpid())
+        assert sorted(p.name for p in out.iterdir()) == [".lock"] and sorted(p.name for p in data.iterdir()) == [".lock"]
+    assert not out.exists() and not data.exists()  # created by the lock, left empty: removed
+    run_data(capsys, "--src", src, "--out", data, "--size", 16)
+    assert not list(data.rglob(".lock"))
+
+
+def test_two_prepare_runs_at_once_lose_nothing(tmp_path):
+    """Started together on one folder: one converts, the other stops in one line (or, if it came
+    after, finds everything done); meta.csv always lists every image with its original size."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        cv2.imwrite(str(src / f"i{i:02d}.png"), rng.integers(0, 255, (300 + i, 400), dtype=np.uint8))
+    cmd = [sys.executable, "-m", "cxr.cli", "prepare", "--src", str(src), "--out", str(out), "--size", "32", "--workers", "1"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.pid, *p.communicate(timeout=300), p.returncode) for p in procs]
+    assert sorted(r[3] for r in results) in ([0, 0], [0, 2]), results
+    holder = next(pid for pid, _, _, code in results if code == 0)
+    for pid, stdout, stderr, code in results:
+        if code == 2:
+            assert stderr.strip() == busy_line(out, holder) and not stdout, (stdout, stderr)
+    meta = pd.read_csv(out / "meta.csv")
+    assert len(meta) == 24 and meta["dim0"].tolist() == list(range(300, 324))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.csv", *(f"i{i:02d}.png" for i in range(24))])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["prepare", "--src", "{src}/train", "--out", "{src}/train"], ["{src}/train", "OUT must differ from SRC"]),
+    (["prepare", "--src", "{src}/train", "--out", "{tmp}/o", "--workers", "-1"], ["--workers", "-1"]),
+    (["data", "--src", "{src}", "--out", "{tmp}/o", "--workers", "-1"], ["--workers", "-1"]),
+])
+def test_bad_arguments_are_one_line(tmp_path, capsys, argv, words):
+    """Not "no files found" (SRC = OUT), not a traceback (--workers -1): one line naming the value."""
+    src = png_set(tmp_path / "png")
+    labels_table().to_csv(src / "train.csv", index=False)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(src=src, tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w.format(src=src) in err for w in words), err
+    assert not (tmp_path / "o").exists()
