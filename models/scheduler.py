@@ -16,9 +16,9 @@ Contract:
   cards through ``CUDA_VISIBLE_DEVICES``; with several, the adapter's own multi-GPU path uses them all.
 - Local (no ``--address``): a private Ray instance on loopback (nothing leaves the machine) with one
   logical GPU per card of ``--devices`` (``--gpus N``: cards 0..N-1); Ray's logical GPU i is the
-  i-th card of that list. On a machine without GPUs the cards
-  are just slots, which is how the tests run it. Each job gets ``OMP_NUM_THREADS`` = cores / jobs at
-  once unless it is set.
+  i-th card of that list. On a machine without GPUs the cards are just slots, which is how the tests
+  run it. Each card has an equal share of the CPU cores: a job runs pinned to its cards' cores, with
+  ``OMP_NUM_THREADS`` = their number unless it is set.
 - ``--address host:port``: the same jobs on an existing Ray cluster (``ray start`` on every node).
   Every node needs the repo checkout at the same path, the same venv, and DATA, the fold file and the
   run dir on a shared filesystem. ``--gpus N`` there checks that the cluster has N cards.
@@ -67,40 +67,60 @@ def now() -> str:
     return datetime.now().isoformat(sep=" ", timespec="milliseconds")
 
 
-def run_step(verb: str, argv: list[str], log: str, cwd: str, env: dict | None = None, cards: str = "") -> dict:
-    """Run one verb's command in ``cwd`` with its output in ``cwd/log``; return its jobs.csv row
-    (without model and fold)."""
+def run_step(verb: str, argv: list[str], log: str, cwd: str, env: dict | None = None, cards: str = "",
+             where: str = "") -> dict:
+    """Run one verb's command in ``cwd`` with its output in ``cwd/log`` (``where``: the header's note on
+    cards and cores); return its jobs.csv row (without model and fold)."""
     path, host, start = Path(cwd, log), socket.gethostname(), now()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        f.write(f"# {start} on {host}{f', CUDA_VISIBLE_DEVICES={cards}' if cards else ''}: {shlex.join(argv)}\n")
+        f.write(f"# {start} on {host}{where}: {shlex.join(argv)}\n")
         f.flush()
         code = subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
     return {"verb": verb, "cards": cards, "host": host, "start": start, "end": now(), "exit_code": code, "log": log}
 
 
 def run_job(steps: list[tuple[str, list[str], str]], cwd: str, card_names: list[str] | None,
-            threads: str | None) -> tuple[list[dict], float]:
+            card_cores: list[list[int]] | None, threads: str | None) -> tuple[list[dict], float]:
     """One job inside its Ray task: run each ``(verb, argv, log)`` in turn on this task's cards, stop
     at the first failure. Returns one jobs.csv row per verb run and the job's seconds.
 
-    ``card_names[i]`` is the card of Ray's logical GPU i (local); None: Ray's ids are the node's
-    cards (cluster). ``threads``: OMP_NUM_THREADS for the job; None: unset (the framework's default).
+    Local: ``card_names[i]`` is the card of Ray's logical GPU i and ``card_cores[i]`` its CPU cores;
+    the job runs on its cards' cores, with OMP_NUM_THREADS = their number. Cluster (None): Ray's ids
+    are the node's cards, no pinning. ``threads``: the user's OMP_NUM_THREADS, which wins.
     """
     import ray
 
-    ids = ray.get_runtime_context().get_accelerator_ids()["GPU"]
-    cards = ",".join(card_names[int(i)] for i in ids) if card_names else ",".join(ids)
+    ids = [int(i) if card_names else i for i in ray.get_runtime_context().get_accelerator_ids()["GPU"]]
+    cards = ",".join(card_names[i] for i in ids) if card_names else ",".join(ids)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": cards}
     env.pop("OMP_NUM_THREADS", None)  # Ray's worker sets 1, which would starve a CPU job
+    where = f", CUDA_VISIBLE_DEVICES={cards}"
+    if card_cores and hasattr(os, "sched_setaffinity"):
+        cores = sorted({c for i in ids for c in card_cores[i]})
+        os.sched_setaffinity(0, cores)  # this thread's mask, which the job's processes inherit
+        env["OMP_NUM_THREADS"] = str(len(cores))
+        where += f", cores {','.join(map(str, cores))}"
     if threads:
         env["OMP_NUM_THREADS"] = threads
     rows, started = [], time.time()
     for verb, argv, log in steps:
-        rows.append(run_step(verb, argv, log, cwd, env, cards))
+        rows.append(run_step(verb, argv, log, cwd, env, cards, where))
         if rows[-1]["exit_code"]:
             break
     return rows, time.time() - started
+
+
+def split_cores(n_cards: int) -> list[list[int]] | None:
+    """The CPU cores of each local card's jobs: this process's cores split evenly over the cards (one
+    core each, round robin, when there are fewer cores than cards); None where affinity is unknown."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    n = len(cores)
+    if n < n_cards:
+        return [[cores[i % n]] for i in range(n_cards)]
+    return [cores[i * n // n_cards:(i + 1) * n // n_cards] for i in range(n_cards)]
 
 
 def parse_cards(devices: str | None, gpus: int | None, per_job: int, cluster: bool) -> list[str] | None:
@@ -210,8 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", default=f"{shlex.quote(sys.executable)} -m models",
                    help="command that runs one verb (default: this Python's -m models; the tests give a stand-in)")
     a = p.parse_args(argv)
-    with one_line_errors():
-        code = schedule(a)
+    try:
+        with one_line_errors():
+            code = schedule(a)
+    except KeyboardInterrupt:  # ray.shutdown has stopped the running jobs (Ray ends their processes)
+        print("interrupted: running jobs stopped; a re-run skips the finished folds", file=sys.stderr)
+        code = 130
     sys.exit(code)
 
 
@@ -268,7 +292,7 @@ def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str
     where = f"cards {','.join(cards)}" if cards else f"the Ray cluster at {a.address}"
     print(f"{len(todo)} job(s) on {where}, {a.gpus_per_job} card(s) per job, {slots} at once; "
           f"jobs in {run / 'jobs.csv'}, logs in {run / 'logs'}", flush=True)
-    threads = os.environ.get("OMP_NUM_THREADS") or (str(max(1, (os.cpu_count() or 1) // slots)) if cards else None)
+    card_cores = split_cores(len(cards)) if cards else None
     task = ray.remote(run_job).options(num_gpus=a.gpus_per_job, num_cpus=0, max_retries=0)
     pending = {}
     for m, k in todo:
@@ -276,7 +300,7 @@ def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str
                  for verb in ("train", "predict")]
         for _, _, log in steps:  # a job is running once its train log exists (progress lines)
             (cwd / log).unlink(missing_ok=True)
-        pending[task.remote(steps, str(cwd), cards, threads)] = (m, k, steps[0][2])
+        pending[task.remote(steps, str(cwd), cards, card_cores, os.environ.get("OMP_NUM_THREADS"))] = (m, k, steps[0][2])
     failed: set[str] = set()
     seconds: list[float] = []
     n_failed, last = 0, time.time()
