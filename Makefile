@@ -20,8 +20,9 @@ FOLD    ?= 0
 PROFILE ?= demo
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
 # GPUs: DEVICE=1 picks the card of train/predict/oof. DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
-# cards per job (default 1) and RAY_ADDRESS=host:port (an existing Ray cluster): oof, all-oof and pipeline run
-# every model x fold job through models/scheduler.py (Ray), a job on each free set of cards, never two on one.
+# cards per job (default 1; G > 1 sets the profile's gpus: G) and RAY_ADDRESS=host:port (an existing Ray cluster):
+# oof, all-oof and pipeline run every model x fold job through models/scheduler.py (Ray), a job on each free set
+# of cards, never two on one.
 DEVICE  ?=
 DEVICES ?=
 GPUS    ?=

@@ -10,10 +10,12 @@ What ``make oof``, ``make all-oof`` and ``make pipeline`` run when ``DEVICES``, 
 Contract:
 
 - A job is one fold of one model: ``python -m models MODEL train --fold K ...``, then ``predict``
-  (the Makefile's fold rule), run as one Ray task that holds ``G`` cards from start to end. Ray
+  (the Makefile's fold rule), run as one Ray task that holds G cards (``--gpus-per-job``, default 1)
+  from start to end. Ray
   gives a card to one job at a time and starts a waiting job as soon as ``G`` cards are free; all
   jobs of all models are submitted at once, so 20 jobs keep 8 cards busy. A job sees exactly its
-  cards through ``CUDA_VISIBLE_DEVICES``; with several, the adapter's own multi-GPU path uses them all.
+  cards through ``CUDA_VISIBLE_DEVICES``; with G > 1 its verbs get ``--set gpus=G``, the adapter's own
+  multi-GPU path over those cards (SET's ``gpus=G`` alone sets G too).
 - Local (no ``--address``): a private Ray instance on loopback (nothing leaves the machine) with one
   logical GPU per card of ``--devices`` (``--gpus N``: cards 0..N-1); Ray's logical GPU i is the
   i-th card of that list. On a machine without GPUs the cards are just slots, which is how the tests
@@ -123,6 +125,23 @@ def split_cores(n_cards: int) -> list[list[int]] | None:
     return [cores[i * n // n_cards:(i + 1) * n // n_cards] for i in range(n_cards)]
 
 
+def cards_per_job(per_job: int | None, sets: list[str]) -> tuple[int, list[str]]:
+    """Cards per job and the ``--set`` pairs of its verbs. A job on G > 1 cards runs the adapter's own
+    multi-GPU path, which its config's ``gpus`` turns on: GPUS_PER_JOB=G adds ``gpus=G``, SET's
+    ``gpus=G`` alone sets GPUS_PER_JOB, and the two must agree."""
+    given = [value for key, _, value in (pair.partition("=") for pair in sets) if key == "gpus"]
+    if not given:
+        n = 1 if per_job is None else per_job
+        return n, [*sets, f"gpus={n}"] if n > 1 else sets
+    try:
+        n = int(given[-1])
+    except ValueError:
+        raise DataError("SET", f"gpus={given[-1]} is not a whole number") from None
+    if per_job is not None and per_job != n:
+        raise DataError("GPUS_PER_JOB", f"{per_job}, but SET has gpus={n}: give one of them")
+    return n, sets
+
+
 def parse_cards(devices: str | None, gpus: int | None, per_job: int, cluster: bool) -> list[str] | None:
     """The local cards (``--devices`` or ``--gpus``), None on a cluster; DataError on bad input."""
     if per_job < 1:
@@ -225,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fold-fusion", nargs="*", default=[], metavar="KEY=VALUE", help="passed to merge")
     p.add_argument("--devices", help="local cards, e.g. 0,1,2,3 (DEVICES)")
     p.add_argument("--gpus", type=int, help="how many cards (GPUS): locally the first N, on a cluster a check")
-    p.add_argument("--gpus-per-job", type=int, default=1, help="cards each job holds (GPUS_PER_JOB)")
+    p.add_argument("--gpus-per-job", type=int, help="cards each job holds (GPUS_PER_JOB; default: SET's gpus, or 1)")
     p.add_argument("--address", help="host:port of an existing Ray cluster (RAY_ADDRESS); default: local")
     p.add_argument("--adapter", default=f"{shlex.quote(sys.executable)} -m models",
                    help="command that runs one verb (default: this Python's -m models; the tests give a stand-in)")
@@ -244,13 +263,14 @@ def schedule(a: argparse.Namespace) -> int:
     unknown = [m for m in a.models if m not in MODELS]
     if unknown:
         raise DataError("MODEL", f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    a.gpus_per_job, sets = cards_per_job(a.gpus_per_job, a.set)
     cards = parse_cards(a.devices, a.gpus, a.gpus_per_job, cluster=a.address is not None)
     cwd, run, folds_file = Path.cwd(), Path(a.run_dir), Path(a.folds)
     folds = sorted(int(k) for k in read_folds(folds_file)["fold"].unique())
     models = list(dict.fromkeys(a.models))
     adapter = shlex.split(a.adapter)
     common = ["--data", a.data, "--folds", a.folds, "--profile", a.profile, "--run-dir", a.run_dir,
-              *(["--set", *a.set] if a.set else [])]
+              *(["--set", *sets] if sets else [])]
     jobs_csv = run / "jobs.csv"
     rows = [] if not jobs_csv.is_file() else read_table(jobs_csv, dtype=str, keep_default_na=False).to_dict("records")
 

@@ -107,6 +107,10 @@ def assert_one_job_per_card(jobs: pd.DataFrame) -> dict[str, list[tuple]]:
     (["--models", "classifier"], "give DEVICES=0,1,... or GPUS=N"),
     (["--models", "classifier", "--devices", "0", "--address", "h:6379"], "on a Ray cluster give GPUS"),
     (["--models", "classifier", "--gpus", "1", "--gpus-per-job", "2", "--address", "h:6379"], "2 is more than GPUS=1"),
+    (["--models", "classifier", "--devices", "0,1", "--set", "gpus=3"], "GPUS_PER_JOB: 3 is more than the 2 card"),
+    (["--models", "classifier", "--devices", "0,1", "--gpus-per-job", "2", "--set", "gpus=1"],
+     "GPUS_PER_JOB: 2, but SET has gpus=1"),
+    (["--models", "classifier", "--devices", "0,1", "--set", "gpus=two"], "SET: gpus=two is not a whole number"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
@@ -165,8 +169,8 @@ def test_cards_never_shared_failure_reported_rerun_skips(tmp_path: Path, stand_i
 
 
 def test_several_cards_per_job(tmp_path: Path, stand_in: list[str]) -> None:
-    """GPUS_PER_JOB=2 on 4 cards: two jobs at once, each sees its own two cards and runs on their
-    cores with as many threads."""
+    """GPUS_PER_JOB=2 on 4 cards: two jobs at once, each sees its own two cards, is told gpus=2 (the
+    adapter's multi-GPU path) and runs on their cores with as many threads."""
     result = schedule(tmp_path, *stand_in, "--models", "effdet", "classifier", "--gpus", "4", "--gpus-per-job", "2",
                       "--set", "sleep=0.5", env={"OMP_NUM_THREADS": None})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -174,6 +178,7 @@ def test_several_cards_per_job(tmp_path: Path, stand_in: list[str]) -> None:
     assert (jobs["exit_code"] == 0).all()
     work = jobs[jobs["verb"] != "merge"]
     assert all(len(set(c.split(","))) == 2 and set(c.split(",")) <= {"0", "1", "2", "3"} for c in work["cards"])
+    assert all("--set sleep=0.5 gpus=2" in (tmp_path / log).read_text().splitlines()[0] for log in jobs["log"])
     assert_one_job_per_card(jobs)
     trace = pd.read_csv(tmp_path / "run" / "trace.txt", sep="|", names=["model", "fold", "verb", "cards", "threads",
                                                                          "cores"], dtype=str)
