@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def test_existing_cluster(tmp_path: Path, stand_in: list[str]) -> None:
     finally:
         head.send_signal(signal.SIGTERM)  # --block: the head stops its own processes
         head.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_make_routes_oof_and_all_oof_through_the_scheduler() -> None:
