@@ -10,6 +10,11 @@ CXR     := $(VENV)/bin/cxr
 STAMP   := $(VENV)/.installed
 DATA    ?= data/demo
 NAME    ?= demo
+# NAME names folds/NAME.csv, runs/NAME/, submissions/NAME.csv and reports/NAME/: one plain name
+# (cxr.args.PLAIN_NAME_RE), so nothing is written outside those folders and no name splits in two
+ifneq ($(shell printf '%s' '$(subst ','_,$(NAME))' | grep -xE '[A-Za-z0-9_][A-Za-z0-9_.-]*'),$(if $(NAME),$(NAME),-))
+$(error NAME='$(NAME)' is not a plain name: letters, digits, '_', '-', '.', not starting with '.' or '-' (no '/', '..' or spaces))
+endif
 # the demo: 3 folds, to fit 2 CPU cores
 N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)
 SEED    ?= 42
@@ -178,12 +183,13 @@ demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-run
 	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.md"
 
 data: $(STAMP) ## Kaggle download or resized-PNG set -> checked DATA folder: make data SRC=... OUT=... SIZE=1024
-	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=<Kaggle download or PNG set> OUT=<DATA folder> [SIZE=1024]" >&2; exit 2; }
-	$(CXR) data --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024) $(if $(LABELS),--labels $(LABELS)) $(if $(SAMPLE),--sample $(SAMPLE))
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=<Kaggle download or PNG set> OUT=<DATA folder> [SIZE=1024] [EXACT=1]" >&2; exit 2; }
+	$(CXR) data --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024) $(if $(LABELS),--labels $(LABELS)) $(if $(SAMPLE),--sample $(SAMPLE)) \
+	  $(if $(EXACT),--exact)
 
 prepare: $(STAMP) ## one folder: DICOM/PNG/JPEG -> OUT/<id>.png at SIZE px + meta.csv (+ failed.csv); resumes
-	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make prepare SRC=<image folder> OUT=<folder> [SIZE=1024]" >&2; exit 2; }
-	$(CXR) prepare --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make prepare SRC=<image folder> OUT=<folder> [SIZE=1024] [EXACT=1]" >&2; exit 2; }
+	$(CXR) prepare --src $(SRC) --out $(OUT) --size $(or $(SIZE),1024) $(if $(EXACT),--exact)
 
 clean: ## remove generated data, runs, folds and submissions (keeps .venv)
 	rm -rf data/demo runs folds/*.csv submissions/*.csv reports

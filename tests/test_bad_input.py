@@ -577,3 +577,11 @@ def test_plain_names(name, plain):
     from cxr.args import is_plain_name
 
     assert is_plain_name(name) == plain
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "", ".hidden", "-x"])
+def test_make_refuses_a_name_that_is_not_plain(name):
+    """NAME names folds/, runs/, submissions/ and reports/ entries: '../x' wrote outside them, 'a b' two wrong files."""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "folds", f"NAME={name}"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 2 and f"NAME='{name}' is not a plain name" in r.stderr and not r.stdout
