@@ -22,7 +22,10 @@ FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
 MODEL   ?= yolo
 FOLD    ?= 0
-PROFILE ?= demo
+# PROFILE follows DATA: the demo profiles (128 px, minutes on a CPU) are for the synthetic demo data only;
+# any other DATA gets the full profiles (GPU; they stop with one line on a machine without CUDA) unless
+# PROFILE is given
+PROFILE ?= $(if $(filter data/demo,$(patsubst %/,%,$(DATA))),demo,full)
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
 # GPUs: DEVICE=1 picks the card of train/predict/oof. DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
 # cards per job (default 1; G > 1 sets the profile's gpus: G) and RAY_ADDRESS=host:port (an existing Ray cluster):
@@ -62,10 +65,30 @@ D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
 .PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images
 
-help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "GPUs: DEVICE=1 (one card) | DEVICES=0,1,2,3 or GPUS=N, GPUS_PER_JOB=2, RAY_ADDRESS=host:port: oof, all-oof and"
-	@echo "      pipeline run every model x fold job through Ray (models/scheduler.py; runs/NAME/jobs.csv, README)"
+TARGETS = $(shell grep -oE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | cut -d: -f1)
+
+help: ## list the targets and the variables
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$(\([A-Z_]*\))/\1/g' | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+	@echo "Variables (now):"
+	@printf '  %-15s %s\n' \
+	  "DATA=$(DATA)" "data folder in Kaggle's resized-PNG layout (make data writes one)" \
+	  "NAME=$(NAME)" "names folds/NAME.csv, runs/NAME/, submissions/NAME.csv, reports/NAME/" \
+	  "PROFILE=$(PROFILE)" "model profile: demo on data/demo, full (GPU) on any other DATA" \
+	  "MODEL=$(MODEL)" "one of: $(DETECTORS) $(CLASSIFIERS) (train, predict, oof)" \
+	  "FOLD=$(FOLD)" "the fold of train / predict" \
+	  "N_FOLDS=$(N_FOLDS)" "folds of make folds (3 for the demo, else 5); SEED=$(SEED)" \
+	  "SET=" "profile overrides: SET=\"epochs=5 imgsz=512\"" \
+	  "MODELS=" "detectors of the ensemble (default all); EXCLUDE=, EXTRA=name=path" \
+	  "DEVICE=" "the card of train / predict / oof (CUDA_VISIBLE_DEVICES)" \
+	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
+	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)"
+
+# An unknown target: one line with the closest known one, before any work
+.DEFAULT:
+	@python3 -c 'import difflib, sys; m = difflib.get_close_matches(sys.argv[1], sys.argv[2:], 1); \
+	print(f"make: no target {sys.argv[1]!r}" + (f"; did you mean {m[0]!r}?" if m else "") + " (make help lists them)")' \
+	  '$@' $(TARGETS) >&2; exit 2
 
 install: $(STAMP) ## create .venv with the pinned stack (torch, ultralytics, detectron2, effdet, ...); no-op when done
 
@@ -139,6 +162,10 @@ endif
 # (runs/NAME/ensemble/<set>/): a new set tunes, a finished one is skipped unless its inputs changed.
 DETECTORS   := $(shell python3 -c 'import models; print(*models.names("detector"))')
 CLASSIFIERS := $(shell python3 -c 'import models; print(*models.names("classifier"))')
+ifneq ($(filter-out $(DETECTORS) $(CLASSIFIERS),$(MODEL)),)
+$(error MODEL=$(MODEL) is not a model$(shell python3 -c 'import difflib, sys; m = difflib.get_close_matches(sys.argv[1], \
+  sys.argv[2:], 1); print(f"; did you mean {m[0]}?" if m else "")' '$(MODEL)' $(DETECTORS) $(CLASSIFIERS)) (models: $(DETECTORS) $(CLASSIFIERS)))
+endif
 MODELS  ?= $(DETECTORS)
 EXCLUDE ?=
 EXTRA   ?=

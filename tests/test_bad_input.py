@@ -585,3 +585,23 @@ def test_make_refuses_a_name_that_is_not_plain(name):
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run(["make", "-n", "folds", f"NAME={name}"], cwd=repo, capture_output=True, text=True)
     assert r.returncode == 2 and f"NAME='{name}' is not a plain name" in r.stderr and not r.stdout
+
+
+def make_n(*args: str, dry: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", *(["-n"] if dry else []), *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+
+
+def test_make_suggests_a_target_or_model_before_any_work():
+    r = make_n("trian", dry=False)
+    assert r.returncode == 2 and "no target 'trian'; did you mean 'train'?" in r.stderr and not r.stdout
+    r = make_n("train", "MODEL=yolov8")  # used to build data and folds first
+    assert r.returncode == 2 and "MODEL=yolov8 is not a model; did you mean yolo?" in r.stderr and not r.stdout
+
+
+@pytest.mark.parametrize("data, profile", [("data/demo", "demo"), ("data/demo/", "demo"), ("/data/vbd1024", "full")])
+def test_profile_follows_data(data, profile):
+    """The 128 px demo profiles never train on real data by accident: another DATA means the full profiles."""
+    r = make_n("train", f"DATA={data}")
+    assert r.returncode == 0 and f"--profile {profile} " in r.stdout
+    assert "--profile demo " in make_n("train", f"DATA={data}", "PROFILE=demo").stdout  # an explicit choice wins
