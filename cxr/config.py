@@ -1,23 +1,34 @@
-"""Typed configs: dataclasses filled from YAML, unknown keys rejected, resolved copy saved per run.
+"""Typed configs: dataclasses filled from YAML, unknown keys rejected, values checked against their range,
+resolved copy saved per run.
 
 Usage::
 
     @dataclass
     class TrainConfig:
-        epochs: int = 10
-        lr: float = 1e-3
+        epochs: Count = 10            # int >= 1
+        lr: Positive = 1e-3           # float > 0
+        imgsz: ImageSize = 256        # a positive multiple of 32
+        p: Annotated[float, Range(0, 1)] = 0.5
 
     cfg = load(TrainConfig, "models/yolo/demo.yaml", overrides={"epochs": 1})
     save(cfg, run_dir / "config.yaml")
+
+One rule for every value a user gives (YAML key, ``--set``, a make variable passed as ``--set``): its
+type and its :class:`Range` are checked where it enters (:func:`from_dict`), and a bad one is one
+:class:`DataError` naming where it came from, the key and the value, before anything is written.
+A range is part of the field's type (``typing.Annotated``), so it reads beside the field and
+holds inside lists too (``list[Annotated[float, Range(0, 1)]]``).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
@@ -26,29 +37,73 @@ from cxr.io import DataError, atomic_path
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts: ``low <= v <= high`` (``<`` where open), and a multiple
+    of ``step`` when given. Attach it to the type: ``epochs: Annotated[int, Range(low=1)]``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    step: int | None = None
+
+    def holds(self, v: float) -> bool:
+        return (math.isfinite(v) and (self.low is None or (v > self.low if self.open_low else v >= self.low))
+                and (self.high is None or (v < self.high if self.open_high else v <= self.high))
+                and (self.step is None or v % self.step == 0))
+
+    def __str__(self) -> str:
+        if self.step is not None:
+            return f"a multiple of {self.step}" + (f" >= {self.low:g}" if self.low is not None else "")
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"{'<' if self.open_high else '<='} {self.high:g}"
+
+
+# The ranges most fields need, by name.
+Count = Annotated[int, Range(low=1)]  # epochs, batch sizes, iterations, periods
+NonNegative = Annotated[int, Range(low=0)]  # workers, seeds, patience
+Positive = Annotated[float, Range(low=0, open_low=True)]  # learning rates, standard deviations
+NonNegativeFloat = Annotated[float, Range(low=0)]  # weight decay, warmup epochs, clipping norms
+Fraction = Annotated[float, Range(0, 1)]  # probabilities, score and IoU thresholds
+ImageSize = Annotated[int, Range(low=32, step=32)]  # every network here downsamples by 32
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a number (YAML 1.1, which PyYAML follows,
+    wants ``1.0e-4`` and reads ``1e-4`` as a string, so ``--set lr=1e-4`` failed as 'expected float')."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text -> Python values, safely (no object construction), with YAML 1.2's floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`DataError`."""
-    if not isinstance(data, dict):
-        raise DataError(where, f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise DataError(where, f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}: {name}") for name, value in data.items()}
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values out of their
+    :class:`Range` raise :class:`DataError` (``where: key: value ...``)."""
     try:
-        return cls(**kwargs)
+        return cls(**_values(cls, data, where))
     except TypeError as e:  # a required field is missing
         raise DataError(where, str(e)) from e
 
 
-def load(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:
-    """Read ``path`` (YAML) into ``cls``, then apply ``overrides`` (e.g. from the command line)."""
+def load(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+         overrides_from: str = "--set") -> T:
+    """Read ``path`` (YAML) into ``cls``, then apply ``overrides`` (e.g. from the command line; their
+    errors name ``overrides_from`` instead of the file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from None
     except yaml.YAMLError as e:  # the line and column of a syntax error, on one line
@@ -57,8 +112,11 @@ def load(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None
         raise DataError(path, f"YAML syntax error at {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise DataError(path, "top level must be a mapping")
-    data.update(overrides or {})
-    return from_dict(cls, data, str(path))
+    values = {**_values(cls, data, str(path)), **_values(cls, overrides or {}, overrides_from)}
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise DataError(path, str(e)) from e
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -73,13 +131,34 @@ def save(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _values(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data``'s keys checked against ``cls``'s fields, each value coerced to its type and checked."""
+    if not isinstance(data, dict):
+        raise DataError(where, f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise DataError(where, f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {name: _coerce(hints[name], value, f"{where}: {name}") for name, value in data.items()}
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:
+        value = _coerce(args[0], value, where)
+        for rule in hint.__metadata__:
+            if isinstance(rule, Range) and isinstance(value, (int, float)) and not rule.holds(value):
+                raise DataError(where, f"{value!r} is out of range: must be {rule}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (its range, its type)
+            return _coerce(options[0], value, where)
+        for arg in options:
             try:
                 return _coerce(arg, value, where)
             except DataError:
