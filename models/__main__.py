@@ -5,23 +5,31 @@
 Verbs: ``prepare``, ``train``, ``predict`` (one fold) and ``merge`` (all folds: ``oof.csv`` =
 every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF).
 Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` overrides a field.
+
+Every input is checked before anything is written: the profile's keys and ranges (``cxr.config``),
+the fold (it must be in the fold file), the device (``device: cuda`` needs a usable GPU; ``gpus:``
+no more than the visible cards). A refused run leaves no folder behind, and a fold folder whose run
+never saved a checkpoint does not block the next run (:func:`check_run_config`).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from cxr.config import from_dict, load, save, to_dict
+from cxr.config import from_dict, load, read_yaml, save, to_dict
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError, one_line_errors
 from cxr.predictions import read_predictions, write_predictions
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
-from models import MODELS, adapter as import_adapter, kind, names
-from models.common import fold_dir
+from models import MODELS, kind, names
+from models import adapter as import_adapter
+from models.common import fold_dir, job_device
 
 HERE = Path(__file__).parent
 
@@ -64,28 +72,57 @@ def parse_overrides(pairs: list[str], where: str = "--set") -> dict:
         if not eq or not key:
             raise DataError(where, f"expected KEY=VALUE, got {pair!r}")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = read_yaml(value)
         except yaml.YAMLError as e:
             raise DataError(where, f"value of {key!r} is not valid YAML: {value!r} ({e.__class__.__name__})") from None
     return out
 
 
+def has_progress(out: Path) -> bool:
+    """Whether a fold folder holds training progress: a checkpoint or final weights (any ``.pt``/``.pth``:
+    ``last.pt``, ``train/weights/last.pt``, ``train/model_*.pth``, ``weights.pt[h]``)."""
+    return any(p.suffix in (".pt", ".pth") for p in out.rglob("*") if p.is_file())
+
+
 def check_run_config(cfg: object, out: Path) -> None:
     """A fold folder trained with another config is never silently reused: stop, naming what differs.
 
-    ``config.yaml`` is written by the adapter's ``train``; a killed run resumes only with the
-    same settings, and a finished one is not re-labelled as if trained with the new ones.
+    ``config.yaml`` is written by the adapter's ``train`` once training starts; a killed run resumes
+    only with the same settings, and a finished one is not re-labelled as if trained with the new
+    ones. A run that failed before its first checkpoint left nothing worth keeping: its folder (whose
+    prepared labels may follow the old config) is removed, so it never blocks the next run.
     """
     saved = out / "config.yaml"
     if not saved.is_file():
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    old = read_yaml(saved.read_text()) or {}
+    new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     diff = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "<unset>") != new.get(k, "<unset>")]
-    if diff:
-        changes = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff)
-        raise DataError(saved, f"this fold was trained with another config ({changes}): use another NAME/--run-dir "
-                               f"for these settings, or delete {out} to retrain it")
+    if not diff:
+        return
+    if not has_progress(out):
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+            print(f"{out}: removing a run that stopped before its first checkpoint (another config: {', '.join(diff)})")
+            shutil.rmtree(out)
+        return
+    changes = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff)
+    raise DataError(saved, f"this fold was trained with another config ({changes}): use another NAME/--run-dir "
+                           f"for these settings, or delete {out} to retrain it")
+
+
+def check_fold(folds: pd.DataFrame, fold: int, where: str) -> None:
+    ks = sorted(int(k) for k in folds["fold"].unique())
+    if fold not in ks:
+        raise DataError(where, f"fold {fold} is not in this fold file (its folds: {', '.join(map(str, ks))})")
+
+
+def check_launcher(cfg: object) -> None:
+    """Under torchrun the job's GPU count is torchrun's: ``gpus`` must say the same (it is part of the
+    run's config, and the schedule depends on it)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and "RANK" in os.environ and getattr(cfg, "gpus", 1) != int(world):
+        raise DataError("gpus", f"torchrun started {world} processes but gpus is {getattr(cfg, 'gpus', 1)}: "
+                                f"add --set gpus={world}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
                                "--fold-fusion")
             print(*merge(a.model, data, folds, run, fusion))
             return
+        check_fold(folds, a.fold, a.folds)
+        if a.verb in ("train", "predict"):
+            check_launcher(cfg)
+            job_device(cfg, training=a.verb == "train")
         out = fold_dir(run, a.model, a.fold)
-        out.mkdir(parents=True, exist_ok=True)
         if a.verb == "train":
             check_run_config(cfg, out)
         print(getattr(adapter, a.verb)(cfg, data, folds, a.fold, out))

@@ -1,5 +1,5 @@
-"""What every model adapter shares: run folders, the device line, image batches, flip TTA, output files,
-validation mAP, reading a checkpoint file.
+"""What every model adapter shares: run folders, the device (checked and reported), image batches decoded in
+loader workers, flip TTA, output files, validation mAP shared across ranks, reading a checkpoint file.
 
 An adapter (``models/<name>/<name>.py``) implements ``prepare``, ``train`` and ``predict``
 over its framework; ``predict`` hands this module an ``infer`` function
@@ -10,16 +10,25 @@ taking 8-bit grayscale squashed images and returning, per image, boxes normalize
 of the image it was given. :func:`predict_split` turns that into the shared prediction
 format in original pixels (the squash is undone per axis by multiplying with the original
 width and height), with optional horizontal-flip TTA merged by :func:`cxr.wbf.fuse_predictions`.
+
+Devices: a profile's ``device:`` is ``auto`` (demo profiles: a usable GPU, else the CPU), ``cuda``
+(full profiles: a usable GPU or one line saying what was found and how to run on the CPU on
+purpose) or ``cpu``; ``gpus:`` is how many of the visible cards (``CUDA_VISIBLE_DEVICES``) one
+training job uses. :func:`job_device` checks both before anything is written and prints the
+job's device line. Multi-GPU jobs share one rule for the batch (:func:`scale_for_gpus`).
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
@@ -33,8 +42,168 @@ Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, sc
 Infer = Callable[[list[np.ndarray]], list[Detections]]
 
 
+# --- devices ----------------------------------------------------------------------------------------
+
+
 def device(requested: str = "auto") -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    """``"cuda"`` or ``"cpu"`` for a profile's ``device:``. ``auto``: CUDA when usable, else the CPU (a
+    GPU that is present but unusable is named once); ``cuda``: CUDA, or a :class:`DataError` saying
+    what was found and how to run on the CPU on purpose; ``cpu``: the CPU."""
+    if requested == "cpu":
+        return "cpu"
+    problem = cuda_problem()
+    if problem is None:
+        return "cuda"
+    if requested == "cuda":
+        raise DataError("device", f"this profile needs a GPU (device: cuda) and {problem}. To run it on the CPU on "
+                                  f"purpose: DEVICE=cpu (python -m models ... --set device=cpu)")
+    if torch.cuda.is_available() or _driver() is not None:
+        _once(f"running on the CPU: {problem}")
+    return "cpu"
+
+
+@functools.cache
+def cuda_problem() -> str | None:
+    """Why CUDA cannot run the models here (None: it can): a CPU-only torch, no driver or card, a driver
+    this torch cannot use, or a card this torch build has no kernels for (then: which build to install)."""
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return f"{build} is a CPU-only build"
+    if not torch.cuda.is_available():
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        driver = _driver()
+        if driver is None:
+            return f"no NVIDIA driver or GPU was found ({build})"
+        return (f"{build} (CUDA {torch.version.cuda}) cannot use the NVIDIA driver {driver}"
+                + (f" or CUDA_VISIBLE_DEVICES={hidden!r} hides every card" if hidden is not None else
+                   f": update the driver to one for CUDA {torch.version.cuda}"))
+    archs = torch.cuda.get_arch_list()
+    for i in range(torch.cuda.device_count()):
+        cap = torch.cuda.get_device_capability(i)
+        if not _has_kernels(cap, archs):
+            return f"GPU {i} ({torch.cuda.get_device_name(i)}, sm_{cap[0]}{cap[1]}) {_which_torch(cap, archs)}"
+    return None
+
+
+def _has_kernels(cap: tuple[int, int], archs: list[str]) -> bool:
+    """A card runs cubins of its major version up to its minor, and PTX of any version up to its own."""
+    for arch in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+?)(\d)[a-z]?", arch)
+        if m:
+            kind, built = m.group(1), (int(m.group(2)), int(m.group(3)))
+            if (kind == "sm" and built[0] == cap[0] and built[1] <= cap[1]) or (kind == "compute" and built <= cap):
+                return True
+    return False
+
+
+def _which_torch(cap: tuple[int, int], archs: list[str]) -> str:
+    built = f"{archs[0]}..{archs[-1]}" if archs else "no GPU"
+    version = torch.__version__.split("+")[0]
+    if cap < (7, 5):  # CUDA 13 compiles for sm_75 and newer only; CUDA 12.x builds still cover sm_50..sm_90
+        return (f"is older than this torch build supports ({built}): install the CUDA 12.6 build, pip install "
+                f"torch=={version} --index-url https://download.pytorch.org/whl/cu126 (covers sm_50..sm_90)")
+    return f"is newer than this torch build supports ({built}): install a torch release built for sm_{cap[0]}{cap[1]}"
+
+
+@functools.cache
+def _driver() -> str | None:
+    """The NVIDIA driver version (NVML), or None where there is no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+    except pynvml.NVMLError:
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+@functools.cache
+def _once(line: str) -> None:
+    print(line, flush=True)
+
+
+def check_gpus(gpus: int, dev: str) -> None:
+    """A job that asks for more GPUs than are visible stops with one line (before anything is written)."""
+    visible = torch.cuda.device_count() if dev == "cuda" else 0
+    if dev == "cuda" and gpus > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise DataError("gpus", f"{gpus} GPUs asked for, {visible} visible (CUDA_VISIBLE_DEVICES={shown}): set gpus <= "
+                                f"{visible}, or make more cards visible (make ... DEVICE=0,1,2,3)")
+
+
+def job_device(cfg: Any, training: bool = True) -> str:
+    """Check the device a job's config asks for (``device``, and ``gpus`` when training), print the job's
+    device line once (the main process only), and return ``"cuda"`` or ``"cpu"``."""
+    dev = device(cfg.device)
+    gpus = getattr(cfg, "gpus", 1) if training else 1
+    check_gpus(gpus, dev)
+    if os.environ.get("RANK", "0") == "0":
+        print(device_line(dev, gpus), flush=True)
+    return dev
+
+
+def device_line(dev: str, gpus: int = 1) -> str:
+    """What a job runs on: GPU name(s), capability, memory, CUDA / cuDNN / driver versions; or the CPU."""
+    if dev != "cuda":
+        return f"device: CPU, {cpu_count()} cores for this job (torch {torch.__version__})"
+    cards = []
+    for i in range(gpus):
+        p = torch.cuda.get_device_properties(i)
+        cards.append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
+    shown = cards[0] if len(set(cards)) == 1 else ", ".join(cards)
+    cudnn = torch.backends.cudnn.version()
+    cudnn_text = f"{cudnn // 10000}.{cudnn // 100 % 100}" if cudnn else "none"
+    return (f"device: {gpus} x {shown}; torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn_text}, "
+            f"driver {_driver() or 'unknown'}")
+
+
+def amp_autocast(dev: str, amp: bool) -> torch.autocast:
+    """Mixed precision for a forward pass on GPU when the profile's ``amp`` is on; full precision on the CPU."""
+    return torch.autocast(device_type=torch.device(dev).type, enabled=amp and dev.startswith("cuda"))
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity: a scheduler that pins a job gets its share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(requested: int, processes: int = 1) -> int:
+    """Loader workers per process: the profile's ``workers`` at most, and no more than this job's cores
+    shared by its ``processes`` (one per GPU), so ``workers: 8`` does not oversubscribe a small job."""
+    return min(requested, max(1, cpu_count() // processes)) if requested > 0 else 0
+
+
+def decode_workers(requested: int, dev: str) -> int:
+    """Loader workers that decode images for prediction and validation: on a GPU the model waits for
+    decoding done in its own thread; on the CPU the workers would compete with it for the same cores."""
+    return loader_workers(requested) if dev.startswith("cuda") else 0
+
+
+def scale_for_gpus(accumulate: int, gpus: int) -> tuple[int, float]:
+    """The one multi-GPU rule: ``batch`` is per GPU, and the profile's nominal batch (batch x accumulate on
+    one GPU) is kept by accumulating less on more GPUs; what accumulation cannot absorb scales the
+    learning rate linearly with the nominal batch (Goyal et al., 2017). Returns (accumulate per GPU,
+    learning-rate factor); one GPU gives (accumulate, 1.0)."""
+    per_gpu = max(1, round(accumulate / gpus))
+    return per_gpu, per_gpu * gpus / accumulate
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    _, world = rank_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def fold_dir(run_root: str | os.PathLike, model: str, fold: int) -> Path:
@@ -57,13 +226,18 @@ def predict_split(
     tta: bool = False,
     batch_size: int = 16,
     tta_iou: float = 0.55,
+    workers: int = 0,
 ) -> pd.DataFrame:
-    """Run ``infer`` over ``image_ids`` of ``split_name`` and return original-pixel predictions."""
+    """Run ``infer`` over ``image_ids`` of ``split_name`` and return original-pixel predictions.
+
+    ``workers`` > 0 decodes the PNGs in that many loader processes while the model runs (GPU jobs; on
+    the CPU they would compete with the model for the same cores)."""
     sizes = data.sizes(split_name).set_index("image_id")
     views: list[list[pd.DataFrame]] = [[], []] if tta else [[]]
-    for start in range(0, len(image_ids), batch_size):
-        ids = list(image_ids[start : start + batch_size])
-        images = [read_image(data.image(split_name, i)) for i in ids]
+    image_ids = list(image_ids)
+    batches = image_batches([data.image(split_name, i) for i in image_ids], batch_size, workers)
+    for start, images in zip(range(0, len(image_ids), batch_size), batches):
+        ids = image_ids[start : start + batch_size]
         wh = sizes.loc[ids, ["width", "height"]].to_numpy(dtype=float)
         views[0].append(_to_table(ids, infer(images), wh))
         if tta:
@@ -78,13 +252,46 @@ def predict_split(
     return fuse_predictions(tables, data.sizes(split_name), iou_thr=tta_iou)
 
 
-def validation_map(infer: Infer, data: DataFolder, image_ids: Sequence[str], batch_size: int = 16) -> float:
+class _Decoded(torch.utils.data.Dataset):
+    """PNG paths -> 8-bit grayscale arrays (a module-level class: spawned workers unpickle it)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return read_image(self.paths[i])
+
+
+def image_batches(paths: list[Path], batch_size: int, workers: int = 0) -> Iterator[list[np.ndarray]]:
+    """The images of ``paths`` in batches, decoded here or in ``workers`` loader processes."""
+    if workers == 0 or len(paths) <= batch_size:
+        for start in range(0, len(paths), batch_size):
+            yield [read_image(p) for p in paths[start : start + batch_size]]
+        return
+    # spawn, not fork: a child forked from a process whose OpenCV/torch thread pools ran can hang in
+    # its first OpenCV call (cxr/images.py)
+    yield from torch.utils.data.DataLoader(_Decoded(paths), batch_size=batch_size, num_workers=workers,
+                                           collate_fn=list, multiprocessing_context="spawn")
+
+
+def validation_map(infer: Infer, data: DataFolder, image_ids: Sequence[str], batch_size: int = 16,
+                   workers: int = 0) -> float:
     """Competition mAP@0.4 of ``infer`` on train images ``image_ids`` (a fold), against the
     default-fused labels (:func:`cxr.metric.ground_truth`): the number every training loop
-    validates with, framework-free so detectron2's hook and the hand-written loops share it."""
-    preds = predict_split(infer, data, "train", list(image_ids), batch_size=batch_size)
-    gt = ground_truth(data.labels[data.labels["image_id"].isin(image_ids)])
-    return mean_average_precision(gt, preds, list(image_ids))["map"]
+    validates with, framework-free so detectron2's hook and the hand-written loops share it.
+
+    Under a process group every rank predicts its share (``ids[rank::world]``) and the tables are
+    gathered, so the ranks validate together (none waits in a collective while another works alone)
+    and all return the same number. ``infer`` must then run the bare network, not a DDP wrapper."""
+    ids = list(image_ids)
+    rank, world = rank_world()
+    preds = predict_split(infer, data, "train", ids[rank::world], batch_size=batch_size, workers=workers)
+    preds = pd.concat(all_gather(preds), ignore_index=True)
+    gt = ground_truth(data.labels[data.labels["image_id"].isin(ids)])
+    return mean_average_precision(gt, preds, ids)["map"]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -135,12 +342,13 @@ def _to_table(ids: list[str], detections: list[Detections], wh: np.ndarray) -> p
 
 
 def write_fold_predictions(
-    infer: Infer, data: DataFolder, folds: pd.DataFrame, fold: int, out_dir: Path, tta: bool, batch_size: int
+    infer: Infer, data: DataFolder, folds: pd.DataFrame, fold: int, out_dir: Path, tta: bool, batch_size: int,
+    workers: int = 0,
 ) -> tuple[Path, Path]:
     """Write ``oof.csv`` (fold ``fold``'s images) and ``test.csv`` (every test image) into ``out_dir``."""
     _, val_ids = split(folds, fold)
-    oof = predict_split(infer, data, "train", val_ids, tta, batch_size)
-    test = predict_split(infer, data, "test", data.test_ids(), tta, batch_size)
+    oof = predict_split(infer, data, "train", val_ids, tta, batch_size, workers=workers)
+    test = predict_split(infer, data, "test", data.test_ids(), tta, batch_size, workers=workers)
     oof_path = write_predictions(oof, out_dir / "oof.csv", data.train_sizes)
     test_path = write_predictions(test, out_dir / "test.csv", data.test_sizes)
     return oof_path, test_path

