@@ -70,6 +70,7 @@ Positive = Annotated[float, Range(low=0, open_low=True)]  # learning rates, stan
 NonNegativeFloat = Annotated[float, Range(low=0)]  # weight decay, warmup epochs, clipping norms
 Fraction = Annotated[float, Range(0, 1)]  # probabilities, score and IoU thresholds
 ImageSize = Annotated[int, Range(low=32, step=32)]  # every network here downsamples by 32
+IoU = Annotated[float, Range(0, 1, open_low=True)]  # an overlap threshold: 0 would merge disjoint boxes
 
 
 class _Loader(yaml.SafeLoader):

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import nms, weighted_boxes_fusion
 
+from cxr.config import IoU
 from cxr.dataset import BOX_COLUMNS, NO_FINDING
 
 Mode = Literal["keep_all", "nms", "wbf"]
@@ -35,7 +36,7 @@ Mode = Literal["keep_all", "nms", "wbf"]
 @dataclass(frozen=True)
 class FusionConfig:
     mode: Mode = "wbf"
-    iou_thr: float = 0.4
+    iou_thr: IoU = 0.4
     drop_readers: tuple[str, ...] = field(default_factory=tuple)
 
 

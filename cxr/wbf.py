@@ -31,6 +31,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from cxr.config import Fraction, IoU
 from cxr.dataset import BOX_COLUMNS, NO_FINDING, NO_FINDING_BOX, NUM_CLASSES, PREDICTION_COLUMNS
 
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
@@ -288,8 +289,8 @@ class WBF:
     """WBF settings as a config block (blend YAML, fold merge). Defaults: the 2nd-place final blend
     (IoU 0.4, skip 0, avg; ZFTurbo et al.'s ensemble_models.py)."""
 
-    iou_thr: float = 0.4
-    skip_box_thr: float = 0.0
+    iou_thr: IoU = 0.4
+    skip_box_thr: Fraction = 0.0
     conf_type: ConfType = "avg"
 
 

@@ -1,6 +1,8 @@
 """Reader fusion on hand-made readers (known answers) and box counts on the real labels."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,3 +83,18 @@ def test_real_label_counts(real_labels):
     assert total["wbf"] < 0.75 * total["keep_all"]
     assert total["nms"] == pytest.approx(total["wbf"], rel=0.05)
     assert (counts > 0).all().all()
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    ("FusionConfig", {"iou_thr": 5}, "iou_thr: 5.0 is out of range: must be in (0, 1]"),
+    ("WBF", {"iou_thr": 0}, "iou_thr: 0.0 is out of range: must be in (0, 1]"),
+    ("WBF", {"skip_box_thr": 1.5}, "skip_box_thr: 1.5 is out of range: must be in [0, 1]"),
+])
+def test_fusion_settings_in_yaml_are_range_checked(cls, values, message):
+    """A profile's labels: block, blend YAML and FOLD_FUSION meet the same rule as the command-line flags."""
+    from cxr import fusion, wbf
+    from cxr.config import from_dict
+    from cxr.io import DataError
+
+    with pytest.raises(DataError, match=re.escape(f"x.yaml: {message}")):
+        from_dict(getattr(fusion, cls, None) or getattr(wbf, cls), values, "x.yaml")
