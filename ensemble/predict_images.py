@@ -17,10 +17,16 @@ OUT receives:
 
     predictions.csv          the prediction format, ORIGINAL pixels (cxr.predictions)
     submission.csv           Kaggle's format, one row per image
-    findings.csv             image_id, p_abnormal, class_id, class_name, score, box: every finding with
-                             score >= --threshold; an image without one has a single No-finding row
+    findings.csv             image_id, p_abnormal, class_id, class_name, score, box, note: every finding
+                             with score >= --threshold; an image without one has one row: No finding
+                             (score = 1 - p_abnormal) when that reaches the threshold, else a row without
+                             class that says so (never "No finding" at score 0); then run, models,
+                             profile, trained_on: what made the predictions
     overlays/<image_id>.png  the findings drawn at 1024 px (class colour, name, score)
-    thumbs/<image_id>.jpg    and index.html: offline thumbnail grid sorted by p_abnormal
+    thumbs/<image_id>.jpg    and index.html: offline thumbnail grid sorted by p_abnormal, under a table
+                             naming the run, its models, weights, fusion and gate, profiles and
+                             training data (a red warning when that is cxr synth's synthetic data)
+    run.json                 the same as a record
     failed.csv               file, reason: images that could not be read (listed, skipped, not fatal)
 
 Original sizes are each file's own, or ``--meta`` (Kaggle meta CSV: image_id, dim0, dim1) for an
@@ -71,12 +77,14 @@ from cxr.submission import write_submission
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from ensemble.ensemble import Params, apply, params_from_dict
 from ensemble.overlays import display_size, draw, findings_text, thumbnail, write_image, write_index
+from ensemble.provenance import ensemble_rows, load_params, profile_summary, training_data
 import models as model_table
 from models.__main__ import fold_fusion
 from models.common import device, predict_split
 
 INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
-FINDINGS_COLUMNS = ["image_id", "p_abnormal", "class_id", "class_name", "score", *BOX_COLUMNS]
+FINDINGS_COLUMNS = ["image_id", "p_abnormal", "class_id", "class_name", "score", *BOX_COLUMNS, "note"]
+RUN_COLUMNS = ["run", "models", "profile", "trained_on"]  # findings.csv's last columns: what made the predictions
 
 
 # ---------------------------------------------------------------------------- the trained ensemble
@@ -321,25 +329,63 @@ def p_abnormal(preds: pd.DataFrame, ids: Sequence[str]) -> pd.Series:
 
 def findings_table(preds: pd.DataFrame, ids: Sequence[str], threshold: float) -> pd.DataFrame:
     """Every finding with ``score >= threshold`` (highest first per image); an image with none gets one
-    No-finding row, so every image is listed once at least."""
+    row, so every image is listed once at least: No finding (score ``1 - p_abnormal``, box 0 0 1 1) when
+    that score reaches the threshold too, else a row without class or box whose note says what the
+    image has (its P(abnormal) and best box), since "No finding" at a score below the threshold
+    would contradict the image's own P(abnormal)."""
     p = p_abnormal(preds, ids)
     hits = preds[(preds["class_id"] != NO_FINDING) & (preds["score"] >= threshold)]
-    hits = hits[hits["image_id"].isin(set(ids))]
+    hits = hits[hits["image_id"].isin(set(ids))][PREDICTION_COLUMNS].assign(note="")
     empty = sorted(set(ids) - set(hits["image_id"]))
-    normal = pd.DataFrame({"image_id": empty, "class_id": NO_FINDING, "score": 1.0 - p.loc[empty].to_numpy()})
-    normal[BOX_COLUMNS] = NO_FINDING_BOX
-    table = pd.concat([hits[PREDICTION_COLUMNS], normal[PREDICTION_COLUMNS]], ignore_index=True)
+    p_normal = 1.0 - p.loc[empty].to_numpy()
+    normal = (p_normal >= threshold) & (p_normal > 0)
+    rows = pd.DataFrame({"image_id": empty, "class_id": NO_FINDING, "score": p_normal})
+    rows[BOX_COLUMNS] = NO_FINDING_BOX
+    best = preds[preds["class_id"] != NO_FINDING].sort_values("score", ascending=False, kind="stable")
+    best = best.drop_duplicates("image_id").set_index("image_id")
+    notes = []
+    for image_id, q, is_normal in zip(empty, p.loc[empty], normal):
+        top = (f"best box {CLASS_NAMES[int(best.loc[image_id, 'class_id'])]} {best.loc[image_id, 'score']:.2f}"
+               if image_id in best.index else "no box at all")
+        notes.append(f"no finding box scored >= {threshold:g} ({top})" if is_normal else
+                     f"P(abnormal) {q:.2f} but no finding box scored >= {threshold:g} ({top})")
+    rows["note"] = notes
+    rows = rows.astype({"class_id": "Int64", "score": float})
+    rows.loc[~normal, ["class_id", "score", *BOX_COLUMNS]] = pd.NA
+    table = pd.concat([hits.astype({"class_id": "Int64"}), rows], ignore_index=True)
     table.insert(1, "p_abnormal", table["image_id"].map(p))
-    table.insert(3, "class_name", [CLASS_NAMES[int(c)] for c in table["class_id"]])
-    return table.sort_values(["image_id", "score"], ascending=[True, False], kind="stable")[FINDINGS_COLUMNS]
+    table.insert(3, "class_name", [CLASS_NAMES[int(c)] if not pd.isna(c) else "" for c in table["class_id"]])
+    return table.sort_values(["image_id", "score"], ascending=[True, False], kind="stable",
+                             na_position="last")[FINDINGS_COLUMNS].reset_index(drop=True)
 
 
-def write_pictures(batch: list[Decoded], preds: pd.DataFrame, out: Path, threshold: float) -> None:
+def describe_run(run: Path, data: Path | None, classifier: str | None) -> tuple[list[tuple[str, str]], str, dict]:
+    """(what-ran lines for the page, the red warning or '', findings.csv's run columns) of ``run``;
+    never raises: what cannot be read is said to be unknown."""
+    params = load_params(run)
+    gated = params is not None and params.gate.rule != "none"
+    trained = training_data(run, data)
+    rows = ensemble_rows(params, run, classifier if gated else None, trained)
+    models = [] if params is None else [*params.fusion.models, *([classifier] if gated and classifier else [])]
+    if params is None:
+        ensemble = "unknown (no readable RUN/ensemble/params.json)"
+    else:
+        f = params.fusion
+        ensemble = (" + ".join(f"{m} x{w:g}" for m, w in zip(f.models, f.weights))
+                    + f", WBF iou_thr {f.iou_thr:g} {f.conf_type}, gate {params.gate.rule}"
+                    + (f" ({classifier})" if gated and classifier else ""))
+    columns = {"run": str(run.resolve()), "models": ensemble, "profile": profile_summary(run, models) or "unknown",
+               "trained_on": trained.describe()}
+    return rows, trained.warning(), columns
+
+
+def write_pictures(batch: list[Decoded], preds: pd.DataFrame, out: Path, threshold: float, mark: str = "") -> None:
+    """Overlay and thumbnail of each image; ``mark`` ends every banner (e.g. that the models are demo ones)."""
     by_image = dict(tuple(preds.groupby("image_id")))
     empty = pd.DataFrame(columns=PREDICTION_COLUMNS)
     p = p_abnormal(preds, [d.image_id for d in batch])
     for d in batch:
-        title = f"{d.image_id}  P(abnormal) {p[d.image_id]:.2f}"
+        title = f"{d.image_id}  P(abnormal) {p[d.image_id]:.2f}{mark}"
         overlay = draw(d.view, by_image.get(d.image_id, empty), (d.width, d.height), threshold, title)
         write_image(overlay, out / "overlays" / f"{d.image_id}.png")
         write_image(thumbnail(overlay), out / "thumbs" / f"{d.image_id}.jpg")
@@ -369,23 +415,26 @@ def predict_folder(
     workers: int = 0,
     overlay_px: int = 1024,
     classifier: str = "classifier",
+    data: Path | None = None,
 ) -> dict:
     """Run the tuned ensemble of ``run`` on every image under ``src``; write OUT (see module docstring).
 
     Returns a summary: images predicted, skipped as already done, failed, findings above threshold.
     Files that cannot be used (unreadable, dangling links, unsafe names) are listed in
     OUT/failed.csv and skipped. A second run on the same OUT while this one runs stops at once.
+    ``data``: the folder the models were trained on, when known (the page names it, and warns when
+    it is the synthetic benchmark).
     """
     if not src.is_dir():
         raise DataError(src, "not a folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise DataError(out, f"must not lie inside SRC {src} (its overlays would be read as new images)")
     with writing(out):
-        return _predict_folder(src, run, out, size, meta, folds, threshold, batch, workers, overlay_px, classifier)
+        return _predict_folder(src, run, out, size, meta, folds, threshold, batch, workers, overlay_px, classifier, data)
 
 
 def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None, folds: str | None, threshold: float,
-                    batch: int, workers: int, overlay_px: int, classifier: str) -> dict:
+                    batch: int, workers: int, overlay_px: int, classifier: str, data: Path | None = None) -> dict:
     files, unusable = scan_images(src)
     if not files and not unusable:
         raise DataError(src, "no DICOM/PNG/JPEG files found")
@@ -396,7 +445,9 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
     sizes = read_sizes(meta).set_index("image_id") if meta else None
     fold_ids = read_folds(folds)["fold"].unique().tolist() if folds else None
     ens = load_ensemble(run, classifier, fold_ids)  # before decoding anything: a bad run fails in seconds
-    parts = Parts(out / ".parts", _key(run, size, meta, threshold, overlay_px, classifier))
+    # the banner of every overlay says so too: an overlay is often looked at without the page
+    mark = "  (DEMO MODELS: synthetic training data)" if training_data(run, data).synthetic else ""
+    parts = Parts(out / ".parts", {**_key(run, size, meta, threshold, overlay_px, classifier), "mark": mark})
     done = set(parts.info()["image_id"])
     order = list(files)
     if sizes is not None:  # the meta file's row order: a test set then batches exactly as in make submission
@@ -428,7 +479,7 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
                 if good:
                     view = write_view(Path(tmp) / f"batch{k}", good)
                     preds = predict_view(ens, view, [d.image_id for d in good])
-                    write_pictures(good, preds, out, threshold)
+                    write_pictures(good, preds, out, threshold, mark)
                     info = pd.DataFrame([(d.image_id, d.file, d.width, d.height) for d in good], columns=INFO_COLUMNS)
                     parts.add(preds, info)
                     shutil.rmtree(view.root)
@@ -437,11 +488,11 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return _write_outputs(parts, files, failed, out, run, threshold, len(done & set(files)))
+    return _write_outputs(parts, files, failed, out, run, threshold, len(done & set(files)), data, classifier)
 
 
 def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out: Path, run: Path, threshold: float,
-                   skipped: int) -> dict:
+                   skipped: int, data: Path | None = None, classifier: str | None = "classifier") -> dict:
     info = parts.info()
     info = info[info["image_id"].isin(set(files))].sort_values("image_id").reset_index(drop=True)
     ids = info["image_id"].tolist()
@@ -454,8 +505,10 @@ def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out
     sizes = info[["image_id", "width", "height"]]
     write_predictions(preds, out / "predictions.csv", sizes)
     write_submission(preds, ids, out / "submission.csv", sizes=sizes)
-    findings = findings_table(preds, ids, threshold)
+    about, warning, run_columns = describe_run(run, data, classifier)
+    findings = findings_table(preds, ids, threshold).assign(**run_columns)
     write_table(findings, out / "findings.csv")
+    write_json({**run_columns, "warning": warning, "about": dict(about), "threshold": threshold}, out / "run.json")
     p = p_abnormal(preds, ids)
     by_image = dict(tuple(preds.groupby("image_id")))
     empty = pd.DataFrame(columns=PREDICTION_COLUMNS)
@@ -464,10 +517,11 @@ def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out
         "findings": [findings_text(by_image.get(i, empty), threshold) for i in ids],
         "overlay": [f"overlays/{i}.png" for i in ids], "thumb": [f"thumbs/{i}.jpg" for i in ids],
     })
-    n_found = int((findings["class_id"] != NO_FINDING).sum())
-    write_index(cards, out / "index.html", f"{len(ids)} images: ensemble {run.name}",
-                f"run {run}; findings with score >= {threshold:g}; sorted by P(abnormal); {len(failed)} file(s) failed "
-                f"(failed.csv); click a picture for its overlay")
+    n_found = int((findings["class_id"].notna() & (findings["class_id"] != NO_FINDING)).sum())
+    write_index(cards, out / "index.html", f"{len(ids)} images: ensemble of run {run.name}",
+                f"Findings with score >= {threshold:g}, sorted by P(abnormal); {len(failed)} file(s) failed "
+                f"(failed.csv); click a picture for its overlay. findings.csv and run.json say the same.",
+                about=about, warning=warning)
     return {"images": len(ids), "skipped_done": skipped, "failed": len(failed), "findings": n_found, "out": str(out)}
 
 
@@ -493,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         size_px = a.size if a.size is not None else data_image_size(Path(a.data))
         summary = predict_folder(Path(a.src), Path(a.run_dir), Path(a.out), size_px, a.meta, a.folds, a.threshold,
-                                 a.batch, a.workers, a.overlay_px, a.classifier)
+                                 a.batch, a.workers, a.overlay_px, a.classifier, Path(a.data) if a.data else None)
     if summary["failed"]:
         print(f"warning: {summary['failed']} file(s) could not be read: {Path(a.out) / 'failed.csv'}", file=sys.stderr)
     print(json.dumps(summary))

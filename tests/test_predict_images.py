@@ -117,9 +117,17 @@ def test_findings_overlays_and_page(predicted: dict) -> None:
     ids = sorted(p.stem for p in (data / "test").glob("*.png"))
     findings = pd.read_csv(out / "findings.csv", dtype={"image_id": str})
     assert sorted(findings["image_id"].unique()) == ids
-    boxes = findings[findings["class_id"] != NO_FINDING]
+    boxes = findings[findings["class_id"].notna() & (findings["class_id"] != NO_FINDING)]
     assert len(boxes) and (boxes["score"] >= 0.01).all()
-    assert (findings["class_name"] == [CLASS_NAMES[c] for c in findings["class_id"]]).all()
+    named = findings[findings["class_id"].notna()]
+    assert (named["class_name"] == [CLASS_NAMES[int(c)] for c in named["class_id"]]).all()
+    assert (findings.loc[findings["class_id"] == NO_FINDING, "score"] >= 0.01).all(), "No finding is never below the threshold"
+    # what made the predictions, on every row: the run, its models and weights, profiles, the training data
+    assert (findings["run"] == str(predicted["run"].resolve())).all()
+    assert findings["models"].str.contains("yolo x1 + detectron x2 + effdet x1", regex=False).all()
+    assert findings["models"].str.contains("gate hard", regex=False).all()
+    assert findings["profile"].str.contains("yolo: demo with epochs", regex=False).all()
+    assert findings["trained_on"].str.contains("SYNTHETIC", regex=False).all()
     # with the gate on, p_abnormal is the classifier's fold average, as merge wrote it for the test set
     merged = pd.read_csv(predicted["run"] / "classifier" / "test.csv", dtype={"image_id": str}).set_index("image_id")
     p = findings.groupby("image_id")["p_abnormal"].first()
@@ -132,6 +140,11 @@ def test_findings_overlays_and_page(predicted: dict) -> None:
         assert abs(w / h - meta.loc[i, "dim1"] / meta.loc[i, "dim0"]) < 0.01, "overlay keeps the original aspect ratio"
         assert (out / "thumbs" / f"{i}.jpg").is_file()
     page = (out / "index.html").read_text()
+    assert '<div class="warn">These models were trained on SYNTHETIC demo images' in page
+    for text in (str(predicted["run"].resolve()), "yolo 1, detectron 2, effdet 1", "iou_thr 0.5", "hard: p_normal"):
+        assert text in page, text
+    assert re.search(r"demo profile \(epochs \d+ -&gt; 1\b[^)]*\), 2 folds", page), "the yolo line names its profile"
+    assert json.loads((out / "run.json").read_text())["warning"].startswith("These models were trained on SYNTHETIC")
     order = re.findall(r'href="overlays/([0-9a-f]+)\.png"', page)
     assert sorted(order) == ids
     assert list(p.loc[order]) == sorted(p, reverse=True), "grid sorted by p_abnormal, highest first"
@@ -272,30 +285,49 @@ def test_overlay_draws_each_class_in_its_colour_above_the_threshold() -> None:
     assert not (out == np.array(PALETTE[0])).all(axis=2).any(), "a finding under the threshold is not drawn"
 
 
-def _screenshot(page: Path, path: Path) -> np.ndarray:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900",
+def chromium() -> str:
+    """The headless browser the offline pages are checked in; skips (fails under CI) without one."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        message = "chromium not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def screenshot(page: Path, path: Path, height: int = 900) -> np.ndarray:
+    """``page`` rendered by headless Chromium (a fresh profile, no network services) as a grayscale
+    image 1280 px wide and ``height`` tall; the PNG stays at ``path`` to be looked at."""
+    profile = path.with_name(path.stem + "-profile")
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size=1280,{height}",
                     f"--screenshot={path}", page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
     return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
 
 
 @pytest.mark.slow
 def test_page_shows_the_grid_in_headless_chromium(predicted: dict, tmp_path: Path) -> None:
-    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        message = "chromium not installed (Debian: apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    chromium()
     page = tmp_path / "page"
     shutil.copytree(predicted["out"], page, ignore=shutil.ignore_patterns(".parts"))
-    shot = _screenshot(page / "index.html", tmp_path / "shot.png")
-    # the page is light grey and white; the radiograph thumbnails are the dark pixels
+    shot = screenshot(page / "index.html", tmp_path / "shot.png", height=1100)
+    # the page is light grey and white; the radiograph thumbnails are the dark pixels, in rows of cards
+    # under the run's table
     dark = shot < 90
-    assert dark.mean() > 0.15, f"only {dark.mean():.1%} dark pixels: the thumbnails did not render"
-    columns = np.flatnonzero(dark[: shot.shape[0] // 2].mean(axis=0) > 0.3)
+    assert dark.mean() > 0.1, f"only {dark.mean():.1%} dark pixels: the thumbnails did not render"
+    rows = np.flatnonzero(dark.mean(axis=1) > 0.2)
+    bands = [r for r in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(r) > 50]
+    assert bands, "no band of thumbnails"
+    columns = np.flatnonzero(dark[bands[0]].mean(axis=0) > 0.3)
     assert len(np.split(columns, np.flatnonzero(np.diff(columns) > 5) + 1)) >= 3, "several thumbnails side by side"
+    # the red warning (models trained on the synthetic data) is drawn above them
+    red = (cv2.imread(str(tmp_path / "shot.png"))[: bands[0][0]] == (32, 0, 176)).all(axis=2)
+    assert red.sum() > 500, "the red warning box is not on the page"
     shutil.rmtree(page / "thumbs")  # the same page without its pictures: the check must notice
-    assert (_screenshot(page / "index.html", tmp_path / "broken.png") < 90).mean() < 0.05
+    assert (screenshot(page / "index.html", tmp_path / "broken.png", height=1100) < 90).mean() < 0.05
 
 
 @pytest.mark.slow
@@ -324,3 +356,26 @@ def test_real_dicoms_pngs_and_jpegs(trained: dict, tmp_path: Path, capsys: pytes
     assert preds.loc[preds["image_id"].isin(set(dicoms)), BOX_COLUMNS[2]].max() > 128, "boxes in original DICOM pixels"
     page = (out / "index.html").read_text()
     assert all(f"overlays/{i}.png" in page for i in picks["image_id"])
+
+
+def test_findings_never_say_no_finding_below_the_threshold() -> None:
+    """An image without a finding at the threshold is listed once: as No finding only when that score
+    (1 - p_abnormal) reaches the threshold too, else without a class, its note naming P(abnormal) and
+    the best box (the demo run on real radiographs read 'p_abnormal 1.0, No finding, score 0.0')."""
+    from ensemble.predict_images import findings_table
+
+    rows = [["hit", 3, 0.8, 10, 10, 50, 50], ["hit", 14, 0.1, 0, 0, 1, 1],
+            ["normal", 5, 0.05, 10, 10, 50, 50], ["normal", 14, 0.9, 0, 0, 1, 1],
+            ["unsure", 7, 0.12, 10, 10, 50, 50],  # no No-finding row: p_abnormal 1
+            ["low", 14, 0.2, 0, 0, 1, 1]]  # p_abnormal 0.8, no box at all
+    preds = pd.DataFrame(rows, columns=["image_id", "class_id", "score", *BOX_COLUMNS])
+    table = findings_table(preds, ["hit", "normal", "unsure", "low"], threshold=0.3).set_index("image_id")
+    assert table.loc["hit", "class_name"] == "Cardiomegaly" and table.loc["hit", "score"] == 0.8
+    assert table.loc["normal", "class_name"] == "No finding" and table.loc["normal", "score"] == pytest.approx(0.9)
+    assert "no finding box scored >= 0.3 (best box ILD 0.05)" in table.loc["normal", "note"]
+    for image_id, p, note in (("unsure", 1.0, "best box Lung Opacity 0.12"), ("low", 0.8, "no box at all")):
+        r = table.loc[image_id]
+        assert pd.isna(r["class_id"]) and r["class_name"] == "" and pd.isna(r["score"]) and r["p_abnormal"] == pytest.approx(p)
+        assert r["note"].startswith(f"P(abnormal) {p:.2f} but no finding box scored >= 0.3") and note in r["note"]
+    assert not ((table["class_name"] == "No finding") & ~(table["score"] >= 0.3)).any()
+    assert len(table) == 4
