@@ -3,7 +3,8 @@
     python -m ensemble tune   --data D --folds F --run-dir runs/NAME [--models yolo,effdet] [--exclude effdet]
                               [--extra path/to/notebook_preds] [--classifier classifier|none] [--jobs 2] [--force]
     python -m ensemble submit --data D --folds F --run-dir runs/NAME --name NAME [same model choice]
-                              # submissions/NAME.csv, reports/NAME/
+                              # submissions/NAME__<set>.csv + reports/NAME/<set>/, copied as the latest:
+                              # submissions/NAME.csv + reports/NAME/index.html
     python -m ensemble blend ...   # ensemble.blend: weighted blend of submission files (see its --help)
     python -m ensemble predict-images ...   # ensemble.predict_images: the tuned ensemble on a folder of new studies
 
@@ -13,6 +14,14 @@ format or the Kaggle submission format, named after the folder or ``NAME=PATH``)
 its own tuned parameters (``RUN/ensemble/<set>/``), so changing the set tunes anew; ``tune`` skips
 a set whose parameters are newer than its inputs. ``RUN/ensemble/params.json`` is a copy of the
 parameters last tuned or submitted (what ``ensemble.predict_images`` applies).
+
+Outputs of ``submit``, per set (``<set>`` = the folder name under ``RUN/ensemble/``, e.g.
+``detectron-effdet-yolo+classifier``), so a second set under the same NAME keeps the first:
+
+    submissions/NAME__<set>.csv     the set's checked submission
+    reports/NAME/<set>/index.html   its report (index.md, summary.json, scores.csv, figures, ...)
+    submissions/NAME.csv            a copy of the set submitted last (what make submission promises)
+    reports/NAME/index.html         the page of the set submitted last (pictures from <set>/), links every set
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,12 +39,13 @@ import models as model_table
 from cxr.args import PLAIN_NAME, Parser, is_plain_name, plain_name, positive_int
 from cxr.baseline import oof_prior
 from cxr.data import DataFolder, read_folds
-from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
+from cxr.io import DataError, atomic_path, one_line_errors, read_table, write_json, write_table
 from cxr.metric import ground_truth
 from cxr.predictions import read_predictions
 from cxr.submission import write_submission
 from ensemble.ensemble import GateParams, apply, load_model_tables, load_probabilities, params_from_dict, params_path, tune
-from ensemble.report import write_report
+from ensemble.provenance import record_data, training_data
+from ensemble.report import RunInfo, write_report
 
 
 @dataclass
@@ -111,7 +122,13 @@ def tune_set(a: argparse.Namespace) -> None:
 
 
 def submit(a: argparse.Namespace) -> None:
-    """The tuned set on test: checked submissions/NAME.csv, then the OOF report in reports/NAME/."""
+    """The tuned set on test: its checked submission and OOF report, kept per set and copied as the latest.
+
+    ``submissions/NAME__<set>.csv`` and ``reports/NAME/<set>/`` belong to the set; then
+    ``submissions/NAME.csv`` (a copy) and ``reports/NAME/index.{html,md}`` (the set's page, its
+    pictures read from ``<set>/``) are the set submitted last. ``RUN/ensemble/data.json`` records
+    the data folder (synthetic or not) for predict-images.
+    """
     data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
     c = choose(a)
     path = params_path(run, c.models, c.classifier)
@@ -120,13 +137,18 @@ def submit(a: argparse.Namespace) -> None:
                               "run make ensemble with the same MODELS/EXCLUDE/EXTRA")
     params = params_from_dict(json.loads(path.read_text()))
     _publish(path, run)
+    record_data(run, data.root)
     test_ids = data.test_ids()
     needs_gate = params.gate.rule != "none"
     p_test = load_probabilities(run / c.classifier / "test.csv", test_ids) if needs_gate else None
     test = apply(params, load_model_tables(run, c.models, "test", test_ids, c.sources, data.test_sizes), data.test_sizes, p_test)
+    kind = path.parent.name  # the set's folder name, as in RUN/ensemble/<set>/
+    own = Path("submissions") / f"{a.name}__{kind}.csv"
+    write_submission(test, test_ids, own, data.root / "sample_submission.csv", data.test_sizes)  # checked, or not written
     out = Path("submissions") / f"{a.name}.csv"
-    write_submission(test, test_ids, out, data.root / "sample_submission.csv", data.test_sizes)  # checked, or not written
-    print(f"wrote {out}: {len(test_ids)} images, {len(test)} rows, checked")
+    with atomic_path(out) as tmp:
+        shutil.copyfile(own, tmp)
+    print(f"wrote {own} and {out}: {len(test_ids)} images, {len(test)} rows, checked")
     ids = folds["image_id"].tolist()
     oof_tables = load_model_tables(run, c.models, "oof", ids, c.sources, data.train_sizes)
     p_oof = load_probabilities(run / c.classifier / "oof.csv", ids) if needs_gate else None
@@ -137,7 +159,11 @@ def submit(a: argparse.Namespace) -> None:
     results["prior_boxes"] = read_predictions(prior) if prior.exists() else oof_prior(data.fused(), data.train_sizes, folds)
     search = read_table(path.parent / "search.csv")
     gt = ground_truth(data.labels)
-    summary = write_report(Path("reports") / a.name, results, gt, ids, data, test, search, params)
+    info = RunInfo(name=a.name, set_name=kind, run=run, models=[m for m in c.models if m not in c.sources],
+                   classifier=c.classifier, data=training_data(run, data.root), submission=f"{own} (= {out})", folds=folds)
+    reports = Path("reports") / a.name
+    summary = write_report(reports / kind, results, gt, ids, data, test, search, params, info=info, latest=reports)
+    print(f"report: {reports / kind / 'index.html'} (latest: {reports / 'index.html'})")
     print(json.dumps(summary))
 
 

@@ -121,10 +121,11 @@ def test_cli_tune_submit_report_and_missing_images(cli_run, tmp_path, capsys):
     summary = json.loads((tmp_path / "reports" / "t" / "summary.json").read_text())
     assert {"yolo", "effdet", "ensemble", "ensemble_gated", "prior_boxes"} == set(summary)
     assert summary["ensemble_gated"] >= summary["ensemble"] and summary["yolo"] > summary["prior_boxes"]
-    report = (tmp_path / "reports" / "t" / "index.md").read_text()
-    assert "Per-class AP" in report and (tmp_path / "reports" / "t" / "pr_curves.png").exists()
-    assert "nested OOF mAP" in report and f"{params['nested_map']['ensemble_gated']:.4f}" in report
-    assert list((tmp_path / "reports" / "t").glob("test_*.png"))
+    report = (tmp_path / "reports" / "t" / "index.md").read_text()  # the latest set's page; its files in <set>/
+    own = tmp_path / "reports" / "t" / "effdet-yolo+classifier"
+    assert "Per-class AP" in report and (own / "pr_curves.png").exists() and (own / "index.html").exists()
+    assert "nested" in report and f"{params['nested_map']['ensemble_gated']:.4f}" in report
+    assert list(own.glob("test_*.png")) and (tmp_path / "submissions" / "t__effdet-yolo+classifier.csv").exists()
     # another set is not tuned yet: submit says so
     with pytest.raises(SystemExit) as e:
         main(["submit", *common, "--models", "yolo", "--name", "t"])

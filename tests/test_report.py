@@ -1,0 +1,200 @@
+"""The run report (ensemble/report.py) and what a run was trained on (ensemble/provenance.py). Fast: the fake model tables of tests/test_ensemble.py (``cli_run``), fold
+folders holding only the files the report reads, no model trained."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cxr.dataset import CLASS_NAMES
+from cxr.io import write_table
+from ensemble.__main__ import main
+from ensemble.provenance import model_info, record_data, training_data
+from ensemble.report import confusion, plot_training_curves, read_curves
+from tests.test_ensemble import cli_run, table  # noqa: F401  (cli_run: the fixture, shared)
+from tests.test_predict_images import screenshot
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+SET_A, SET_B = "effdet-yolo+classifier", "yolo"
+
+
+def fold_logs(run: Path) -> None:
+    """Fold folders with what each framework leaves: YOLO's padded results.csv and config.yaml (demo
+    profile, epochs 1), detectron2's metrics.json, effdet's metrics.csv with an extra text column,
+    the classifier's metrics.csv; yolo fold2 has no log at all."""
+    demo = yaml.safe_load((MODELS_DIR / "yolo" / "demo.yaml").read_text())
+    for k in range(3):
+        fold = run / "yolo" / f"fold{k}"
+        fold.mkdir(parents=True)
+        (fold / "config.yaml").write_text(yaml.safe_dump({**demo, "epochs": 1, "workers": demo.get("workers", 0),
+                                                          "max_det": 10}))
+        if k < 2:
+            write_table(pd.DataFrame({"                 epoch": [1, 2, 3], "      train/box_loss": [3.0, 2.0, 1.5],
+                                      "train/cls_loss": [4.0, 3.0, 2.0], "val/box_loss": [3.5, 2.8, 2.5],
+                                      "   metrics/mAP50(B)": [0.01, 0.05, 0.08 + k / 100]}),
+                        fold / "train" / "results.csv")
+        fold = run / "effdet" / f"fold{k}"
+        write_table(pd.DataFrame({"epoch": [1, 2], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.8],
+                                  "val_map": [0.02, 0.04], "note": ["a", "b"]}), fold / "metrics.csv")
+        write_table(pd.DataFrame({"epoch": [1, 2], "train_loss": [0.7, 0.5], "val_auc": [0.6, 0.7 + k / 50]}),
+                    run / "classifier" / f"fold{k}" / "metrics.csv")
+    (run / "detectron" / "fold0" / "train").mkdir(parents=True)
+    lines = [{"iteration": 19, "total_loss": 2.0}, {"iteration": 39, "total_loss": 1.5, "val_loss": 1.7, "val_map": 0.03}]
+    (run / "detectron" / "fold0" / "train" / "metrics.json").write_text("\n".join(map(json.dumps, lines)) + "\n")
+
+
+def links(page: Path) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', page.read_text())
+
+
+def test_two_model_sets_keep_their_reports_and_submissions(cli_run, tmp_path):  # noqa: F811
+    *_, run, common = cli_run
+    fold_logs(run)
+    main(["tune", *common, "--exclude", "detectron"])
+    main(["submit", *common, "--exclude", "detectron", "--name", "t"])
+    subs, reports = tmp_path / "submissions", tmp_path / "reports" / "t"
+    first_sub, first_page = (subs / f"t__{SET_A}.csv").read_bytes(), (reports / SET_A / "index.html").read_bytes()
+    assert (subs / "t.csv").read_bytes() == first_sub
+    main(["tune", *common, "--models", "yolo", "--classifier", "none"])
+    main(["submit", *common, "--models", "yolo", "--classifier", "none", "--name", "t"])
+    # the second set has its own files; the first set's are untouched; the plain names are the latest
+    assert (subs / f"t__{SET_A}.csv").read_bytes() == first_sub
+    assert (reports / SET_A / "index.html").read_bytes() == first_page
+    assert (subs / "t.csv").read_bytes() == (subs / f"t__{SET_B}.csv").read_bytes()
+    assert (reports / "summary.json").read_text() == (reports / SET_B / "summary.json").read_text()
+    latest = (reports / "index.html").read_text()
+    assert "model set yolo<" in latest and f'href="{SET_A}/index.html"' in latest and 'href="yolo/index.html"' in latest
+    for page in (reports / "index.html", reports / SET_A / "index.html", reports / SET_B / "index.html",
+                 reports / "index.md"):
+        targets = links(page) if page.suffix == ".html" else re.findall(r"\]\(([^)]+)\)", page.read_text())
+        assert targets and not [t for t in targets if t.startswith(("http:", "https:", "//"))], "offline"
+        missing = [t for t in targets if not (page.parent / t.replace("%2B", "+")).is_file()]
+        assert not missing, f"{page}: links to missing files {missing}"
+    assert "model set yolo" in (reports / "index.md").read_text()
+
+
+def test_report_names_the_ensemble_and_explains_its_numbers(cli_run, tmp_path):  # noqa: F811
+    _, gt, *_, run, common = cli_run
+    fold_logs(run)
+    main(["tune", *common, "--exclude", "detectron"])
+    main(["submit", *common, "--exclude", "detectron", "--name", "t"])
+    params = json.loads((run / "ensemble" / "params.json").read_text())
+    out = tmp_path / "reports" / "t" / SET_A
+    page = (out / "index.html").read_text()
+    f, g = params["fusion"], params["gate"]
+    for text in ("These models were trained on SYNTHETIC demo images", "fused models (weight)",
+                 ", ".join(f"{m} {w:g}" for m, w in zip(f["models"], f["weights"])),
+                 f"iou_thr {f['iou_thr']:g}, skip_box_thr {f['skip_box_thr']:g}, conf_type {f['conf_type']}",
+                 f"{g['rule']}:", "the gap between them is not optimism", "nested", "Confusion matrix",
+                 "ground truth (left) and predictions (right)", "Training curves", f"submissions/t__{SET_A}.csv"):
+        assert text in page, text
+    demo_epochs = yaml.safe_load((MODELS_DIR / "yolo" / "demo.yaml").read_text())["epochs"]
+    assert f"demo profile (epochs {demo_epochs} -&gt; 1), 3 folds" in page
+    # the three mAP columns: pooled = summary.json, fold mean of the untuned = tune's nested figure,
+    # honest fold mean of the ensembles = the nested search
+    scores = pd.read_csv(out / "scores.csv").set_index("predictions")
+    summary = json.loads((out / "summary.json").read_text())
+    assert scores["pooled_map"].to_dict() == pytest.approx(summary)
+    for m in ("yolo", "effdet"):
+        assert scores.loc[m, "fold_mean_map"] == pytest.approx(params["nested_map"][m])
+        assert scores.loc[m, "honest_fold_mean_map"] == scores.loc[m, "fold_mean_map"]
+    for m in ("ensemble", "ensemble_gated"):
+        assert scores.loc[m, "honest_fold_mean_map"] == pytest.approx(params["nested_map"][m])
+        assert scores.loc[m, [f"fold{k}_nested_map" for k in range(3)]].tolist() == pytest.approx(params["nested_folds"][m])
+    ap = pd.read_csv(out / "per_class_ap.csv").set_index("class")
+    assert list(ap.index) == list(CLASS_NAMES) and {"yolo", "yolo@fold0", "ensemble_gated@fold2"} <= set(ap.columns)
+    # the confusion matrix's diagonal holds the metric's true positives above its threshold
+    threshold = float(re.search(r"score &gt;= ([0-9.]+) \(the score of its best F1", page).group(1))
+    matrix = pd.read_csv(out / "confusion.csv").set_index("ground truth")
+    gated = json.loads((out / "summary.json").read_text())["ensemble_gated"]
+    assert gated > 0.5
+    assert matrix.shape == (16, 16) and matrix.loc["spurious", "missed"] == 0
+    gt_boxes = gt.groupby("class_id").size()
+    assert matrix.drop(index="spurious").sum(axis=1).tolist() == [gt_boxes.get(c, 0) for c in range(15)]
+    assert np.trace(matrix.to_numpy()[:15, :15]) > 0 and threshold > 0
+    # training curves: every framework's log drawn, a fold without one named
+    assert (out / "curves_yolo.png").is_file() and (out / "curves_effdet.png").is_file()
+    assert "fold2: no curve file" in page and (out / "curves_classifier.png").is_file()
+    assert json.loads((run / "ensemble" / "data.json").read_text())["synthetic"] is True
+    assert len(list(out.glob("oof_*.png"))) == 6 and list(out.glob("test_*.png"))
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(cli_run, tmp_path):  # noqa: F811
+    """The page with its pictures, then without them: the figures are what makes it dark."""
+    *_, run, common = cli_run
+    fold_logs(run)
+    main(["tune", *common, "--exclude", "detectron"])
+    main(["submit", *common, "--exclude", "detectron", "--name", "t"])
+    shot = screenshot(tmp_path / "reports" / "t" / "index.html", tmp_path / "report.png", height=6000)
+    colour = cv2.imread(str(tmp_path / "report.png"))
+    assert (colour[:300] == (32, 0, 176)).all(axis=2).sum() > 500, "the red synthetic-data warning is at the top"
+    stripped = tmp_path / "stripped"
+    shutil.copytree(tmp_path / "reports" / "t", stripped, ignore=shutil.ignore_patterns("*.png"))
+    bare = screenshot(stripped / "index.html", tmp_path / "bare.png", height=6000)
+    # the figures (PR panels, confusion matrix, radiographs, curves) add many non-background pixels
+    assert (shot < 200).mean() > (bare < 200).mean() + 0.1
+
+
+def test_confusion_matrix_known_answer():
+    gt = table([["a", 3, 1, 10, 10, 50, 50], ["a", 5, 1, 60, 60, 90, 90], ["a", 0, 1, 0, 60, 20, 90],
+                ["b", 14, 1, 0, 0, 1, 1]]).drop(columns="score")
+    preds = table([["a", 3, 0.9, 11, 11, 50, 50],    # its own class: true positive
+                   ["a", 3, 0.8, 10, 10, 49, 49],    # a duplicate of the taken box: spurious
+                   ["a", 7, 0.7, 60, 60, 91, 91],    # on the class 5 box: a confusion 5 -> 7
+                   ["a", 2, 0.6, 100, 100, 120, 120],  # nothing there: spurious
+                   ["a", 0, 0.1, 0, 60, 20, 90],     # below the threshold: not counted, so class 0 is missed
+                   ["b", 14, 0.7, 0, 0, 1, 1]])      # No finding found
+    m = confusion(gt, preds, threshold=0.5)
+    assert m.loc["Cardiomegaly", "Cardiomegaly"] == 1 and m.loc["ILD", "Lung Opacity"] == 1
+    assert m.loc["Aortic enlargement", "missed"] == 1 and m.loc["No finding", "No finding"] == 1
+    assert m.loc["spurious", "Cardiomegaly"] == 1 and m.loc["spurious", "Calcification"] == 1
+    assert m.to_numpy().sum() == 6
+
+
+def test_training_curves_read_every_framework_log(tmp_path):
+    run = tmp_path / "run"
+    fold_logs(run)
+    t, source = read_curves(run / "yolo" / "fold0")
+    assert source == "train/results.csv" and "metrics/mAP50(B)" in t.columns and "epoch" in t.columns  # names stripped
+    t, source = read_curves(run / "effdet" / "fold0")
+    assert source == "metrics.csv" and "note" not in t.columns and t["val_map"].tolist() == [0.02, 0.04]
+    t, source = read_curves(run / "detectron" / "fold0")
+    assert source == "train/metrics.json" and t["val_map"].dropna().tolist() == [0.03]
+    missing = f"no curve file (metrics.csv, train/results.csv, train/metrics.json) in {run / 'yolo' / 'fold2'}"
+    assert read_curves(run / "yolo" / "fold2") == (None, missing)
+    (run / "detectron" / "fold1" / "tb").mkdir(parents=True)
+    (run / "detectron" / "fold1" / "tb" / "events.out.tfevents.1.host").write_bytes(b"")
+    assert "only TensorBoard files" in read_curves(run / "detectron" / "fold1")[1]
+    (run / "effdet" / "fold2" / "metrics.csv").write_text("epoch,val_map\n")  # written before the first epoch ended
+    assert read_curves(run / "effdet" / "fold2")[0] is None
+    path, note = plot_training_curves(run, "yolo", tmp_path / "yolo.png")
+    assert path.is_file() and "fold2: no curve file" in note
+    path, note = plot_training_curves(run, "effdet", tmp_path / "effdet.png")
+    assert path.is_file() and "metrics.csv" in note
+    assert plot_training_curves(run, "nothing", tmp_path / "x.png") == (None, f"no fold folder in {run / 'nothing'}")
+
+
+def test_training_data_and_profiles(tmp_path, synth_dir):
+    run = tmp_path / "run"
+    fold_logs(run)
+    real = tmp_path / "real"
+    real.mkdir()
+    assert training_data(run, synth_dir).synthetic and "SYNTHETIC" in training_data(run, synth_dir).warning()
+    assert training_data(run, real).synthetic is False and training_data(run, real).warning() == ""
+    assert training_data(run).path is None and "unknown" in training_data(run).describe()
+    record_data(run, synth_dir)  # what submit records: a demo run later pointed at a real folder stays a demo run
+    assert training_data(run).synthetic and training_data(run, real).synthetic
+    demo = yaml.safe_load((MODELS_DIR / "yolo" / "demo.yaml").read_text())
+    info = model_info(run, "yolo")
+    assert info.profile == "demo" and info.folds == [0, 1, 2] and info.changes == {"epochs": (demo["epochs"], 1)}
+    assert info.describe() == f"demo profile (epochs {demo['epochs']} -> 1), 3 folds"
+    assert model_info(run, "effdet").profile == "unknown"
+
