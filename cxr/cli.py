@@ -17,7 +17,7 @@ import pandas as pd
 from cxr import baseline, fusion, labels as labels_io, metric, predictions, submission, synth
 from cxr.args import Parser, iou, non_negative_int, seed
 from cxr.config import load
-from cxr.dataset import BOX_COLUMNS, SUBMISSION_COLUMNS
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, SUBMISSION_COLUMNS
 from cxr.folds import fold_class_table, make_folds
 from cxr.data import read_folds
 from cxr.io import DataError, csv_row, one_line_errors, read_table, require_columns, show, warn, write_json, write_table
@@ -89,6 +89,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     What would move the score without a word is warned about, with counts: scored images a
     submission does not list or a prediction table has no row for (a table of one fold scored
     against every label), and boxes all in [0, 1] (normalized coordinates).
+    Prints :func:`evaluation_table` (class names, 4 decimals), or with ``--json`` the metric's dict.
     """
     if a.fold is not None and not a.folds:
         raise DataError("--fold", "needs --folds (the fold file that says which images are in the fold)")
@@ -139,7 +140,28 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     result = metric.mean_average_precision(gt, preds, ids)
     if a.coco:
         result.update(metric.coco_ap(gt, preds, ids))
-    print(json.dumps(result))
+    if a.json:
+        print(json.dumps(result))
+        return
+    scored = set(ids)
+    print(evaluation_table(result, gt[gt["image_id"].isin(scored)], preds[preds["image_id"].isin(scored)], len(scored)))
+
+
+def evaluation_table(result: dict, gt: pd.DataFrame, preds: pd.DataFrame, n_images: int) -> str:
+    """``cxr evaluate``'s table: per class its name, AP@0.4 (4 decimals; '-' without ground truth), the
+    ground-truth and predicted boxes; then the mAP line (and COCO AP when computed)."""
+    n_gt = gt["class_id"].value_counts()
+    n_pred = preds["class_id"].value_counts()
+    lines = [f"{'class':<20} {'AP@0.4':>7} {'GT boxes':>9} {'predicted':>10}"]
+    for c, name in enumerate(CLASS_NAMES):
+        ap = result["ap"][str(c)]
+        lines.append(f"{name:<20} {'-' if ap is None else f'{ap:.4f}':>7} {int(n_gt.get(c, 0)):>9} {int(n_pred.get(c, 0)):>10}")
+    present = sum(v is not None for v in result["ap"].values())
+    lines.append(f"{'mAP@0.4':<20} {result['map']:>7.4f}   mean over the {present} classes with ground truth; "
+                 f"{n_images} images")
+    if "coco_ap" in result:
+        lines.append(f"{'COCO AP .50:.95':<20} {result['coco_ap']:>7.4f}   AP50 {result['coco_ap50']:.4f} (reference only)")
+    return "\n".join(lines)
 
 
 def _exit_on_problems(problems: list[str]) -> None:
@@ -254,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(func=cmd_fuse)
 
-    s = sub.add_parser("evaluate", help="competition mAP@0.4 as JSON")
+    s = sub.add_parser("evaluate", help="competition mAP@0.4: a table per class (--json: JSON)")
     s.add_argument("--labels", required=True, help="Kaggle train.csv or PhysioNet annotations_test.csv")
     s.add_argument("--submission", required=True, help="Kaggle submission or prediction table")
     s.add_argument("--sizes", help="meta CSV: also check label boxes lie inside their images")
@@ -263,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subset", action="store_true",
                    help="score only the images the submission lists (default: every labelled image; unlisted = missed)")
     s.add_argument("--coco", action="store_true", help="add COCO AP and AP50 (pycocotools)")
+    s.add_argument("--json", action="store_true",
+                   help='print {"map": ..., "ap": {"0": ..., "14": ...}} (class ids, full precision) instead of the table')
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("check-submission",

@@ -1,4 +1,5 @@
-"""The run report (ensemble/report.py) and what a run was trained on (ensemble/provenance.py). Fast: the fake model tables of tests/test_ensemble.py (``cli_run``), fold
+"""The run report (ensemble/report.py), what a run was trained on (ensemble/provenance.py) and
+``cxr evaluate``'s table. Fast: the fake model tables of tests/test_ensemble.py (``cli_run``), fold
 folders holding only the files the report reads, no model trained."""
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr.dataset import CLASS_NAMES
+from cxr.cli import main as cxr_main
+from cxr.data import DataFolder
+from cxr.dataset import CLASS_NAMES, PREDICTION_COLUMNS
 from cxr.io import write_table
+from cxr.metric import ground_truth
 from ensemble.__main__ import main
 from ensemble.provenance import model_info, record_data, training_data
 from ensemble.report import confusion, plot_training_curves, read_curves
+from ensemble.scoring import Truth, score_rows
 from tests.test_ensemble import cli_run, table  # noqa: F401  (cli_run: the fixture, shared)
 from tests.test_predict_images import screenshot
 
@@ -198,3 +203,20 @@ def test_training_data_and_profiles(tmp_path, synth_dir):
     assert info.describe() == f"demo profile (epochs {demo['epochs']} -> 1), 3 folds"
     assert model_info(run, "effdet").profile == "unknown"
 
+
+def test_evaluate_prints_a_table_with_class_names(synth_dir, tmp_path, capsys):
+    truth = ground_truth(DataFolder(synth_dir).labels)
+    preds = truth.assign(score=0.9)[PREDICTION_COLUMNS]
+    preds = preds[preds["class_id"] != 3]  # Cardiomegaly missed
+    path = tmp_path / "preds.csv"
+    write_table(preds, path)
+    labels = str(synth_dir / "train.csv")
+    cxr_main(["evaluate", "--labels", labels, "--submission", str(path)])
+    out = capsys.readouterr().out
+    assert re.search(r"^Cardiomegaly +0\.0000 +\d+ +0$", out, re.MULTILINE), out
+    assert re.search(r"^No finding +1\.0000 +\d+ +\d+$", out, re.MULTILINE) and re.search(r"^mAP@0\.4 +0\.\d{4}\b", out, re.MULTILINE)
+    assert not re.search(r"\d\.\d{5,}", out), "4 decimals, not 16"
+    cxr_main(["evaluate", "--labels", labels, "--submission", str(path), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["ap"]["3"] == 0.0 and result["ap"]["14"] == 1.0
+    assert result["map"] == pytest.approx(score_rows(Truth(truth, sorted(truth["image_id"].unique())), preds).map())
