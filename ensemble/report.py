@@ -49,6 +49,8 @@ from ensemble.scoring import Scored, Truth, score_rows  # noqa: E402
 ENSEMBLES = ("ensemble", "ensemble_gated")  # the rows whose parameters were tuned on these OOF predictions
 MODEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 CURVE_FILES = ("metrics.csv", "train/results.csv", "train/metrics.json", "results.csv", "metrics.json")
+METRIC_NAMES = {"val_map": "mAP@0.4 (val_map)", "metrics/mAP50(B)": "mAP@0.5, ultralytics' (metrics/mAP50(B))",
+                "val_auc": "ROC AUC (val_auc)"}
 
 
 @dataclass
@@ -363,16 +365,18 @@ def plot_training_curves(run: Path, model: str, path: Path) -> tuple[Path | None
         xlabel, losses, metric = _curve_series(table)
         for name, series in losses.items():
             if len(series):
-                left.plot(series.index, series.to_numpy(), color=colour, ls="-" if name == "train loss" else "--",
-                          marker="o" if len(series) < 30 else None, ms=3, label=f"{fold} {name}")
+                train = name == "train loss"
+                left.plot(series.index, series.to_numpy(), color=colour, ls="-" if train else "--",
+                          marker=("o" if train else "s") if len(series) < 30 else None, ms=4, label=f"{fold} {name}")
         if metric is not None and len(metric[1]):
-            metric_names.add(metric[0])
+            metric_names.add(METRIC_NAMES.get(metric[0], metric[0]))
             right.plot(metric[1].index, metric[1].to_numpy(), color=colour, marker="o" if len(metric[1]) < 30 else None,
                        ms=3, label=f"{fold} {metric[0]}")
     left.set(title=f"{model}: loss (solid train, dashed validation)", xlabel=xlabel)
     right.set(title=f"{model}: validation {', '.join(sorted(metric_names)) or '(no metric logged)'}", xlabel=xlabel)
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
