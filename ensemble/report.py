@@ -127,6 +127,8 @@ def write_report(
             if (out / name).is_file():
                 with atomic_path(latest / name) as tmp:
                     tmp.write_bytes((out / name).read_bytes())
+            else:  # another set's file must not pass for this one's
+                (latest / name).unlink(missing_ok=True)
     return summary
 
 
@@ -428,7 +430,9 @@ def _draw_oof_images(data: DataFolder, gt: pd.DataFrame, preds: pd.DataFrame, im
         p = p[p["score"] >= threshold]
         shown = f"top {per_image} of {len(p)}" if len(p) > per_image else str(len(p))
         p = p.nlargest(per_image, "score")
-        left = draw(view, g, wh, 0.0, f"ground truth: {int((g['class_id'] != NO_FINDING).sum())} finding(s)", scores=False)
+        n_true = int((g["class_id"] != NO_FINDING).sum())
+        left = draw(view, g, wh, 0.0, f"ground truth: {n_true} finding(s)" if n_true else "ground truth: No finding",
+                    scores=False)
         right = draw(view, p, wh, threshold, f"predicted, score >= {threshold:.3f}: {shown} box(es)")
         path = write_image(side_by_side(left, right), out / f"oof_{image_id[:16]}.png")
         drawn.append((path, f"{image_id}: {why}"))
@@ -473,7 +477,7 @@ def _md_table(df: pd.DataFrame, digits: int = 4) -> list[str]:
 
 def _ensemble_rows(params: Params | None, info: RunInfo, search: pd.DataFrame) -> list[tuple[str, str]]:
     rows = ensemble_rows(params, info.run, info.classifier, info.data)
-    rows[0] = ("run", f"{info.name} ({info.run})" if info.name and info.run else rows[0][1])
+    rows[0] = ("run", f"{info.name} ({info.run.resolve()})" if info.name and info.run else rows[0][1])
     rows.insert(1, ("model set", info.set_name or "-"))
     rows.append(("search", f"{len(search)} candidates scored on the OOF predictions (search.csv)"))
     if info.submission:
@@ -586,8 +590,9 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
     else:
         body.append("<p>No OOF image with a finding to show.</p>")
     body += ["<h2>Test images: the submission's most confident findings (top 5 boxes)</h2>"]
-    body += [f'<img class="fig" src="{src(p)}" alt="{html.escape(why)}" title="{html.escape(why)}">' for p, why in c["tests"]] \
-        or ["<p>No finding box in the submission.</p>"]
+    tests = "".join(f'<img class="fig" src="{src(p)}" alt="{html.escape(why)}" title="{html.escape(why)}">'
+                    for p, why in c["tests"])
+    body.append(f'<div class="row">{tests}</div>' if tests else "<p>No finding box in the submission.</p>")
     body += ["<h2>Training curves</h2>"]
     for m, (path, note) in c["curves"].items():
         if path is None:
@@ -596,7 +601,7 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
             body += [f'<p class="muted"><b>{html.escape(m)}</b>, {html.escape(note)}</p>',
                      f'<img class="fig" src="{src(path)}" alt="{html.escape(m)} training curves">']
     with atomic_path(folder / "index.html") as tmp:
-        tmp.write_text(page(title, "\n".join(body)), encoding="utf-8")
+        tmp.write_text(page(title, "\n".join(body), ".row { display: flex; flex-wrap: wrap; gap: 10px; }"), encoding="utf-8")
 
     md = [f"# {title}", "", subtitle + "The full report with figures is `index.html` (opens offline).", ""]
     if warning:
