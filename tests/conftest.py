@@ -189,7 +189,7 @@ def fold0_against_prior(model: str, root: Path, *overrides: str, every_class: bo
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             cxr_main(["evaluate", "--labels", str(data / "train.csv"), "--submission", str(path), "--folds", str(folds),
-                      "--fold", "0"])
+                      "--fold", "0", "--json"])
         results.append(json.loads(buf.getvalue()))
     found = sorted(int(c) for c, ap in results[0]["ap"].items() if int(c) != NO_FINDING and ap)
     return results[0]["map"], results[1]["map"], minutes, found

@@ -245,7 +245,7 @@ def physionet(tmp_path) -> Path:
 
 def evaluate(capsys, *args) -> tuple[dict | None, str]:
     try:
-        main(["evaluate", *map(str, args)])
+        main(["evaluate", "--json", *map(str, args)])
     except SystemExit as e:
         out = capsys.readouterr()
         assert e.code == 2 and "Traceback" not in out.err

@@ -80,7 +80,7 @@ def test_empty_prediction_string_is_an_image_without_boxes(tmp_path, sample, cap
     pd.DataFrame([["a", "No finding", None, None, None, None], ["b", "No finding", None, None, None, None],
                   ["c", "Cardiomegaly", 10, 20, 30, 40]],
                  columns=["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"]).to_csv(labels, index=False)
-    main(["evaluate", "--labels", str(labels), "--submission", str(path), "--subset"])
+    main(["evaluate", "--json", "--labels", str(labels), "--submission", str(path), "--subset"])
     result = json.loads(capsys.readouterr().out)
     assert result["ap"]["3"] == 1.0 and result["ap"]["14"] == 0.0  # a's and b's No finding missed: no box predicted
 
@@ -147,7 +147,7 @@ def test_prediction_csv_and_parquet_round_trip(tmp_path):
 def test_real_sample_submission_is_valid_and_scores_no_finding_only(capsys):
     sample = real(SAMPLE_SUBMISSION)
     assert check_submission(sample, sample, None) == []
-    main(["evaluate", "--labels", str(real(TEST_LABELS)), "--submission", str(sample)])
+    main(["evaluate", "--json", "--labels", str(real(TEST_LABELS)), "--submission", str(sample)])
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"map", "ap"} and set(result["ap"]) == {str(c) for c in range(15)}
     assert result["ap"]["14"] > 0.6 and all(result["ap"][str(c)] == 0.0 for c in range(14))
@@ -161,10 +161,10 @@ def test_real_normal_images_only_submission_is_not_perfect(tmp_path, capsys):
     normal = sorted(set(gt.loc[gt["class_name"] == "No finding", "image_id"]))
     path = tmp_path / "normal_only.csv"
     pd.DataFrame({"image_id": normal, "PredictionString": "14 1 0 0 1 1"}).to_csv(path, index=False)
-    main(["evaluate", "--labels", str(labels), "--submission", str(path)])
+    main(["evaluate", "--json", "--labels", str(labels), "--submission", str(path)])
     out = capsys.readouterr()
     result = json.loads(out.out)
     assert f"lacks {3000 - len(normal)} of 3000 labelled images" in out.err
     assert result["map"] < 0.1 and all(result["ap"][str(c)] == 0.0 for c in range(14))
-    main(["evaluate", "--labels", str(labels), "--submission", str(path), "--subset"])
+    main(["evaluate", "--json", "--labels", str(labels), "--submission", str(path), "--subset"])
     assert json.loads(capsys.readouterr().out)["map"] == 1.0  # only when asked for

@@ -79,12 +79,13 @@ def test_core_pipeline_on_synth(synth_dir, tmp_path, capsys):
           "--sizes", str(d / "test_meta.csv"), "--out", str(tmp_path / "test.csv")])
     capsys.readouterr()
     main(["evaluate", "--labels", str(d / "train.csv"), "--submission", str(tmp_path / "oof.csv"),
-          "--folds", str(tmp_path / "folds.csv"), "--fold", "0"])
+          "--folds", str(tmp_path / "folds.csv"), "--fold", "0", "--json"])
     oof = json.loads(capsys.readouterr().out)
     main(["submission", "--predictions", str(tmp_path / "test.csv"), "--sample", str(d / "sample_submission.csv"),
           "--sizes", str(d / "test_meta.csv"), "--out", str(tmp_path / "sub.csv")])
     capsys.readouterr()
-    main(["evaluate", "--labels", str(d / "test_labels.csv"), "--submission", str(tmp_path / "sub.csv"), "--coco"])
+    main(["evaluate", "--labels", str(d / "test_labels.csv"), "--submission", str(tmp_path / "sub.csv"), "--coco",
+          "--json"])
     test = json.loads(capsys.readouterr().out)
     print(f"\nprior-box baseline on synth: OOF fold 0 mAP {oof['map']:.4f}, test mAP {test['map']:.4f}")
     for r in (oof, test):
