@@ -224,7 +224,8 @@ def _probabilities(model: torch.nn.Module, loader, dev: str, tta: bool, amp: boo
                 logits = (logits + model(torch.flip(x, dims=[3])).squeeze(1).float()) / 2
         ps.append(torch.sigmoid(logits).cpu().numpy())
         ys.append(y.numpy())
-    return np.concatenate(ps), np.concatenate(ys)
+    # float64 out: the CSV then holds these exact values, so predict-images' in-memory fold mean equals merge's
+    return np.concatenate(ps).astype(np.float64), np.concatenate(ys)
 
 
 def _load_model(cfg: Config, out: Path, dev: str) -> torch.nn.Module:
