@@ -207,7 +207,7 @@ pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -
 
 demo: install demo-data ## the whole pipeline on the synthetic benchmark (re-running skips finished work)
 	@start=$$(date +%s); $(MAKE) --no-print-directory pipeline evaluate && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.md"
+	echo "demo finished in $$(( $$(date +%s) - start )) s: submissions/$(NAME).csv, reports/$(NAME)/index.html"
 
 data: $(STAMP) ## Kaggle download or resized-PNG set -> checked DATA folder: make data SRC=... OUT=... SIZE=1024
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make data SRC=<Kaggle download or PNG set> OUT=<DATA folder> [SIZE=1024] [EXACT=1]" >&2; exit 2; }
