@@ -22,7 +22,7 @@ from cxr.io import write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
 from models.__main__ import main
-from models.detectron.detectron import Config, Mapper, build_cfg, records
+from models.detectron.detectron import Config, Mapper, build_cfg, frozen_bn_checkpoint, records
 from tests.conftest import kill_when, model_args
 
 FAST = ["max_iter=4", "eval_period=4", "checkpoint_period=2", "imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
@@ -202,35 +202,6 @@ def test_missing_or_needed_checkpoint_is_one_line(fold_setup, tmp_path, capsys):
     assert not (tmp_path / "detectron" / "fold0" / "train").exists()
 
 
-def calibrated_zoo_checkpoint(path: Path, cfg: Config, out: Path, images: list[np.ndarray]) -> None:
-    """A model-zoo-format checkpoint of ``cfg``'s FrozenBN architecture (80 COCO classes) that is
-    stable to train like the real file: the frozen statistics are those of one BatchNorm pass over
-    ``images`` (a FrozenBN network with random weights and identity statistics diverges)."""
-    from dataclasses import replace
-
-    from detectron2.layers import FrozenBatchNorm2d
-    from detectron2.modeling import build_model
-
-    d2 = build_cfg(replace(cfg, norm="BN", freeze_at=0, device="cpu"), out).clone()
-    d2.defrost()
-    d2.MODEL.ROI_HEADS.NUM_CLASSES = 80
-    model = build_model(d2)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative: after one pass the running statistics are the batch's
-    mapper = Mapper(cfg, train=False)
-    batch = [mapper({"file_name": str(p), "image_id": 0, "width": 1, "height": 1, "boxes": np.zeros((0, 4)),
-                     "classes": np.zeros(0, dtype=int)}) for p in images]
-    model.train()
-    with torch.no_grad():
-        model.backbone(model.preprocess_image(batch).tensor)
-    model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
-    with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()},
-                     "__author__": "Detectron2 Model Zoo"}, f)
-
-
 @pytest.mark.slow
 @pytest.mark.full_profile
 def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
@@ -242,7 +213,7 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
     cfg = load(Config, PROFILES / "full.yaml")
     zoo = tmp_path / "zoo_r101.pkl"
-    calibrated_zoo_checkpoint(zoo, cfg, tmp_path, sorted((data / "train").glob("*.png"))[:2])
+    frozen_bn_checkpoint(zoo, cfg, sorted((data / "train").glob("*.png"))[:2])
     common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
               "--profile", "full", "--set", "max_iter=1", f"weights={zoo}", "device=cpu"]
     start = time.time()

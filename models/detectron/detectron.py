@@ -247,6 +247,36 @@ def load_weights(model: torch.nn.Module, path: str, log=print) -> None:
     transfer(model, state, file, lambda name: name.startswith("backbone.bottom_up."), log=log)
 
 
+def frozen_bn_checkpoint(path: Path, cfg: Config, images: list[Path]) -> Path:
+    """A model-zoo-format checkpoint (``{'model': {name: ndarray}, '__author__': ...}``, 80 COCO classes) of
+    ``cfg``'s FrozenBN architecture that trains as stably as the real file: its frozen statistics are
+    those of one BatchNorm pass over ``images`` (random weights with identity statistics diverge). For
+    tests and ``bench/gpu_check.py``, which run the full profile's FrozenBN path without the zoo file."""
+    import pickle
+    from dataclasses import replace
+
+    from detectron2.layers import FrozenBatchNorm2d
+
+    d2 = build_cfg(replace(cfg, norm="BN", freeze_at=0, device="cpu"), path.parent).clone()
+    d2.defrost()
+    d2.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    model = build_model(d2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative: after one pass the running statistics are the batch's
+    mapper = Mapper(cfg, train=False)
+    batch = [mapper({"file_name": str(p), "image_id": 0, "width": 1, "height": 1, "boxes": np.zeros((0, 4)),
+                     "classes": np.zeros(0, dtype=int)}) for p in images]
+    model.train()
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(batch).tensor)
+    model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "Detectron2 Model Zoo"}, f)
+    return path
+
+
 class ValidationHook(HookBase):
     """Every ``period`` iterations and at the end: validation loss and mAP@0.4 into the event storage.
 
