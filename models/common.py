@@ -142,6 +142,10 @@ def job_device(cfg: Any, training: bool = True) -> str:
     check_gpus(gpus, dev)
     if os.environ.get("RANK", "0") == "0":
         print(device_line(dev, gpus), flush=True)
+        visible = torch.cuda.device_count() if dev == "cuda" else 0
+        if training and visible > gpus and "RANK" not in os.environ:
+            print(f"note: {visible} GPUs visible, this job trains on {gpus} (gpus: {gpus}; --set gpus={visible} "
+                  f"trains one job on all of them)", flush=True)
     return dev
 
 

@@ -312,3 +312,18 @@ def test_device_line_names_card_memory_and_versions(fake_cuda, monkeypatch):
     assert line.startswith("device: 1 x NVIDIA H200 (sm_90, 140.0 GiB); torch ") and "CUDA 13.0" in line
     assert line.endswith("driver 580.65")
     assert device_line("cpu").startswith("device: CPU, ")
+
+
+def test_a_job_on_fewer_gpus_than_visible_says_so(fake_cuda, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from models.common import job_device
+
+    fake_cuda((9, 0), (9, 0), (9, 0), (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="NVIDIA H100", major=9, minor=0, total_memory=80 * 2**30))
+    assert job_device(SimpleNamespace(device="cuda", gpus=1)) == "cuda"
+    out = capsys.readouterr().out
+    assert out.startswith("device: 1 x NVIDIA H100") and "note: 4 GPUs visible, this job trains on 1" in out
+    job_device(SimpleNamespace(device="cuda", gpus=4))
+    assert "note" not in capsys.readouterr().out
