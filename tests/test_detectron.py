@@ -18,7 +18,7 @@ import yaml
 from cxr.config import load
 from cxr.data import DataFolder
 from cxr.folds import make_folds
-from cxr.io import write_table
+from cxr.io import DataError, write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
 from models.__main__ import main
@@ -259,7 +259,12 @@ def test_gpus_launch_on_a_free_local_port(monkeypatch, tmp_path):
         raise Launched(fn, n, kw)
 
     monkeypatch.setattr(d, "launch", launch)
+    monkeypatch.setattr(d, "device", lambda requested="auto": "cuda")
     with pytest.raises(Launched) as e:
-        d.train(Config(gpus=2, device="cpu", norm="GN"), None, None, 0, tmp_path)
+        d.train(Config(gpus=2, norm="GN"), None, None, 0, tmp_path)
     fn, n, kw = e.value.args
     assert fn is d._train_worker and n == 2 and kw["dist_url"] == "auto"
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="detectron2 trains on several processes on CUDA only"):
+        d.train(Config(gpus=2, device="cpu", norm="GN"), None, None, 0, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -381,6 +381,8 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
         raise DataError("norm", "FrozenBN keeps a checkpoint's statistics and needs weights; to train from scratch "
                                 "set norm=GN head_norm=GN freeze_at=0 pixel_mean=[128,128,128] pixel_std=[64,64,64] "
                                 "(the demo profile's choice)")
+    if cfg.gpus > 1 and device(cfg.device) == "cpu":  # its create_ddp_model always passes CUDA device_ids
+        raise DataError("gpus", f"{cfg.gpus}: detectron2 trains on several processes on CUDA only; set gpus=1 on the CPU")
     # dist_url auto: a free local port (without one, launch stops on "MASTER_ADDR expected")
     launch(_train_worker, cfg.gpus, dist_url="auto", args=(cfg, data, folds, fold, out))
     train_dir = out / "train"
