@@ -27,7 +27,8 @@ FOLD    ?= 0
 # PROFILE is given
 PROFILE ?= $(if $(filter data/demo,$(patsubst %/,%,$(DATA))),demo,full)
 FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
-# GPUs: DEVICE=1 picks the card of train/predict/oof. DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
+# GPUs: DEVICE=1 picks the card of train/predict/oof, DEVICE=0,1,2,3 trains one job on those 4 cards (gpus: 4),
+# DEVICE=cpu runs on the CPU on purpose (full profiles need a GPU otherwise). DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
 # cards per job (default 1; G > 1 sets the profile's gpus: G) and RAY_ADDRESS=host:port (an existing Ray cluster):
 # oof, all-oof and pipeline run every model x fold job through models/scheduler.py (Ray), a job on each free set
 # of cards, never two on one.
@@ -41,12 +42,17 @@ SCHEDULE = $(or $(DEVICES),$(GPUS),$(RAY_ADDRESS))
 SET     ?=
 # FOLD_FUSION="iou_thr=0.4 conf_type=max": WBF settings of the folds' test merge (default cxr.wbf.FOLD_MERGE)
 FOLD_FUSION ?=
-# $(call ADAPTER,verb[,card]): one verb of MODEL's adapter
+comma := ,
+DEVICE_CARDS = $(filter-out cpu,$(DEVICE))
+DEVICE_N = $(words $(subst $(comma), ,$(DEVICE_CARDS)))
+# one --set list (a second --set would replace the first): SET, then what DEVICE implies
+SETS = $(strip $(SET) $(if $(filter cpu,$(DEVICE)),device=cpu,$(if $(filter-out 0 1,$(DEVICE_N)),gpus=$(DEVICE_N))))
+# $(call ADAPTER,verb[,cards]): one verb of MODEL's adapter
 ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
-  --profile $(PROFILE) --run-dir $(RUN)$(if $(SET), --set $(SET))
+  --profile $(PROFILE) --run-dir $(RUN)$(if $(SETS), --set $(SETS))
 # $(SCHEDULER) MODEL...: every fold of these models as Ray jobs, then merge (runs/NAME/jobs.csv, runs/NAME/logs/)
 SCHEDULER = $(strip $(PY) -m models.scheduler --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN) \
-  $(if $(SET),--set $(SET)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
+  $(if $(SETS),--set $(SETS)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
   $(if $(GPUS),--gpus $(GPUS)) $(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) \
   $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) --models)
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
@@ -80,7 +86,7 @@ help: ## list the targets and the variables
 	  "N_FOLDS=$(N_FOLDS)" "folds of make folds (3 for the demo, else 5); SEED=$(SEED)" \
 	  "SET=" "profile overrides: SET=\"epochs=5 imgsz=512\"" \
 	  "MODELS=" "detectors of the ensemble (default all); EXCLUDE=, EXTRA=name=path" \
-	  "DEVICE=" "the card of train / predict / oof (CUDA_VISIBLE_DEVICES)" \
+	  "DEVICE=" "card(s) of train / predict / oof: 1, or 0,1,2,3 (one job, 4 cards), or cpu" \
 	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
 	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)"
 
@@ -137,14 +143,14 @@ baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box fl
 	  --sizes $(DATA)/test_meta.csv --out submissions/$(NAME)_prior_boxes.csv
 
 train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
-	$(call ADAPTER,train,$(DEVICE)) --fold $(FOLD)
+	$(call ADAPTER,train,$(DEVICE_CARDS)) --fold $(FOLD)
 
 predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
-	$(call ADAPTER,predict,$(DEVICE)) --fold $(FOLD)
+	$(call ADAPTER,predict,$(DEVICE_CARDS)) --fold $(FOLD)
 
 $(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
-	$(call ADAPTER,train,$(DEVICE)) --fold $*
-	$(call ADAPTER,predict,$(DEVICE)) --fold $*
+	$(call ADAPTER,train,$(DEVICE_CARDS)) --fold $*
+	$(call ADAPTER,predict,$(DEVICE_CARDS)) --fold $*
 
 $(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
 	$(call ADAPTER,merge)$(if $(FOLD_FUSION), --fold-fusion $(FOLD_FUSION))

@@ -155,7 +155,9 @@ def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Membe
     folds, cfg = [], None
     for k in fold_ids:
         out = run / model / f"fold{k}"
-        cfg = load(adapter.Config, out / "config.yaml")
+        # where the folds trained does not bind where they predict: a full profile's device: cuda becomes auto,
+        # so new studies are read on a CPU-only workstation too (more slowly), not refused
+        cfg = load(adapter.Config, out / "config.yaml", overrides={"device": "auto"})
         try:
             folds.append(_classifier_infer(adapter, cfg, out) if kind == "classifier" else adapter.load_infer(cfg, out))
         except FileNotFoundError as e:

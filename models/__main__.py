@@ -84,6 +84,11 @@ def has_progress(out: Path) -> bool:
     return any(p.suffix in (".pt", ".pth") for p in out.rglob("*") if p.is_file())
 
 
+# Keys that say where a job runs, not what it trains: a fold may resume on another machine or card count
+# (the LR rule keeps the nominal batch across card counts, models.common.scale_for_gpus).
+WHERE_IT_RUNS = frozenset({"device", "gpus", "workers"})
+
+
 def check_run_config(cfg: object, out: Path) -> None:
     """A fold folder trained with another config is never silently reused: stop, naming what differs.
 
@@ -97,7 +102,8 @@ def check_run_config(cfg: object, out: Path) -> None:
         return
     old = read_yaml(saved.read_text()) or {}
     new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    diff = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    diff = [k for k in dict.fromkeys([*old, *new])
+            if k not in WHERE_IT_RUNS and old.get(k, "<unset>") != new.get(k, "<unset>")]
     if not diff:
         return
     if not has_progress(out):

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 # Files that train models, longest first (see pytest_collection_modifyitems).
 LONG_FILES = ["test_every_class.py", "test_demo_quality.py", "test_detectron.py", "test_yolo.py", "test_effdet.py",
-              "test_classifier.py", "test_scheduler.py", "test_predict_images.py"]
+              "test_classifier.py", "test_scheduler.py", "test_distributed.py", "test_predict_images.py"]
 TRAIN_FOLDS = "vindr-cxr-train-annotations/nhtlongcs/data/folds"
 TRAIN_INFO = "vindr-cxr-train-annotations/nhtlongcs/datasets/train_info.csv"
 TEST_LABELS = "vindr-cxr-test-annotations/Tuprott991/vindr_physionet_384/annotations_test.csv"

@@ -579,17 +579,32 @@ def test_plain_names(name, plain):
     assert is_plain_name(name) == plain
 
 
+def make_n(*args: str, dry: bool = True) -> subprocess.CompletedProcess:
+    """``make [-n] ARGS`` in the repo, as a user types it (not as a sub-make of `make test`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    return subprocess.run(["make", "--no-print-directory", *(["-n"] if dry else []), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("device, command", [
+    ("cpu", "models yolo train --data data/demo --folds folds/demo.csv --profile demo --run-dir runs/demo --set epochs=2 device=cpu"),
+    ("1", "CUDA_VISIBLE_DEVICES=1 .venv/bin/python -m models yolo train"),
+    ("0,1,2,3", "CUDA_VISIBLE_DEVICES=0,1,2,3 .venv/bin/python -m models yolo train --data data/demo --folds "
+                "folds/demo.csv --profile demo --run-dir runs/demo --set epochs=2 gpus=4 --fold 0"),
+])
+def test_make_device_reaches_the_adapter(device, command):
+    """DEVICE=cpu is a setting (it was CUDA_VISIBLE_DEVICES=cpu), a card list trains one job on all of them."""
+    r = make_n("train", f"DEVICE={device}", "SET=epochs=2")
+    assert r.returncode == 0 and command in r.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("name", ["../x", "a b", "", ".hidden", "-x"])
 def test_make_refuses_a_name_that_is_not_plain(name):
     """NAME names folds/, runs/, submissions/ and reports/ entries: '../x' wrote outside them, 'a b' two wrong files."""
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run(["make", "-n", "folds", f"NAME={name}"], cwd=repo, capture_output=True, text=True)
+    r = make_n("folds", f"NAME={name}")
     assert r.returncode == 2 and f"NAME='{name}' is not a plain name" in r.stderr and not r.stdout
 
 
-def make_n(*args: str, dry: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", *(["-n"] if dry else []), *args], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True)
 
 
 def test_make_suggests_a_target_or_model_before_any_work():
