@@ -13,7 +13,6 @@ never saved a checkpoint does not block the next run (:func:`check_run_config`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cxr.args import Parser, non_negative_int
 from cxr.config import from_dict, load, read_yaml, save, to_dict
 from cxr.data import DataFolder, read_folds
 from cxr.io import DataError, one_line_errors
@@ -134,16 +134,16 @@ def check_launcher(cfg: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
-        lp = argparse.ArgumentParser(prog="python -m models list", description="print the model table's names")
+        lp = Parser(prog="python -m models list", description="print the model table's names")
         lp.add_argument("--kind", choices=["detector", "classifier"])
         print(*names(lp.parse_args(argv[1:]).kind))
         return
-    p = argparse.ArgumentParser(prog="python -m models", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m models", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=list(MODELS))
     p.add_argument("verb", choices=["prepare", "train", "predict", "merge"])
     p.add_argument("--data", required=True, help="folder in Kaggle's resized-PNG layout")
     p.add_argument("--folds", required=True, help="fold file (image_id,fold)")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--fold", type=non_negative_int, default=0)
     p.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
     p.add_argument("--run-dir", default="runs/demo", help="run root; outputs go to RUN_DIR/MODEL/foldK")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr.args import Parser, positive_int
 from cxr.data import read_folds
 from cxr.io import DataError, one_line_errors, read_table, write_table
 from models import MODELS
@@ -232,7 +233,7 @@ def progress(done: int, running: int, waiting: int, failed: int, seconds: list[f
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m models.scheduler", description=__doc__.splitlines()[0],
+    p = Parser(prog="python -m models.scheduler", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--models", nargs="+", required=True, help=f"of {', '.join(MODELS)}")
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="passed to every verb")
     p.add_argument("--fold-fusion", nargs="*", default=[], metavar="KEY=VALUE", help="passed to merge")
     p.add_argument("--devices", help="local cards, e.g. 0,1,2,3 (DEVICES)")
-    p.add_argument("--gpus", type=int, help="how many cards (GPUS): locally the first N, on a cluster a check")
-    p.add_argument("--gpus-per-job", type=int, help="cards each job holds (GPUS_PER_JOB; default: SET's gpus, or 1)")
+    p.add_argument("--gpus", type=positive_int, help="how many cards (GPUS): locally the first N, on a cluster a check")
+    p.add_argument("--gpus-per-job", type=positive_int, help="cards each job holds (GPUS_PER_JOB; default: SET's gpus, or 1)")
     p.add_argument("--address", help="host:port of an existing Ray cluster (RAY_ADDRESS); default: local")
     p.add_argument("--adapter", default=f"{shlex.quote(sys.executable)} -m models",
                    help="command that runs one verb (default: this Python's -m models; the tests give a stand-in)")

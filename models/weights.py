@@ -17,7 +17,6 @@ another architecture).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -28,6 +27,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from cxr.args import Parser
 from cxr.io import DataError, atomic_path
 
 WEIGHTS_DIR = Path("weights")
@@ -134,7 +134,7 @@ def fetch(names: list[str], out: Path = WEIGHTS_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m models.weights", description="download the full profiles' checkpoints")
+    p = Parser(prog="python -m models.weights", description="download the full profiles' checkpoints")
     p.add_argument("names", nargs="*", default=list(WEIGHTS), help=f"default: all of {', '.join(WEIGHTS)}")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     a = p.parse_args(argv)

@@ -465,6 +465,14 @@ def entry_point(name: str):
         from ensemble.blend import main as blend_main
 
         return blend_main
+    if name == "models":
+        from models.__main__ import main as models_main
+
+        return models_main
+    if name == "scheduler":
+        from models.scheduler import main as scheduler_main
+
+        return scheduler_main
     from ensemble.__main__ import main as ensemble_main  # predict-images is forwarded from here
 
     return ensemble_main
@@ -482,6 +490,10 @@ PREDICT = ["predict-images", "--src", "s", "--run-dir", "runs/x", "--out", "o"]
         ("cxr", ["fuse", "--labels", "t.csv", "--iou-thr", "5", "--out", "x.csv"], "--iou-thr: 5 is not an IoU in (0, 1]"),
         ("cxr", ["fuse", "--labels", "t.csv", "--iou-thr", "nan", "--out", "x.csv"], "--iou-thr: nan is not an IoU"),
         ("cxr", ["evaluate", "--labels", "t.csv", "--submission", "s.csv", "--fold", "-1"], "--fold: -1 is not an integer >= 0"),
+        ("models", ["yolo", "train", *RUN, "--fold", "-1"], "--fold: -1 is not an integer >= 0"),
+        ("models", ["yolov8", "train", *RUN], "model: invalid choice: 'yolov8'"),
+        ("scheduler", ["--models", "yolo", *RUN, "--gpus", "0"], "--gpus: 0 is not an integer >= 1"),
+        ("scheduler", ["--models", "yolo", *RUN, "--gpus-per-job", "x"], "--gpus-per-job: 'x' is not an integer"),
         ("cxr", ["evaluate", "--labels", "t.csv"], "the following arguments are required: --submission"),
         ("blend", ["--subs", "a.csv", "--iou-thr", "0"], "--iou-thr: 0 is not an IoU in (0, 1]"),
         ("blend", ["--subs", "a.csv", "--group-iou-thr", "1.5"], "--group-iou-thr: 1.5 is not an IoU"),
