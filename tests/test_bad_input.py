@@ -34,25 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
                 pixel_data: bool = True) -> Path:
-    """A small uncompressed 12-bit DICOM, like a CR/DX file (optionally with a VOI window)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """A small uncompressed 12-bit DICOM, like a CR/DX file (optionally with a VOI window or without pixel data)."""
+    import pydicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    if pixel_data:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    from cxr.dicom import write_dicom as write
+
+    write(path, pixels.astype(np.uint16), photometric, window=window)
+    if not pixel_data:
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path, enforce_file_format=True)
     return path
 
 
