@@ -41,7 +41,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from cxr.io import DataError, atomic_path, write_table
-from models.common import cpu_count, rank_world
+from models.common import cpu_count, device, loader_workers, rank_world, scale_for_gpus
 
 
 def launch(fn: Callable[..., Any], processes: int, *args: Any) -> None:
@@ -87,6 +87,24 @@ def init_distributed(dev: str) -> tuple[int, int, str]:
         # images), and rank 0 alone only writes checkpoints, seconds each
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+def start_rank(cfg: Any, prepare: Callable[[], Any]) -> tuple[int, int, str, int, float, int]:
+    """The start that every rank of a hand-written loop shares (effdet, classifier): join the process
+    group, rank 0 runs ``prepare`` (the fold's labels.csv) while the others wait for it, cuDNN tunes its
+    kernels once for the profile's fixed training size, and every rank starts from the same weights
+    (``cfg.seed``). Returns (rank, world, device, accumulate, lr factor, loader workers) for this world
+    size (:func:`models.common.scale_for_gpus`, :func:`models.common.loader_workers`)."""
+    rank, world, dev = init_distributed(device(cfg.device))
+    if rank == 0:
+        prepare()
+    if world > 1:
+        dist.barrier()  # labels.csv is written
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every batch has the profile's fixed size: tune the kernels once
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    accumulate, lr_factor = scale_for_gpus(cfg.accumulate, world)
+    return rank, world, dev, accumulate, lr_factor, loader_workers(cfg.workers, world)
 
 
 def train_loader(ds: torch.utils.data.Dataset, batch: int, workers: int, seed: int, dev: str,

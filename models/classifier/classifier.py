@@ -48,9 +48,9 @@ from cxr.dataset import NO_FINDING
 from cxr.images import read_image
 from cxr.io import write_table
 from models.common import (all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict,
-                           scale_for_gpus, trained_weights)
-from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, init_distributed, launch, log_epoch,
-                                make_optimizer, microbatches, resume, save_checkpoint, save_if_best, train_loader,
+                           trained_weights)
+from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, launch, log_epoch, make_optimizer,
+                                microbatches, resume, save_checkpoint, save_if_best, start_rank, train_loader,
                                 updates_per_epoch)
 from models.weights import resolve, transfer
 
@@ -160,18 +160,9 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
 
 def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
     """One rank of :func:`train` (the only one without a launcher)."""
-    rank, world, dev = init_distributed(device(cfg.device))
-    if rank == 0:
-        prepare(cfg, data, folds, fold, out)
-    if world > 1:
-        dist.barrier()  # labels.csv is written
-    if dev.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # every batch has the profile's fixed size: tune the kernels once
+    rank, world, dev, accumulate, lr_factor, workers = start_rank(cfg, lambda: prepare(cfg, data, folds, fold, out))
     table = pd.read_csv(out / "labels.csv", dtype={"image_id": str}).set_index("image_id")
     train_ids, val_ids = split(folds, fold)
-    accumulate, lr_factor = scale_for_gpus(cfg.accumulate, world)
-    workers = loader_workers(cfg.workers, world)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     network = build(cfg).to(dev)
     model = (torch.nn.parallel.DistributedDataParallel(network, device_ids=[dev] if dev.startswith("cuda") else None)
              if world > 1 else network)
