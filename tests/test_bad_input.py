@@ -623,3 +623,10 @@ def test_profile_follows_data(data, profile):
     r = make_n("train", f"DATA={data}")
     assert r.returncode == 0 and f"--profile {profile} " in r.stdout
     assert "--profile demo " in make_n("train", f"DATA={data}", "PROFILE=demo").stdout  # an explicit choice wins
+
+
+@pytest.mark.parametrize("target", ["prepare", "data"])
+def test_make_exact_keeps_the_full_jpeg2000_decode(target):
+    """EXACT=1 reaches cxr's --exact; without it the reduced-resolution decode is the default."""
+    assert "--exact" in make_n(target, "SRC=a", "OUT=b", "EXACT=1").stdout
+    assert "--exact" not in make_n(target, "SRC=a", "OUT=b").stdout
