@@ -22,9 +22,14 @@ holds inside lists too (``list[Annotated[float, Range(0, 1)]]``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import io
 import math
 import os
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -132,6 +137,85 @@ def save(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+# The frameworks' own names (ultralytics, detectron2) and older names of keys the model configs share under one
+# name: an unknown key found here is answered with the shared one
+SYNONYMS = {"lr0": "lr", "base_lr": "lr", "max_iter": "epochs", "warmup_iters": "warmup_epochs",
+            "eval_period": "validate_every", "val_period": "validate_every", "shift": "translate", "rotate": "degrees",
+            "conf": "score_thr", "iou": "nms_iou", "hsv_v": "brightness_contrast", "flip": "fliplr"}
+
+
+def unknown_keys(cls: type, unknown: list[str]) -> str:
+    """``unknown key 'epoch' (did you mean 'epochs'?) for yolo Config`` plus where framework keys go (the
+    class's ``PASSTHROUGH``); the known keys when nothing is close."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+
+    def closest(key: str) -> str | None:
+        if SYNONYMS.get(key) in fields:
+            return SYNONYMS[key]
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+        return close[0] if close else None
+
+    parts = [f"unknown key {key!r}" + (f" (did you mean {closest(key)!r}?)" if closest(key) else "") for key in unknown]
+    text = f"{'; '.join(parts)} for {cls.__module__.rsplit('.', 1)[-1]} {cls.__name__}"
+    passthrough = getattr(cls, "PASSTHROUGH", "")
+    if passthrough:
+        text += f"; {passthrough}"
+    if not all(closest(k) for k in unknown):
+        text += f"; known: {', '.join(sorted(fields))}"
+    return text
+
+
+def describe(cls: type, shared: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(key, type, meaning) of every field of dataclass ``cls``, in order. The meaning is ``shared[key]``
+    when given (a vocabulary common to several configs), else the trailing ``# comment`` of the field's
+    line(s) in the class's source, else ''."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    comments = _field_comments(cls)
+    return [(f.name, type_text(hints[f.name]), (shared or {}).get(f.name) or comments.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment(s) on its logical line in ``cls``'s source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    name, comments, first = None, [], True
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and first:
+            name = tok.string
+        first = tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.COMMENT) and first
+        if tok.type == tokenize.COMMENT and name is not None:
+            comments.append(tok.string.lstrip("#").strip())
+        if tok.type == tokenize.NEWLINE:
+            if name is not None and comments:
+                out[name] = " ".join(comments)
+            name, comments, first = None, [], True
+    return out
+
+
+def type_text(hint: Any) -> str:
+    """A field's type in words: ``int >= 1``, ``float in [0, 1]``, ``one of SGD|AdamW``, ``str or null``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        ranges = [str(r) for r in hint.__metadata__ if isinstance(r, Range)]
+        return ", ".join([type_text(args[0]), *ranges]).replace(", >", " >").replace(", <", " <").replace(", in ", " in ")
+    if origin in (typing.Union, types.UnionType):
+        options = [type_text(a) for a in args if a is not type(None)]
+        return " | ".join(options) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + "|".join(repr(a) if a == "" else str(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {type_text(args[0]) if args else 'values'}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(hint):
+        return hint.__name__
+    return getattr(hint, "__name__", str(hint))
+
+
 def _values(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """``data``'s keys checked against ``cls``'s fields, each value coerced to its type and checked."""
     if not isinstance(data, dict):
@@ -139,7 +223,7 @@ def _values(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise DataError(where, f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+        raise DataError(where, unknown_keys(cls, unknown))
     hints = typing.get_type_hints(cls, include_extras=True)
     return {name: _coerce(hints[name], value, f"{where}: {name}") for name, value in data.items()}
 

@@ -42,6 +42,37 @@ Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, sc
 Infer = Callable[[list[np.ndarray]], list[Detections]]
 
 
+# --- one vocabulary -----------------------------------------------------------------------------------
+
+# Keys that mean the same in every model's Config, so one SET serves `make all-oof`; the meaning of
+# every other field is the trailing comment on its line (read by `python -m models MODEL config`).
+VOCABULARY: dict[str, str] = {
+    "imgsz": "training and prediction size (square, px)",
+    "epochs": "passes over the fold's training images",
+    "warmup_epochs": "linear learning-rate warmup, in epochs (fractions allowed)",
+    "batch": "images per GPU per step",
+    "lr": "peak learning rate for the profile's nominal batch on one GPU",
+    "validate_every": "epochs between validations on the held-out fold (the last epoch always validates)",
+    "checkpoint": "weights predict uses: last = final (EMA) weights, honest OOF; best = best validation epoch "
+                  "on the same fold, optimistic OOF",
+    "workers": "loader workers per GPU at most (fewer when the job has fewer cores)",
+    "amp": "mixed precision on GPU: training, validation and prediction",
+    "tta": "horizontal-flip test-time augmentation at prediction",
+    "seed": "seed of the initial weights, shuffling and augmentation",
+    "device": "auto: a usable GPU, else the CPU; cuda: a GPU or stop; cpu: the CPU on purpose",
+    "gpus": "GPUs of one training job (the first N visible); batch is per GPU",
+    "weights": "local checkpoint to start from (make weights); null: the profile's other start or from scratch",
+    "fliplr": "probability of a horizontal flip",
+    "translate": "random shift, +- fraction of the side",
+    "scale": "random zoom in [1 - scale, 1 + scale]",
+    "degrees": "random rotation, +- degrees",
+    "brightness_contrast": "brightness and contrast jitter, +- (YOLO: hsv_v, brightness only)",
+    "labels": "reader fusion of the training labels (mode, iou_thr, drop_readers)",
+    "score_thr": "lowest box score kept at prediction (low: the metric does not punish extra boxes)",
+    "max_det": "most boxes kept per image",
+}
+
+
 # --- devices ----------------------------------------------------------------------------------------
 
 
