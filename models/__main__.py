@@ -1,6 +1,8 @@
 """Run one verb of one model adapter: ``python -m models MODEL VERB --fold K ...`` (what the Makefile calls).
 
-``python -m models list [--kind detector|classifier]`` prints the model table's names.
+``python -m models list [--kind detector|classifier]`` prints the model table's names;
+``python -m models MODEL config [--profile P] [--set K=V ...]`` prints the resolved config: every key
+with its value, type and meaning, as YAML that can be saved as a profile.
 
 Verbs: ``prepare``, ``train``, ``predict`` (one fold) and ``merge`` (all folds: ``oof.csv`` =
 every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF).
@@ -9,27 +11,40 @@ Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` 
 Every input is checked before anything is written: the profile's keys and ranges (``cxr.config``),
 the fold (it must be in the fold file), the device (``device: cuda`` needs a usable GPU; ``gpus:``
 no more than the visible cards). A refused run leaves no folder behind, and a fold folder whose run
-never saved a checkpoint does not block the next run (:func:`check_run_config`).
+never saved a checkpoint does not block the next run (:func:`check_run_config`). ``predict`` uses the
+fold's saved config: only the adapter's ``PREDICT_ONLY`` keys (threshold, TTA, checkpoint) and where it
+runs may differ, and what it used is recorded in ``predict.yaml`` (:func:`predict_config`).
+
+Every verb on a fold appends what it prints (its child processes' too) to ``<fold>/log.txt``.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
 
 from cxr.args import Parser, non_negative_int
-from cxr.config import from_dict, load, read_yaml, save, to_dict
-from cxr.data import DataFolder, read_folds
-from cxr.io import DataError, one_line_errors
-from cxr.predictions import read_predictions, write_predictions
+from cxr.config import describe, from_dict, load, read_yaml, save, to_dict
+from cxr.data import DataFolder, read_folds, split
+from cxr.io import DataError, atomic_path, one_line_errors
+from cxr.metric import ground_truth, mean_average_precision
+from cxr.predictions import read_predictions, read_probabilities, write_predictions
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
+from cxr.dataset import NO_FINDING
 from models import MODELS, kind, names
 from models import adapter as import_adapter
-from models.common import fold_dir, job_device
+from models.common import VOCABULARY, fold_dir, job_device
 
 HERE = Path(__file__).parent
 
@@ -116,6 +131,123 @@ def check_run_config(cfg: object, out: Path) -> None:
                            f"for these settings, or delete {out} to retrain it")
 
 
+def config_text(model: str, cfg: object) -> str:
+    """The resolved config as YAML, each key with its type and meaning as a comment (saveable as a profile)."""
+    adapter = import_adapter(model)
+    values = to_dict(cfg)
+    lines = [f"# {model}: every key of its Config (shared keys mean the same in every model: "
+             f"{', '.join(k for k in VOCABULARY if k in values)})"]
+    passthrough = getattr(adapter.Config, "PASSTHROUGH", "")
+    if passthrough:
+        lines.append(f"# {passthrough}")
+    only = sorted(getattr(adapter, "PREDICT_ONLY", ()))
+    if only:
+        lines.append(f"# may change at predict time: {', '.join(only)} (and device, gpus, workers)")
+    for key, type_, meaning in describe(adapter.Config, VOCABULARY):
+        value = yaml.safe_dump({key: values[key]}, default_flow_style=True, width=10**6, sort_keys=False).strip()[1:-1]
+        lines.append(f"{value}  # {type_}" + (f"; {meaning}" if meaning else ""))
+    return "\n".join(lines)
+
+
+def predict_config(adapter: Any, cfg: Any, out: Path) -> Any:
+    """The config ``predict`` runs with: the fold's saved ``config.yaml`` (what it was trained with), with
+    only the prediction settings (the adapter's ``PREDICT_ONLY``) and where it runs taken from ``cfg``. A
+    model-defining key that differs (``imgsz``, the architecture, ...) stops the run, naming the keys:
+    predicting with settings the weights were not trained with silently wrecks the fold's OOF table."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return cfg  # not trained here: load_infer says which make target trains it
+    trained = load(adapter.Config, saved, overrides_from=str(saved))
+    free = set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
+    old, new = to_dict(trained), to_dict(cfg)
+    diff = [k for k in old if k not in free and old[k] != new.get(k)]
+    if diff:
+        changes = "; ".join(f"{k}: trained {old[k]!r}, asked {new.get(k)!r}" for k in diff)
+        raise DataError(saved, f"this fold was trained with other settings ({changes}): predict with the training "
+                               f"settings (same PROFILE, no SET for these keys); only {', '.join(sorted(free))} may "
+                               f"change at predict time")
+    return dataclasses.replace(trained, **{k: new[k] for k in free if k in new})
+
+
+def record_prediction(adapter: Any, cfg: Any, out: Path) -> Path:
+    """``predict.yaml``: the prediction settings the fold's tables were made with (the report reads
+    ``checkpoint`` from it: ``best`` marks the fold's OOF figures as optimistic)."""
+    keys = sorted(set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS)
+    values = {k: v for k, v in to_dict(cfg).items() if k in keys}
+    with atomic_path(out / "predict.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    return out / "predict.yaml"
+
+
+def score_line(model: str, data: DataFolder, ids: list[str], path: Path) -> str:
+    """``mAP@0.4 0.107`` (detectors, the competition metric on these images) or ``ROC AUC 0.91`` (classifier)."""
+    if kind(model) == "classifier":
+        from sklearn.metrics import roc_auc_score
+
+        labels = data.labels.assign(finding=data.labels["class_id"] != NO_FINDING).groupby("image_id")["finding"].any()
+        y = labels.loc[ids].to_numpy().astype(int)
+        if len(set(y)) < 2:
+            return "ROC AUC undefined (one class only)"
+        return f"ROC AUC {roc_auc_score(y, read_probabilities(path, ids).to_numpy()):.4f}"
+    preds = read_predictions(path)
+    return f"mAP@0.4 {mean_average_precision(ground_truth(data.labels), preds[preds['image_id'].isin(ids)], ids)['map']:.4f}"
+
+
+def train_summary(model: str, fold: int, weights: Path) -> str:
+    """What training left: the weights, and the validation score of the last and the best epoch."""
+    out = weights.parent
+    text = f"{model} fold {fold} trained: {weights}"
+    metrics = out / "metrics.csv"
+    if metrics.is_file():
+        log = pd.read_csv(metrics)
+        col = next((c for c in ("val_map", "val_auc") if c in log), None)
+        if col is not None and log[col].notna().any():
+            best = log.loc[log[col].idxmax()]
+            last = log[log[col].notna()].iloc[-1]
+            name = "mAP@0.4" if col == "val_map" else "ROC AUC"
+            text += (f"; validation {name}: last {last[col]:.4f} (epoch {int(last['epoch'])}), best {best[col]:.4f} "
+                     f"(epoch {int(best['epoch'])}); curves: {metrics}, {out / 'tensorboard'}")
+    return text
+
+
+@contextlib.contextmanager
+def fold_log(out: Path, argv: list[str]) -> Iterator[None]:
+    """Append everything this process and its children print to ``out/log.txt`` (two ``tee``s: stdout and
+    stderr stay apart on the console), from here on; a failure's message or traceback goes there too. A run
+    that fails before writing anything but its log leaves no folder (nor the run folders it created)."""
+    created = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    with open(log, "a") as f:
+        f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} python -m models {shlex.join(argv)}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    tees = [subprocess.Popen(["tee", "-a", str(log)], stdin=subprocess.PIPE, stdout=fd, pass_fds=(fd,)) for fd in saved]
+    os.dup2(tees[0].stdin.fileno(), 1)
+    os.dup2(tees[1].stdin.fileno(), 2)
+    failure = None
+    try:
+        yield
+    except BaseException as e:
+        failure = f"error: {e}\n" if isinstance(e, DataError) else traceback.format_exc()
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for tee, fd in zip(tees, saved):
+            tee.stdin.close()
+            tee.wait()
+            os.close(fd)
+        if failure is not None:
+            with open(log, "a") as f:
+                f.write(failure)
+            if created is not None and {p.name for p in out.iterdir()} <= {"log.txt"}:
+                shutil.rmtree(created, ignore_errors=True)
+
+
 def check_fold(folds: pd.DataFrame, fold: int, where: str) -> None:
     ks = sorted(int(k) for k in folds["fold"].unique())
     if fold not in ks:
@@ -138,6 +270,17 @@ def main(argv: list[str] | None = None) -> None:
         lp.add_argument("--kind", choices=["detector", "classifier"])
         print(*names(lp.parse_args(argv[1:]).kind))
         return
+    if len(argv) > 1 and argv[1] == "config":
+        cp = Parser(prog="python -m models MODEL config", description="print the resolved config: key, value, type, meaning")
+        cp.add_argument("model", choices=list(MODELS))
+        cp.add_argument("verb", choices=["config"])
+        cp.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
+        cp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
+        a = cp.parse_args(argv)
+        with one_line_errors():
+            adapter = import_adapter(a.model)
+            print(config_text(a.model, load(adapter.Config, profile_path(a.model, a.profile), parse_overrides(a.set))))
+        return
     p = Parser(prog="python -m models", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=list(MODELS))
     p.add_argument("verb", choices=["prepare", "train", "predict", "merge"])
@@ -152,23 +295,47 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     with one_line_errors():
         adapter = import_adapter(a.model)
-        profile = Path(a.profile) if a.profile.endswith(".yaml") else HERE / a.model / f"{a.profile}.yaml"
-        overrides = parse_overrides(a.set)
-        cfg = load(adapter.Config, profile, overrides)
+        cfg = load(adapter.Config, profile_path(a.model, a.profile), parse_overrides(a.set))
         data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
         if a.verb == "merge":
             fusion = from_dict(WBF, {**to_dict(FOLD_MERGE), **parse_overrides(a.fold_fusion, "--fold-fusion")},
                                "--fold-fusion")
-            print(*merge(a.model, data, folds, run, fusion))
+            oof, test = merge(a.model, data, folds, run, fusion)
+            ks = sorted(int(k) for k in folds["fold"].unique())
+            print(f"{a.model}: out-of-fold predictions of folds {', '.join(map(str, ks))}: {oof} "
+                  f"(OOF {score_line(a.model, data, list(folds['image_id']), oof)}); test predictions, the folds' "
+                  f"{'mean' if kind(a.model) == 'classifier' else 'tables fused with WBF'}: {test}")
             return
         check_fold(folds, a.fold, a.folds)
+        out = fold_dir(run, a.model, a.fold)
+        if a.verb == "predict":
+            cfg = predict_config(adapter, cfg, out)
         if a.verb in ("train", "predict"):
             check_launcher(cfg)
-            job_device(cfg, training=a.verb == "train")
-        out = fold_dir(run, a.model, a.fold)
         if a.verb == "train":
             check_run_config(cfg, out)
-        print(getattr(adapter, a.verb)(cfg, data, folds, a.fold, out))
+        with fold_log(out, argv):
+            if a.verb in ("train", "predict"):
+                job_device(cfg, training=a.verb == "train")
+            result = getattr(adapter, a.verb)(cfg, data, folds, a.fold, out)
+            if os.environ.get("RANK", "0") != "0":
+                return
+            if a.verb == "train":
+                print(train_summary(a.model, a.fold, result), flush=True)
+            elif a.verb == "predict":
+                record_prediction(adapter, cfg, out)
+                oof, test = result
+                val_ids = split(folds, a.fold)[1]
+                print(f"{a.model} fold {a.fold}: out-of-fold predictions {oof} (fold {a.fold}'s {len(val_ids)} images, "
+                      f"{score_line(a.model, data, val_ids, oof)}, checkpoint {getattr(cfg, 'checkpoint', 'last')}); "
+                      f"test predictions {test}", flush=True)
+            else:
+                print(f"{a.model} fold {a.fold} prepared: {result}", flush=True)
+
+
+def profile_path(model: str, profile: str) -> Path:
+    """``demo``/``full`` -> ``models/MODEL/PROFILE.yaml``; a ``.yaml`` path as given."""
+    return Path(profile) if profile.endswith(".yaml") else HERE / model / f"{profile}.yaml"
 
 
 if __name__ == "__main__":

@@ -126,8 +126,6 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
 ])
 def test_a_refused_run_is_one_line_and_leaves_nothing(name, bad, message, fold_setup, tmp_path, capsys):
     """Bad input stops with one line and exit 2 before anything is written: no fold folder, no config.yaml."""
-    if "epochs" in message and name == "detectron":
-        bad, message = ["--set", "max_iter=-1"], message.replace("epochs", "max_iter")
     argv = [a for a in model_args(name, "train", fold_setup, run=tmp_path) if a not in ("--fold", "0")]
     argv = [*argv, *(bad if bad[0] == "--fold" else ["--fold", "0", *bad])]
     with pytest.raises(SystemExit) as e:
@@ -208,3 +206,117 @@ def test_merge_fuses_folds_with_the_given_settings_and_saves_them(synth_dir, tmp
     key = ["image_id", "class_id", "score"]
     np.testing.assert_allclose(merged.sort_values(key)["score"].to_numpy(), expected.sort_values(key)["score"].to_numpy(),
                                atol=1e-6)
+
+
+# The keys every model's Config has, with the same type and meaning (models.common.VOCABULARY), so one
+# SET serves `make all-oof`; the detectors also share the DETECTOR_KEYS.
+SHARED_KEYS = ["imgsz", "epochs", "warmup_epochs", "batch", "lr", "validate_every", "checkpoint", "workers", "amp", "tta",
+               "seed", "device", "gpus", "weights", "fliplr", "translate", "scale", "degrees", "brightness_contrast"]
+DETECTOR_KEYS = ["labels", "score_thr", "max_det"]
+
+
+def test_every_model_speaks_one_vocabulary():
+    import typing
+
+    from cxr.config import type_text
+    from models.common import VOCABULARY
+
+    assert set(SHARED_KEYS + DETECTOR_KEYS) <= set(VOCABULARY)
+    types: dict[str, set[str]] = {}
+    for name in models.names():
+        hints = typing.get_type_hints(models.adapter(name).Config, include_extras=True)
+        wanted = SHARED_KEYS + (DETECTOR_KEYS if models.kind(name) == "detector" else [])
+        assert not set(wanted) - set(hints), f"{name} lacks {sorted(set(wanted) - set(hints))}"
+        for key in wanted:
+            types.setdefault(key, set()).add(type_text(hints[key]).replace(" or null", ""))
+    assert {k: t for k, t in types.items() if len(t) > 1} == {}, "a shared key has another type in some model"
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_one_set_serves_every_model(profile):
+    """SET="epochs=2 lr=0.001 imgsz=256 degrees=5 ..." means the same to all four models (make all-oof)."""
+    one_set = {"epochs": 2, "lr": 1e-3, "imgsz": 256, "batch": 2, "warmup_epochs": 0.5, "validate_every": 2,
+               "checkpoint": "best", "fliplr": 0.5, "translate": 0.1, "scale": 0.2, "degrees": 5, "brightness_contrast": 0.1,
+               "tta": True, "amp": False, "workers": 1}
+    for name in models.names():
+        cfg = load(models.adapter(name).Config, HERE / name / f"{profile}.yaml", one_set)
+        assert {k: getattr(cfg, k) for k in one_set} == one_set, name
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_config_command_prints_every_key_with_type_and_meaning_as_a_loadable_profile(name, tmp_path):
+    """`python -m models MODEL config` lists every key, its type and a one-line meaning; its output is YAML
+    that loads back into the same config (a profile to start from)."""
+    from cxr.config import describe
+    from models.__main__ import config_text
+    from models.common import VOCABULARY
+
+    Config = models.adapter(name).Config
+    assert [k for k, _, meaning in describe(Config, VOCABULARY) if not meaning] == [], "fields without a meaning"
+    out = subprocess.run([sys.executable, "-m", "models", name, "config", "--profile", "full", "--set", "epochs=3"],
+                         capture_output=True, text=True, cwd=HERE.parent)
+    assert out.returncode == 0, out.stderr
+    cfg = load(Config, HERE / name / "full.yaml", {"epochs": 3})
+    assert out.stdout.strip() == config_text(name, cfg)
+    keys = [line.split(":")[0] for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert keys == [f.name for f in dataclasses.fields(Config)]
+    assert all("  # " in line for line in out.stdout.splitlines() if not line.startswith("#"))
+    (tmp_path / "p.yaml").write_text(out.stdout)
+    assert load(Config, tmp_path / "p.yaml") == cfg
+    assert "epochs: 3  # int >= 1; passes over the fold's training images" in out.stdout
+
+
+@pytest.mark.parametrize("name, key, hint", [
+    ("yolo", "epoch", "did you mean 'epochs'?"),
+    ("detectron", "max_iter", "did you mean 'epochs'?"),
+    ("yolo", "lr0", "did you mean 'lr'?"),
+    ("yolo", "mixup", "train_args"),
+    ("detectron", "MODEL.RPN.NMS_THRESH", "opts"),
+    ("effdet", "lr0", "did you mean 'lr'?"),
+])
+def test_an_unknown_key_names_the_closest_one_and_where_framework_keys_go(name, key, hint, fold_setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(model_args(name, "train", fold_setup, "--set", f"{key}=1", run=tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and f"unknown key '{key}'" in err and hint in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_predict_keeps_the_trained_settings_and_only_changes_prediction_ones(name, tmp_path):
+    """predict runs with the fold's saved config: a model-defining key that differs (imgsz) stops it, naming
+    the key; the adapter's PREDICT_ONLY keys and where it runs may change."""
+    from cxr.config import save
+    from models.__main__ import predict_config
+
+    adapter = models.adapter(name)
+    trained = load(adapter.Config, HERE / name / "demo.yaml")
+    save(trained, tmp_path / "config.yaml")
+    assert {"tta", "checkpoint"} <= adapter.PREDICT_ONLY
+    assert not adapter.PREDICT_ONLY & {"imgsz", "epochs", "lr", "batch", "weights"}
+    changed = dataclasses.replace(trained, tta=not trained.tta, checkpoint="best", workers=0)
+    assert predict_config(adapter, changed, tmp_path) == changed
+    with pytest.raises(ValueError, match=rf"config.yaml: this fold was trained with other settings \(imgsz: trained "
+                                         rf"{trained.imgsz}, asked 64\)"):
+        predict_config(adapter, dataclasses.replace(changed, imgsz=64), tmp_path)
+    other = dataclasses.replace(trained, epochs=trained.epochs + 1)  # a profile edited since: the fold keeps its own
+    with pytest.raises(ValueError, match="epochs: trained"):
+        predict_config(adapter, other, tmp_path)
+
+
+def test_every_verb_on_a_fold_appends_to_its_log_children_and_errors_included(fold_setup, tmp_path, capfd):
+    from models.__main__ import fold_log
+
+    main(model_args("effdet", "prepare", fold_setup, run=tmp_path))
+    log = tmp_path / "effdet" / "fold0" / "log.txt"
+    first = log.read_text()
+    assert "python -m models effdet prepare" in first and "effdet fold 0 prepared" in first
+    with pytest.raises(RuntimeError):
+        with fold_log(log.parent, ["effdet", "train"]):
+            subprocess.run(["sh", "-c", "echo from a child; echo child error >&2"], check=True)
+            raise RuntimeError("stopped")
+    text = log.read_text()
+    assert text.startswith(first) and "from a child" in text and "child error" in text
+    assert "RuntimeError: stopped" in text
+    console = capfd.readouterr()
+    assert "from a child" in console.out and "child error" in console.err  # the console still sees both, apart
