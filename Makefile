@@ -69,7 +69,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images
+.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images config tensorboard
 
 TARGETS = $(shell grep -oE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | cut -d: -f1)
 
@@ -208,6 +208,15 @@ predict-images: $(STAMP) ## the tuned ensemble of NAME on new studies: make pred
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make predict-images SRC=<DICOM/PNG/JPEG folder> OUT=<folder> [NAME=run] [THRESHOLD=0.3] [SIZE=px] [META=meta.csv]" >&2; exit 2; }
 	$(PY) -m ensemble.predict_images --src $(SRC) --out $(OUT) --run-dir $(RUN) $(if $(SIZE),--size $(SIZE),--data $(DATA)) \
 	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META))
+
+config: $(STAMP) ## print MODEL's resolved profile: every key, its value, type and meaning (PROFILE, SET apply)
+	@$(PY) -m models $(MODEL) config --profile $(PROFILE)$(if $(SET), --set $(SET))
+
+# Every fold's curves: metrics.csv's columns under one name for all models (<fold>/tensorboard) and the
+# frameworks' own events (ultralytics, detectron2: <fold>/train); loopback only, PORT=6006
+tensorboard: $(STAMP) ## training curves of every model and fold of NAME in TensorBoard (http://127.0.0.1:PORT)
+	@test -d $(RUN) || { echo "$(RUN) not found: train something first (make train NAME=$(NAME))" >&2; exit 2; }
+	$(VENV)/bin/tensorboard --logdir $(RUN) --host 127.0.0.1 --port $(or $(PORT),6006)
 
 pipeline: baseline submission ## folds -> every model's OOF -> ensemble + gate -> submission + report
 
