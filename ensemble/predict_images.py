@@ -61,14 +61,13 @@ from typing import Callable, Iterator, Sequence
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from cxr.args import Parser, int_at_least, non_negative_int, plain_name, positive_int, probability
 from cxr.config import load
 from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
-from cxr.images import fit, scan_images, squash, writing
+from cxr.images import fit, read_image, scan_images, squash, writing
 from cxr.images import load as load_image
 from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from cxr.labels import read_sizes
@@ -80,7 +79,7 @@ from ensemble.overlays import display_size, draw, findings_text, thumbnail, writ
 from ensemble.provenance import ensemble_rows, load_params, profile_summary, training_data
 import models as model_table
 from models.__main__ import fold_fusion
-from models.common import device, predict_split
+from models.common import predict_split
 
 INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
 FINDINGS_COLUMNS = ["image_id", "p_abnormal", "class_id", "class_name", "score", *BOX_COLUMNS, "note"]
@@ -167,25 +166,15 @@ def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Membe
 
 
 def _classifier_infer(adapter: ModuleType, cfg, out: Path) -> Callable[[list[Path]], np.ndarray]:
-    """The classifier fold as ``paths -> p_abnormal``, built from the pieces its ``predict`` uses.
+    """The classifier fold as ``paths -> p_abnormal``: its ``load_infer`` (the weights its ``checkpoint``
+    names, flip TTA as configured) over the images read ``cfg.batch`` at a time."""
+    infer = adapter.load_infer(cfg, out)
 
-    models/classifier/classifier.py has no ``load_infer`` yet; these lines mirror its
-    ``predict`` (model rebuilt without initial weights, weights.pt, ``Images`` + ``_probabilities``
-    with its flip TTA). Once the adapter exposes ``load_infer``, call that instead.
-    """
-    weights = out / "weights.pt"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} missing")
-    dev = device(cfg.device)
-    model = adapter.build(adapter.Config(**{**vars(cfg), "pretrained": None, "weights": None})).to(dev)
-    model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True)["model"])
+    def by_path(paths: list[Path]) -> np.ndarray:
+        parts = [infer([read_image(p) for p in paths[i:i + cfg.batch]]) for i in range(0, len(paths), cfg.batch)]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
-    def infer(paths: list[Path]) -> np.ndarray:
-        ds = adapter.Images(paths, None, cfg.imgsz, augment=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch, num_workers=0)
-        return adapter._probabilities(model, loader, dev, cfg.tta)[0]
-
-    return infer
+    return by_path
 
 
 def predict_view(ens: Ensemble, view: DataFolder, ids: list[str]) -> pd.DataFrame:

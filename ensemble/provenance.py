@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -101,14 +101,18 @@ class ModelInfo:
     profile: str  # "demo", "full", "custom" (no profile file close), or "unknown" (no config.yaml)
     changes: dict[str, tuple[object, object]]  # key -> (profile's value, trained value)
     fold_fusion: dict  # how merge fused its folds' test tables (fold_fusion.yaml), {} when absent
+    best_on_fold: list[int] = field(default_factory=list)  # folds predicted with checkpoint: best
 
     def describe(self) -> str:
-        """'demo profile (epochs 12 -> 1, workers 2 -> 0), 3 folds'."""
+        """'demo profile (epochs 12 -> 1, workers 2 -> 0), 3 folds' (+ a warning when OOF came from the best
+        epoch of the fold it predicts)."""
         changed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in self.changes.items())
         folds = f"{len(self.folds)} fold{'s' if len(self.folds) != 1 else ''}"
+        optimistic = (f"; OPTIMISTIC OOF: fold(s) {', '.join(map(str, self.best_on_fold))} predicted with the epoch "
+                      f"that scored best on that same fold (checkpoint: best)" if self.best_on_fold else "")
         if self.profile in ("unknown", "custom"):
-            return f"{self.profile} profile, {folds}"
-        return f"{self.profile} profile{f' ({changed})' if changed else ''}, {folds}"
+            return f"{self.profile} profile, {folds}{optimistic}"
+        return f"{self.profile} profile{f' ({changed})' if changed else ''}, {folds}{optimistic}"
 
 
 def _short(value: object) -> str:
@@ -131,6 +135,12 @@ def model_info(run: Path, model: str) -> ModelInfo:
     saved = next((_read_yaml(folder / f"fold{k}" / "config.yaml") for k in folds
                   if (folder / f"fold{k}" / "config.yaml").is_file()), {})
     fusion = _read_yaml(folder / "fold_fusion.yaml")
+    best_on_fold = [k for k in folds if _read_yaml(folder / f"fold{k}" / "predict.yaml").get("checkpoint") == "best"]
+    info = _model_info(folder, model, folds, saved, fusion)
+    return replace(info, best_on_fold=best_on_fold)
+
+
+def _model_info(folder: Path, model: str, folds: list[int], saved: dict, fusion: dict) -> ModelInfo:
     if not saved:
         return ModelInfo(model, folds, "unknown", {}, fusion)
     best: tuple[int, str, dict] | None = None

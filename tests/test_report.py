@@ -202,6 +202,11 @@ def test_training_data_and_profiles(tmp_path, synth_dir):
     assert info.profile == "demo" and info.folds == [0, 1, 2] and info.changes == {"epochs": (demo["epochs"], 1)}
     assert info.describe() == f"demo profile (epochs {demo['epochs']} -> 1), 3 folds"
     assert model_info(run, "effdet").profile == "unknown"
+    # a fold predicted from the epoch that scored best on that same fold (predict.yaml, written by predict)
+    (run / "yolo" / "fold1" / "predict.yaml").write_text("checkpoint: best\ntta: false\n")
+    (run / "yolo" / "fold2" / "predict.yaml").write_text("checkpoint: last\ntta: false\n")
+    assert model_info(run, "yolo").best_on_fold == [1]
+    assert "OPTIMISTIC OOF: fold(s) 1" in model_info(run, "yolo").describe()
 
 
 def test_evaluate_prints_a_table_with_class_names(synth_dir, tmp_path, capsys):
