@@ -3,7 +3,7 @@
     .venv/bin/python bench/submission_bench.py [--boxes 100000] [--images 3000]
 
 Prints seconds for `check_submission` without and with `--sizes` and for `read_submission`.
-Goal (issue 11): checking 100k boxes takes under a second. Not a test: timings depend on the
+Goal: checking 100k boxes takes under a second. Not a test: timings depend on the
 machine and on what else runs on it.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad input never kills a run or inflates a score (issue 11).
+"""Bad input never kills a run or inflates a score.
 
 Every case on files the test writes itself (pydicom DICOMs, cv2 PNG/JPEG, small CSVs), so it
 runs without ../shared/data: broken images in `prepare`, resume after a kill, evaluate scoring
@@ -445,7 +445,7 @@ def test_every_entry_point_boundary_is_one_line_exit_2(error, capsys):
     assert err in ("error: x.csv, row 3: bad value\n", "error: out/f.csv: Not a directory\n")
 
 
-# ---------------------------------------------------------------- issue 20: values checked where they enter
+# ---------------------------------------------------------------- values checked where they enter
 
 
 def entry_point(name: str):
@@ -529,7 +529,7 @@ def test_fuse_that_drops_every_reader_or_an_unknown_one_is_an_error(tmp_path, tr
     assert "--drop-readers R8: no such rad_id in the file; its readers: ['R1']" in err and not out.exists()
 
 
-# ---------------------------------------------------------------- issue 20: what would move a score without a word
+# ---------------------------------------------------------------- what would move a score without a word
 
 
 def test_repeated_label_rows_stop_evaluate(tmp_path, physionet, capsys):

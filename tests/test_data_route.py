@@ -1,4 +1,4 @@
-"""`cxr data`: Kaggle's DICOM download or a resized-PNG set -> a checked DATA folder (issue 11).
+"""`cxr data`: Kaggle's DICOM download or a resized-PNG set -> a checked DATA folder.
 
 Sources are written by the test (pydicom DICOMs, cv2 PNGs), so this runs without ../shared/data;
 one test also feeds the real JPEG-2000 DICOMs through the same route when they are present.

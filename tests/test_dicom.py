@@ -1,4 +1,4 @@
-"""DICOM pixels as the standard defines them (issue 20) and the fast JPEG 2000 decode (issue 21).
+"""DICOM pixels as the standard defines them and the fast JPEG 2000 decode.
 
 Files are written here by pydicom (uncompressed, or JPEG 2000 lossless through pylibjpeg-openjpeg);
 the real VinDr DICOMs in ../shared/data are read in place. The reference is the per-pixel float

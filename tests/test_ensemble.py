@@ -197,7 +197,7 @@ def test_extra_model_in_submission_format_joins_and_is_checked(cli_run, tmp_path
 
 def test_outside_model_in_submission_format_empty_string_and_line_numbers(tmp_path):
     """An empty PredictionString is an image with no box (covered, not missing), as in every command;
-    a bad box is named by its CSV line, not its box count (issue 20)."""
+    a bad box is named by its CSV line, not its box count."""
     sizes = pd.DataFrame({"image_id": ["a", "b", "c"], "width": 100, "height": 100})
     folder = tmp_path / "nb"
     folder.mkdir()

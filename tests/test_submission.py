@@ -71,7 +71,7 @@ def test_checker_finds_problem(tmp_path, sample, rows, problem):
 
 
 def test_empty_prediction_string_is_an_image_without_boxes(tmp_path, sample, capsys):
-    """One meaning everywhere (issue 20): an empty PredictionString is valid and adds no box, not even
+    """One meaning everywhere: an empty PredictionString is valid and adds no box, not even
     No finding, in check_submission, read_submission and evaluate (blend: tests/test_blend.py)."""
     path = write_raw(tmp_path, [["a", ""], ["b", "  "], ["c", "3 0.5 10 20 30 40"]])
     assert check_submission(path, sample, SIZES) == []
@@ -86,7 +86,7 @@ def test_empty_prediction_string_is_an_image_without_boxes(tmp_path, sample, cap
 
 
 def test_errors_name_the_csv_line_not_the_box(tmp_path):
-    """A submission holds many boxes on a line: errors and warnings name the line (issue 20), and
+    """A submission holds many boxes on a line: errors and warnings name the line, and
     values print as plain numbers."""
     path = write_raw(tmp_path, [["a", "3 0.5 10 20 30 40 4 0.5 10 20 30 40 5 0.5 10 20 30 40"],
                                 ["b", "3 0.5 10 20 1771.4 40"], ["c", "14 1 0 0 1 1"]])
