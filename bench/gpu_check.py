@@ -53,7 +53,7 @@ REAL = {"train": 12_000, "val": 3_000, "test": 3_000, "folds": 5}  # VinBigData:
 # a schedule of a few steps; the last epoch (or detectron2's per-iteration time) gives the steady state
 SHORT = {
     "yolo": {"epochs": 3, "close_mosaic": 0, "patience": 0},
-    "detectron": {"max_iter": 60, "eval_period": 60, "checkpoint_period": 1000},
+    "detectron": {"epochs": 5, "validate_every": 5},  # 5 x 48 / 4 = 60 iterations
     "effdet": {"epochs": 2, "validate_every": 2},
     "classifier": {"epochs": 2},
 }
@@ -185,12 +185,8 @@ def five_fold_hours(name: str, cfg, train_ips: float, predict_ips: float) -> tup
     """Hours of ``make oof`` for this profile on this card: training + validation + the fold's predictions,
     5 folds of 12,000 training / 3,000 validation images, 3,000 test images."""
     val_ips = predict_ips * (2 if cfg.tta else 1)  # validation runs without TTA
-    if name == "detectron":
-        train_s = cfg.max_iter * cfg.batch / train_ips
-        validations = math.ceil(cfg.max_iter / cfg.eval_period)
-    else:
-        train_s = cfg.epochs * REAL["train"] / train_ips
-        validations = math.ceil(cfg.epochs / getattr(cfg, "validate_every", 1))
+    train_s = cfg.epochs * REAL["train"] / train_ips
+    validations = math.ceil(cfg.epochs / cfg.validate_every)
     val_s = validations * REAL["val"] / val_ips
     predict_s = (REAL["val"] + REAL["test"]) / predict_ips
     hours = REAL["folds"] * (train_s + val_s + predict_s) / 3600
@@ -204,7 +200,7 @@ def check_model(name: str, data: DataFolder, folds: pd.DataFrame, root: Path, sm
     profile = REPO / "models" / name / "full.yaml"
     overrides = dict(SHORT[name])
     if smoke:  # the code paths only: 128 px, fewer steps
-        overrides.update(device="cpu", imgsz=128, workers=0, **({"max_iter": 20, "eval_period": 20} if name == "detectron" else {}))
+        overrides.update(device="cpu", imgsz=128, workers=0, **({"epochs": 2, "validate_every": 2} if name == "detectron" else {}))
     cfg = load(adapter.Config, profile, overrides)
     if cfg.weights and not (REPO / cfg.weights).is_file():
         if name == "detectron":  # the full profile's FrozenBN path, from a zoo-format file built here

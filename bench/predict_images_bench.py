@@ -40,10 +40,10 @@ from ensemble.predict_images import (  # noqa: E402
 from models.common import predict_split  # noqa: E402
 
 DICOMS = REPO.parent / "shared" / "data" / "vindr-cxr-images" / "dfloreaa"
-# Training cut short; inference keys (conf, score_thr, max_det, tta) left as the demo profiles set them.
+# Training cut short; inference keys (score_thr, max_det, tta) left as the demo profiles set them.
 SHORT = {
     "yolo": ["epochs=1", "workers=0"],
-    "detectron": ["max_iter=8", "eval_period=8", "checkpoint_period=8", "workers=0"],
+    "detectron": ["epochs=1", "workers=0"],
     "effdet": ["epochs=1", "workers=0"],
     "classifier": ["epochs=1", "workers=0"],
 }

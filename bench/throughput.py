@@ -147,7 +147,7 @@ def main() -> None:
         adapter.train(cfg, data, folds, 0, out)
         train_s = time.perf_counter() - start
         n_fit = int((folds["fold"] != 0).sum())
-        seen = cfg.max_iter * cfg.batch if a.model == "detectron" else n_fit * cfg.epochs
+        seen = n_fit * cfg.epochs
         ours_train = seen / train_s
         infer = adapter.load_infer(cfg, out)
         ids = data.test_ids()

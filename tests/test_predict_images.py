@@ -28,9 +28,8 @@ from tests.conftest import MANIFEST, real
 
 # Tiny, fast versions of the demo profiles; TTA on for one detector and the classifier.
 TINY = {
-    "yolo": ["epochs=1", "workers=0", "max_det=10", "conf=0.01", "tta=true"],
-    "detectron": ["max_iter=8", "eval_period=8", "checkpoint_period=8", "batch=2", "workers=0", "max_det=10",
-                  "score_thr=0.01"],
+    "yolo": ["epochs=1", "workers=0", "max_det=10", "score_thr=0.01", "tta=true"],
+    "detectron": ["epochs=1", "batch=2", "workers=0", "max_det=10", "score_thr=0.01"],
     "effdet": ["epochs=1", "workers=0", "max_det=10", "score_thr=0.01"],
     "classifier": ["epochs=1", "workers=0", "batch=16", "tta=true"],
 }
