@@ -56,10 +56,8 @@ def fuse_readers(labels: pd.DataFrame, cfg: FusionConfig = DEFAULT) -> pd.DataFr
     parts = []
     if cfg.mode == "keep_all":
         parts.append(findings.assign(score=1.0))
-    else:
-        readers = labels.groupby("image_id")["rad_id"].unique()
-        for image_id, group in findings.groupby("image_id", sort=True):
-            parts.append(_fuse_image(image_id, group, sorted(readers[image_id]), cfg))
+    elif len(findings):
+        parts.append(_fuse_findings(findings, labels, cfg))
     normal_ids = sorted(set(labels["image_id"]) - set(findings["image_id"]))
     normal = pd.DataFrame({"image_id": normal_ids, "class_id": NO_FINDING, "rad_id": "fused", "score": 1.0})
     normal[BOX_COLUMNS] = np.nan
@@ -78,23 +76,44 @@ def count_boxes(labels: pd.DataFrame, configs: dict[str, FusionConfig]) -> pd.Da
     return pd.DataFrame(table).fillna(0).astype(int).sort_index()
 
 
-def _fuse_image(image_id: str, group: pd.DataFrame, readers: list[str], cfg: FusionConfig) -> pd.DataFrame:
-    """Fuse one image's finding boxes; readers who drew nothing still count in the agreement share."""
-    boxes = group[BOX_COLUMNS].to_numpy(dtype=float)
+def _fuse_findings(findings: pd.DataFrame, labels: pd.DataFrame, cfg: FusionConfig) -> pd.DataFrame:
+    """Every image's finding boxes fused, one image at a time on numpy arrays (pandas indexing per image cost
+    ~10x the fusion itself: 45 s instead of a few for the 15,000 real train images)."""
+    findings = findings.sort_values("image_id", kind="stable")
+    ids = findings["image_id"].to_numpy()
+    boxes = findings[BOX_COLUMNS].to_numpy(dtype=float)
+    classes = findings["class_id"].to_numpy(dtype=int)
+    rads = findings["rad_id"].to_numpy()
+    readers = labels.groupby("image_id")["rad_id"].unique()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    out_ids, out_boxes, out_classes, out_scores = [], [], [], []
+    for a, b in zip(starts, [*starts[1:], len(ids)]):
+        fb, fs, fc = _fuse_image(boxes[a:b], classes[a:b], rads[a:b], sorted(readers[ids[a]]), cfg)
+        out_ids.append(np.full(len(fs), ids[a], dtype=object))
+        out_boxes.append(fb)
+        out_classes.append(fc)
+        out_scores.append(fs)
+    fused = pd.DataFrame(np.concatenate(out_boxes), columns=BOX_COLUMNS)
+    fused.insert(0, "image_id", np.concatenate(out_ids))
+    fused.insert(1, "class_id", np.concatenate(out_classes))
+    fused.insert(2, "rad_id", "fused")
+    fused["score"] = np.concatenate(out_scores)
+    return fused
+
+
+def _fuse_image(boxes: np.ndarray, classes: np.ndarray, rads: np.ndarray, readers: list[str],
+                cfg: FusionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fuse one image's finding boxes (original pixels); readers who drew nothing still count in the
+    agreement share. Returns (boxes (N, 4), scores, classes)."""
     extent = np.array([boxes[:, 2].max(), boxes[:, 3].max()] * 2)
     boxes_list, scores_list, labels_list = [], [], []
     for reader in readers:
-        mine = group[group["rad_id"] == reader]
-        boxes_list.append((mine[BOX_COLUMNS].to_numpy(dtype=float) / extent).tolist())
-        scores_list.append([1.0] * len(mine))
-        labels_list.append(mine["class_id"].tolist())
+        mine = rads == reader
+        boxes_list.append((boxes[mine] / extent).tolist())
+        scores_list.append([1.0] * int(mine.sum()))
+        labels_list.append(classes[mine].tolist())
     if cfg.mode == "wbf":
         b, s, c = weighted_boxes_fusion(boxes_list, scores_list, labels_list, iou_thr=cfg.iou_thr, skip_box_thr=0.0)
     else:
         b, s, c = nms(boxes_list, scores_list, labels_list, iou_thr=cfg.iou_thr)
-    fused = pd.DataFrame(np.asarray(b).reshape(-1, 4) * extent, columns=BOX_COLUMNS)
-    fused.insert(0, "image_id", image_id)
-    fused.insert(1, "class_id", np.asarray(c, dtype=int))
-    fused.insert(2, "rad_id", "fused")
-    fused["score"] = np.asarray(s, dtype=float)
-    return fused
+    return np.asarray(b, dtype=float).reshape(-1, 4) * extent, np.asarray(s, dtype=float), np.asarray(c, dtype=int)
