@@ -38,10 +38,10 @@ def test_load_override_and_save(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("epoch: 5\n", r"unknown key\(s\) \['epoch'\] for Run"),
+        ("epoch: 5\n", r"unknown key .epoch. \(did you mean .epochs.\?\) for test_config Run"),
         ("epochs: five\n", "epochs: expected int, got 'five'"),
         ("fusion:\n  mode: soft\n", "'soft' is not one of"),
-        ("fusion:\n  iou: 0.5\n", r"unknown key\(s\) \['iou'\] for FusionConfig"),
+        ("fusion:\n  iou: 0.5\n", r"unknown key .iou. \(did you mean .iou_thr.\?\) for fusion FusionConfig"),
         ("- 1\n- 2\n", "top level must be a mapping"),
     ],
 )
