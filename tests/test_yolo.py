@@ -17,7 +17,6 @@ import yaml
 
 from cxr.config import load
 from cxr.data import DataFolder
-from cxr.folds import make_folds
 from cxr.io import write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
@@ -36,7 +35,7 @@ def args(verb, setup, *extra, run=None):
 def trained(fold_setup):
     """Fold 0 trained for one epoch and predicted (with flip TTA) once, shared by the tests below."""
     main(args("train", fold_setup, "--set", "epochs=1"))
-    main(args("predict", fold_setup, "--set", "tta=true"))
+    main(args("predict", fold_setup, "--set", "epochs=1", "tta=true"))  # predict: the training settings + tta
     return fold_setup[2] / "yolo" / "fold0"
 
 
@@ -88,6 +87,58 @@ def test_train_one_epoch_and_predict(fold_setup, trained):
     assert set(test["image_id"]) == set(d.test_ids())
 
 
+def test_curves_and_validate_every(fold_setup, tmp_path, capfd, recwarn):
+    """validate_every=2, epochs=3: ultralytics validates at epochs 2 and 3 only (mAP@0.4 its fitness, beside
+    its own metrics in results.csv); metrics.csv has the shared columns with empty validation cells at epoch
+    1, TensorBoard events sit in tensorboard/, the printed epoch lines never say nan, and Ray's get_trial_id
+    warning (ultralytics' raytune callback) is gone."""
+    from models.curves import COLUMNS
+    from models.yolo.yolo import MAP_KEY
+
+    main(args("train", fold_setup, "--set", "epochs=3", "validate_every=2", run=tmp_path))
+    out = tmp_path / "yolo" / "fold0"
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.columns) == [c for c in COLUMNS if c != "val_auc"]
+    assert metrics["epoch"].tolist() == [1, 2, 3]
+    assert metrics.loc[0, ["val_loss", "val_map"]].isna().all()
+    assert metrics.loc[1:, ["val_loss", "val_map"]].notna().all().all()
+    assert metrics[["train_loss", "lr", "seconds"]].notna().all().all() and (metrics["seconds"] > 0).all()
+    results = pd.read_csv(out / "train" / "results.csv")
+    assert results["epoch"].tolist() == [1, 2, 3] and results[MAP_KEY].isna().tolist() == [True, False, False]
+    assert np.allclose(results[MAP_KEY].iloc[1:], metrics["val_map"].iloc[1:], atol=1e-5)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
+    assert "val_map" not in lines[0] and "val_map" in lines[1] and not any("nan" in line for line in lines)
+    assert not [w for w in recwarn if "get_trial_id" in str(w.message)]
+
+
+def test_best_is_the_best_validation_and_weights_the_final(fold_setup, tmp_path, monkeypatch):
+    """The fitness is our mAP@0.4 (scripted here: 0.5 then 0.1): best.pt is the epoch-1 EMA, weights.pt the
+    final one (ultralytics' last.pt), patience=1 stops after one epoch without a better mAP@0.4, and
+    ``checkpoint=best`` predicts from best.pt."""
+    from models.yolo import yolo
+
+    scores = iter([0.5, 0.1])
+    monkeypatch.setattr(yolo.PretrainedTrainer, "validation_map", lambda self, net: next(scores))
+    main(args("train", fold_setup, "--set", "epochs=3", "patience=1", run=tmp_path))
+    out = tmp_path / "yolo" / "fold0"
+    assert pd.read_csv(out / "metrics.csv")["val_map"].tolist() == [0.5, 0.1]  # stopped early by patience
+    weights = out / "train" / "weights"
+    assert (out / "weights.pt").read_bytes() == (weights / "last.pt").read_bytes()
+    assert (out / "best.pt").read_bytes() == (weights / "best.pt").read_bytes()
+    fitness = {name: torch.load(out / name, weights_only=False)["train_metrics"][yolo.MAP_KEY]
+               for name in ("best.pt", "weights.pt")}
+    assert fitness == {"best.pt": 0.5, "weights.pt": 0.1}
+    loaded = []
+    real_yolo = yolo.YOLO
+    monkeypatch.setattr(yolo, "YOLO", lambda path, **kw: loaded.append(Path(path)) or real_yolo(path, **kw))
+    main(args("predict", fold_setup, "--set", "epochs=3", "patience=1", "checkpoint=best", run=tmp_path))
+    yolo.load_infer(load(yolo.Config, PROFILES / "demo.yaml"), out)
+    assert loaded == [out / "best.pt", out / "weights.pt"]
+    assert read_predictions(out / "oof.csv", DataFolder(fold_setup[0]).train_sizes)["image_id"].nunique() > 1
+
+
 def _complete(path: Path) -> bool:
     """A torch zip checkpoint whose central directory (written last) is there: fully written."""
     try:
@@ -108,6 +159,8 @@ def test_resume_after_kill(fold_setup, tmp_path):
     assert "Resuming training" in done.stdout + done.stderr
     results = pd.read_csv(tmp_path / "yolo" / "fold0" / "train" / "results.csv")
     assert results["epoch"].tolist() == [1, 2, 3]
+    metrics = pd.read_csv(tmp_path / "yolo" / "fold0" / "metrics.csv")  # the epochs before the kill kept
+    assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["val_map"].notna().all()
 
 
 def write_ultralytics_checkpoint(path: Path, nc: int = 80) -> dict[str, torch.Tensor]:
@@ -125,11 +178,13 @@ def write_ultralytics_checkpoint(path: Path, nc: int = 80) -> dict[str, torch.Te
 
 
 def test_pretrained_checkpoint_transfers(fold_setup, tmp_path, capfd):
-    """--set weights=FILE lr0=1e-30 (too small to move a float32 weight; lr must be > 0): backbone (and neck) conv weights after a training step equal the
-    file's; the class branch is re-initialised with 14 outputs; other ultralytics keys pass through."""
+    """--set weights=FILE lr=1e-30 (too small to move a float32 weight; lr must be > 0): backbone (and neck)
+    conv weights after a training step equal the file's; the class branch is re-initialised with 14 outputs;
+    the augmentation fields reach ultralytics under its names, other ultralytics keys pass through."""
     source = write_ultralytics_checkpoint(tmp_path / "coco80.pt")
-    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr0=1e-30", "warmup_epochs=0",
-              "epochs=1", "train_args={degrees: 7.0, mixup: 0.1}", run=tmp_path / "run"))
+    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr=1e-30", "warmup_epochs=0",
+              "epochs=1", "degrees=7.0", "translate=0.2", "brightness_contrast=0.3",
+              "train_args={shear: 2.0, mixup: 0.1}", run=tmp_path / "run"))
     out = tmp_path / "run" / "yolo" / "fold0"
     log = capfd.readouterr().out
     assert f"tensors from {tmp_path / 'coco80.pt'}; re-initialised: " in log and "model.22.cv3" in log
@@ -143,7 +198,9 @@ def test_pretrained_checkpoint_transfers(fold_setup, tmp_path, capfd):
     assert net.model[-1].nc == 14 and state["model.22.cv3.0.2.weight"].shape[0] == 14
     assert source["model.22.cv3.0.2.weight"].shape[0] == 80
     train_args = yaml.safe_load((out / "train" / "args.yaml").read_text())
-    assert train_args["degrees"] == 7.0 and train_args["mixup"] == 0.1
+    assert (train_args["degrees"], train_args["translate"], train_args["hsv_v"]) == (7.0, 0.2, 0.3)
+    assert train_args["shear"] == 2.0 and train_args["mixup"] == 0.1 and train_args["lr0"] == 1e-30
+    assert train_args["plots"] is False  # the demo profile's plots: false
     assert train_args["pretrained"] == str(tmp_path / "coco80.pt")
 
 
@@ -151,7 +208,12 @@ def test_train_args_are_checked(fold_setup, tmp_path, capsys):
     """Unknown ultralytics keys, keys that have their own field, bad types and a missing
     checkpoint each stop with one line (exit 2) before any work."""
     for bad, says in [("train_args={mixupp: 0.1}", "unknown ultralytics train key(s) ['mixupp']"),
-                      ("train_args={lr0: 0.1}", "['lr0'] are set by their own field"),
+                      ("train_args={lr0: 0.1}", ("['lr0'] are set by their own field or by the adapter, not in "
+                                                 "train_args (lr0: field lr)")),
+                      ("train_args={hsv_v: 0.1}", "(hsv_v: field brightness_contrast)"),
+                      ("train_args={conf: 0.1}", "(conf: field score_thr)"),
+                      ("train_args={degrees: 5}", "['degrees'] are set by their own field"),
+                      ("train_args={val: false}", "['val'] are set by their own field or by the adapter"),
                       ("train_args={mixup: high}", "mixup"),
                       (f"weights={tmp_path / 'yolov8x.pt'}", "`make weights` downloads it")]:
         with pytest.raises(SystemExit) as e:
@@ -163,14 +225,19 @@ def test_train_args_are_checked(fold_setup, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.full_profile
 def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
-    """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation and train_args),
-    except epochs=1 and weights=null (the COCO file is not here): 4 training images = one optimizer
-    step, then a prediction on 2 images. Prints seconds per step and peak memory."""
-    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=6, n_test=2, size=128, seed=5))
+    """models/yolo/full.yaml as it is (YOLOv8x at 1024 px, its batch, augmentation, plots and train_args),
+    except epochs=1 and weights=null (the COCO file is not here): 3 training images = one optimizer
+    step (one batch, smaller than the profile's 4: a quarter less time and memory), a validation
+    (ultralytics' and our mAP@0.4) on one image, then a prediction with TTA on one validation and one
+    test image. Prints seconds per step and peak memory."""
+    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=4, n_test=1, size=128, seed=5))
+    ids = sorted(DataFolder(data).train_sizes["image_id"])
+    labelled = set(DataFolder(data).labels.query("class_id != 14")["image_id"])
+    val = next(i for i in ids if i in labelled)  # a validation image with findings
     folds = tmp_path / "folds.csv"
-    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    write_table(pd.DataFrame({"image_id": ids, "fold": [0 if i == val else 1 for i in ids]}), folds)
     cfg = load(__import__("models.yolo.yolo", fromlist=["Config"]).Config, PROFILES / "full.yaml")
-    n_train = (pd.read_csv(folds)["fold"] != 0).sum()
+    n_train = len(ids) - 1
     assert n_train <= cfg.batch, "one batch = one optimizer step (ultralytics caps accumulation at the epoch)"
     common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
               "--profile", "full", "--set", "epochs=1", "weights=null", "device=cpu"]
@@ -180,32 +247,36 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     out = tmp_path / "run" / "yolo" / "fold0"
     saved = yaml.safe_load((out / "train" / "args.yaml").read_text())
     assert saved["imgsz"] == 1024 and saved["batch"] == cfg.batch and saved["model"] == "yolov8x.yaml"
+    assert saved["plots"] is True and (out / "train" / "results.png").exists()  # the profile's plots
+    assert pd.read_csv(out / "metrics.csv")["val_map"].notna().all()  # validated
     start = time.time()
     main(["yolo", "predict", *common])
     predict_s = time.time() - start
     d = DataFolder(data)
     assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    assert set(read_predictions(out / "oof.csv", d.train_sizes)["image_id"]) == {val}
+    assert yaml.safe_load((out / "predict.yaml").read_text())["tta"] is True
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    figures(f"yolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
-            f"predict {predict_s:.0f} s (2 test + {len(d.train_sizes) - n_train} val images, TTA), "
-            f"peak RSS {rss:.1f} GiB")
+    figures(f"yolo full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step of "
+            f"{n_train} images, "
+            f"predict {predict_s:.0f} s (1 test + 1 val image, TTA), peak RSS {rss:.1f} GiB")
 
 
 def test_gpus_reach_ultralytics_ddp_with_batch_per_gpu(tmp_path, monkeypatch):
     """gpus: N -> ultralytics device=0,...,N-1 (its DDP over the visible cards) and batch x N (ultralytics
-    divides its batch by the device count); the nominal batch nbs holds, so lr0 stays until the GPUs
+    divides its batch by the device count); the nominal batch nbs holds, so lr stays until the GPUs
     outgrow it. Before, a make DEVICE list trained on one card and batch 4 on 8 GPUs was 0 per card."""
     from models.yolo import yolo
 
     monkeypatch.setattr(yolo, "device", lambda requested="auto": "cuda")
     cfg = load(yolo.Config, PROFILES / "full.yaml", {"weights": None})
     one = yolo.train_kwargs(cfg, tmp_path / "data.yaml", tmp_path)
-    assert (one["device"], one["batch"], one["lr0"]) == ("0", 4, cfg.lr0)
+    assert (one["device"], one["batch"], one["lr0"]) == ("0", 4, cfg.lr)
     four = yolo.train_kwargs(load(yolo.Config, PROFILES / "full.yaml", {"weights": None, "gpus": 4}),
                              tmp_path / "data.yaml", tmp_path)
-    assert (four["device"], four["batch"], four["lr0"]) == ("0,1,2,3", 16, cfg.lr0)  # 16 x accumulate 4 = nbs 64
+    assert (four["device"], four["batch"], four["lr0"]) == ("0,1,2,3", 16, cfg.lr)  # 16 x accumulate 4 = nbs 64
     sixteen = load(yolo.Config, PROFILES / "full.yaml", {"weights": None, "gpus": 32})
-    assert yolo.lr_factor(sixteen) == 2.0  # 32 x 4 = 128 images per step: twice nbs, twice lr0
+    assert yolo.lr_factor(sixteen) == 2.0  # 32 x 4 = 128 images per step: twice nbs, twice lr
     assert "yolo: 4 x batch 4 = 16 per step, ultralytics accumulates 4 (nbs 64) = nominal batch 64" in yolo.plan(
         load(yolo.Config, PROFILES / "full.yaml", {"gpus": 4}))
 
