@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,16 @@ from cxr.folds import make_folds
 from cxr.io import DataError, write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
-from models.__main__ import main
-from models.detectron.detectron import Config, Mapper, build_cfg, frozen_bn_checkpoint, records
+from models.__main__ import main, parse_overrides
+from models.detectron.detectron import Config, Mapper, ValidationHook, build_cfg, frozen_bn_checkpoint, records
 from tests.conftest import kill_when, model_args
 
-FAST = ["max_iter=4", "eval_period=4", "checkpoint_period=2", "imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
+# fold 0 of `tiny`: 4 training images at batch 2 = 2 iterations per epoch
+FAST = ["imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
+# 3 epochs, validation at epochs 2 and 3 (the last always validates); an opts pair for detectron2's config
+TRAINED = [*FAST, "epochs=3", "validate_every=2", 'opts=[MODEL.RPN.NMS_THRESH, "0.6"]']
 PROFILES = Path(__file__).resolve().parents[1] / "models" / "detectron"
+COLUMNS = ["epoch", "train_loss", "val_loss", "val_map", "lr", "seconds"]
 
 
 def args(verb, setup, *extra, run=None):
@@ -34,11 +39,32 @@ def args(verb, setup, *extra, run=None):
 
 
 @pytest.fixture(scope="module")
-def trained(fold_setup):
-    """Fold 0 trained for 4 iterations and predicted (with flip TTA) once, shared by the tests below."""
-    main(args("train", fold_setup, "--set", *FAST))
-    main(args("predict", fold_setup, "--set", *FAST, "tta=true"))
-    return fold_setup[2] / "detectron" / "fold0"
+def tiny(tmp_path_factory):
+    """(data, fold file, run root) of a tiny benchmark: 6 training images in 3 folds (fold 0: 4 to train on,
+    2 to validate; findings in both), 2 test images; an epoch at batch 2 is 2 iterations."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = generate(SynthConfig(out=str(root / "data"), n_train=6, n_test=2, size=128, seed=5))
+    folds = root / "folds.csv"
+    write_table(make_folds(DataFolder(data).labels, n_folds=3, seed=0), folds)
+    return data, folds, root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """Fold 0 trained for 3 epochs (validated at epochs 2 and 3) and predicted (with flip TTA) once, shared by
+    the tests below; with the model's weights at each validation, in order."""
+    snapshots = []
+    evaluate = ValidationHook.evaluate
+
+    def snapshot_then_evaluate(self, model):
+        snapshots.append({k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()})
+        return evaluate(self, model)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ValidationHook, "evaluate", snapshot_then_evaluate)
+        main(args("train", tiny, "--set", *TRAINED))
+    main(args("predict", tiny, "--set", *TRAINED, "tta=true"))
+    return tiny[2] / "detectron" / "fold0", snapshots
 
 
 def test_mapper_scales_boxes_per_axis(synth_dir):
@@ -79,37 +105,107 @@ def test_empty_images_train(synth_dir, tmp_path):
     assert model.backbone.bottom_up.stem.conv1.norm.__class__.__name__ == "GroupNorm"
 
 
-def test_train_and_predict(fold_setup, trained):
-    data, folds, _ = fold_setup
-    assert (trained / "weights.pth").exists() and (trained / "curves.png").exists()
-    metrics = [json.loads(l) for l in (trained / "train" / "metrics.json").read_text().splitlines()]
+def test_train_and_predict(tiny, trained):
+    data, folds, _ = tiny
+    out, _ = trained
+    assert (out / "weights.pth").exists() and (out / "best.pth").exists()
+    metrics = [json.loads(l) for l in (out / "train" / "metrics.json").read_text().splitlines()]
     assert any("val_map" in m for m in metrics) and any("total_loss" in m for m in metrics)
-    # the last checkpoint and the final weights only; detectron2's resolved config beside ours
-    assert sorted(p.name for p in (trained / "train").glob("*.pth")) == ["model_final.pth"]
-    assert set(torch.load(trained / "weights.pth", weights_only=True)) == {"model"}
-    d2 = yaml.safe_load((trained / "detectron2.yaml").read_text())
-    assert d2["SOLVER"]["MAX_ITER"] == 4 and d2["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 14
+    # the last checkpoint and the final weights only; detectron2's resolved config beside ours, its network in model.txt
+    assert sorted(p.name for p in (out / "train").glob("*.pth")) == ["model_final.pth"]
+    assert set(torch.load(out / "weights.pth", weights_only=True)) == {"model"}
+    d2 = yaml.safe_load((out / "detectron2.yaml").read_text())
+    assert d2["SOLVER"]["MAX_ITER"] == 3 * 2 and d2["SOLVER"]["CHECKPOINT_PERIOD"] == 2
+    assert d2["TEST"]["EVAL_PERIOD"] == 4 and d2["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 14
+    assert d2["MODEL"]["RPN"]["NMS_THRESH"] == 0.6  # the opts pair, merged last
+    assert "GeneralizedRCNN" in (out / "model.txt").read_text()
     d = DataFolder(data)
-    oof = read_predictions(trained / "oof.csv", d.train_sizes)
+    oof = read_predictions(out / "oof.csv", d.train_sizes)
     f = pd.read_csv(folds, dtype={"image_id": str})
     assert set(oof["image_id"]) == set(f.loc[f["fold"] == 0, "image_id"])
-    assert set(read_predictions(trained / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
 
 
-def test_resume_after_kill(fold_setup, tmp_path):
-    """Kill once a checkpoint is complete (detectron2 names it in last_checkpoint after writing it);
-    the rerun continues from that checkpoint and ends at max_iter."""
-    fast = [s for s in FAST if not s.startswith(("eval_period", "max_iter"))] + ["eval_period=100", "max_iter=10"]
-    argv = args("train", fold_setup, "--set", *fast, run=tmp_path)
-    pointer = tmp_path / "detectron" / "fold0" / "train" / "last_checkpoint"
+def test_curves_metrics_csv_and_tensorboard(trained):
+    """metrics.csv: one row per epoch with the shared columns, validation cells only on the epochs that
+    validated; TensorBoard events of ours (tensorboard/) and detectron2's (train/)."""
+    out, _ = trained
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns) == COLUMNS and m["epoch"].tolist() == [1, 2, 3]
+    assert m["val_map"].isna().tolist() == [True, False, False] and m["val_loss"].isna().tolist() == [True, False, False]
+    assert np.isfinite(m[["train_loss", "lr", "seconds"]].to_numpy()).all() and (m["seconds"] > 0).all()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "train").glob("events.out.tfevents.*"))
+
+
+def test_final_and_best_weights(trained, monkeypatch):
+    """weights.pth = the model after the last step, best.pth = the model of the best validation (the first
+    of equal scores); checkpoint=best makes load_infer load best.pth, the default weights.pth."""
+    import models.detectron.detectron as d
+
+    out, snapshots = trained
+    m = pd.read_csv(out / "metrics.csv").dropna(subset=["val_map"])
+    assert m["epoch"].tolist() == [2, 3] and len(snapshots) == 2
+    best_i = int(np.argmax(m["val_map"].to_numpy()))
+    final = torch.load(out / "weights.pth", weights_only=True)["model"]
+    best = torch.load(out / "best.pth", weights_only=True)["model"]
+    assert set(final) == set(best) == set(snapshots[-1])
+    for k in final:
+        assert torch.equal(final[k], snapshots[-1][k]) and torch.equal(best[k], snapshots[best_i][k]), k
+    loaded = []
+    checkpointer_load = d.DetectionCheckpointer.load
+    monkeypatch.setattr(d.DetectionCheckpointer, "load", lambda self, path, *a, **kw: loaded.append(Path(path)) or
+                        checkpointer_load(self, path, *a, **kw))
+    cfg = load_cfg(*TRAINED, "device=cpu")
+    d.load_infer(replace(cfg, checkpoint="best"), out)
+    d.load_infer(cfg, out)
+    assert loaded == [out / "best.pth", out / "weights.pth"]
+
+
+def load_cfg(*overrides: str, profile: str = "demo") -> Config:
+    return load(Config, PROFILES / f"{profile}.yaml", parse_overrides(list(overrides)))
+
+
+def test_opts_reach_detectron2_and_are_checked(tiny, tmp_path, capsys):
+    """opts: KEY VALUE pairs merged last; a key detectron2 does not have is one error line naming it (before
+    anything is written); a key set from a field is refused naming the field; a value of the wrong type too."""
+    d2 = build_cfg(load_cfg("opts=[MODEL.RPN.NMS_THRESH, '0.6', MODEL.ROI_HEADS.NMS_THRESH_TEST, '0.4']"), tmp_path)
+    assert (d2.MODEL.RPN.NMS_THRESH, d2.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (0.6, 0.4)
+    with pytest.raises(SystemExit) as e:
+        main(args("train", tiny, "--set", *FAST, "opts=[MODEL.RPN.NMS_THRES, '0.6']", run=tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "MODEL.RPN.NMS_THRES: detectron2's config has no such key" in err
+    assert not (tmp_path / "run").exists()
+    for opts, message in [("[SOLVER.BASE_LR, '0.1']", "SOLVER.BASE_LR is set from the field 'lr'"),
+                          ("[INPUT.MIN_SIZE_TEST, '256']", "set from the field 'imgsz'"),
+                          ("[MODEL.RPN.NMS_THRESH, abc]", "Type mismatch"),
+                          ("[MODEL.RPN.NMS_THRESH]", "expected KEY VALUE pairs")]:
+        with pytest.raises(DataError, match=message):
+            build_cfg(load_cfg(f"opts={opts}"), tmp_path)
+
+
+def test_resume_after_kill(tiny, tmp_path):
+    """Kill once a checkpoint is complete (detectron2 names it in last_checkpoint after writing it, at the
+    first epoch's end); the rerun continues from that checkpoint and ends after the last epoch, with one
+    metrics.csv row per epoch. Its console: the epoch lines without `nan` (epoch 2 does not validate), and
+    the network's printout in model.txt, not on the console."""
+    argv = args("train", tiny, "--set", *FAST, "epochs=3", "validate_every=3", run=tmp_path)
+    out = tmp_path / "detectron" / "fold0"
+    pointer = out / "train" / "last_checkpoint"
     kill_when(argv, pointer.exists)
     checkpoint = pointer.read_text().strip()
-    assert checkpoint.startswith("model_0") and not (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
+    assert checkpoint.startswith("model_0") and not (out / "weights.pth").exists()
     done = subprocess.run([sys.executable, "-m", "models", *argv], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
     assert "Loading from" in log and checkpoint in log, log[-3000:]  # resumed from that checkpoint
-    assert (tmp_path / "detectron" / "fold0" / "weights.pth").exists()
+    assert (out / "weights.pth").exists()
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["2", "3"] and "val_map" in epoch_lines[1], epoch_lines
+    assert not any("nan" in line for line in epoch_lines), epoch_lines
+    assert "Model:" not in log and f"layers in {out / 'model.txt'}" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # pkg_resources, torch.jit.script, torch.meshgrid
 
 
 # a zoo-like start: FrozenBN ResNet, stem + res2 frozen, no FPN/box-head norm, BGR 0-255 statistics
@@ -131,15 +227,14 @@ def write_zoo_checkpoint(path: Path, cfg: Config, out: Path) -> dict[str, np.nda
     return state
 
 
-def test_zoo_checkpoint_transfers(fold_setup, tmp_path, capfd):
-    """--set weights=FILE base_lr=1e-30 (too small to move a float32 weight): after a training iteration the backbone equals the file's, the
-    class layer has 14 + 1 outputs (the COCO 81 re-initialised), and the load is reported in one line."""
-    overrides = [*FAST, "max_iter=1", *ZOO]
-    from models.__main__ import parse_overrides
-
-    cfg = load(Config, PROFILES / "demo.yaml", parse_overrides(overrides))
+def test_zoo_checkpoint_transfers(tiny, tmp_path, capfd):
+    """--set weights=FILE lr=1e-30 (too small to move a float32 weight): after a training iteration the backbone
+    equals the file's, the class layer has 14 + 1 outputs (the COCO 81 re-initialised), and the load is
+    reported in one line."""
+    overrides = [*FAST, "batch=4", "epochs=1", *ZOO]  # 1 iteration
+    cfg = load_cfg(*overrides)
     source = write_zoo_checkpoint(tmp_path / "zoo.pkl", cfg, tmp_path)
-    main(args("train", fold_setup, "--set", *overrides, f"weights={tmp_path / 'zoo.pkl'}", "base_lr=1e-30",
+    main(args("train", tiny, "--set", *overrides, f"weights={tmp_path / 'zoo.pkl'}", "lr=1e-30",
               run=tmp_path / "run"))
     log = capfd.readouterr().out
     assert f"tensors from {tmp_path / 'zoo.pkl'}; re-initialised: roi_heads.box_predictor" in log
@@ -191,13 +286,13 @@ def test_imagenet_caffe2_backbone_loads(tmp_path, capsys):
     assert f"loaded {len(learned)} of " in capsys.readouterr().out
 
 
-def test_missing_or_needed_checkpoint_is_one_line(fold_setup, tmp_path, capsys):
+def test_missing_or_needed_checkpoint_is_one_line(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(args("train", fold_setup, "--set", *FAST, f"weights={tmp_path / 'faster_rcnn_R_101_FPN_3x_f6e8b1.pkl'}",
+        main(args("train", tiny, "--set", *FAST, f"weights={tmp_path / 'faster_rcnn_R_101_FPN_3x_f6e8b1.pkl'}",
                   run=tmp_path))
     assert e.value.code == 2 and "`make weights` downloads it" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # FrozenBN from scratch would diverge: stop and say what to set
-        main(args("train", fold_setup, "--set", *FAST, *ZOO, "weights=null", run=tmp_path))
+        main(args("train", tiny, "--set", *FAST, *ZOO, "weights=null", run=tmp_path))
     assert e.value.code == 2 and "set norm=GN" in capsys.readouterr().err
     assert not (tmp_path / "detectron" / "fold0" / "train").exists()
 
@@ -206,16 +301,19 @@ def test_missing_or_needed_checkpoint_is_one_line(fold_setup, tmp_path, capsys):
 @pytest.mark.full_profile
 def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     """models/detectron/full.yaml as it is (R101-FPN FrozenBN at 1024 px, its batch, augmentation and
-    zoo-checkpoint start), except max_iter=1 and, as the zoo file is not here, weights = a zoo-format
-    file of the same architecture: one iteration, validation, then a prediction on 2 test images."""
-    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=6, n_test=2, size=128, seed=5))
+    zoo-checkpoint start), except epochs=1 on 2 training images (one iteration of its batch) and, as the zoo
+    file is not here, weights = a zoo-format file of the same architecture: one iteration, validation on one
+    image, then a prediction with flip TTA on that image and one test image."""
+    data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=3, n_test=1, size=128, seed=5))
+    d = DataFolder(data)
+    ids = sorted(d.train_sizes["image_id"])
     folds = tmp_path / "folds.csv"
-    write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
+    write_table(pd.DataFrame({"image_id": ids, "fold": [0, 1, 1]}), folds)
     cfg = load(Config, PROFILES / "full.yaml")
     zoo = tmp_path / "zoo_r101.pkl"
-    frozen_bn_checkpoint(zoo, cfg, sorted((data / "train").glob("*.png"))[:2])
+    frozen_bn_checkpoint(zoo, cfg, [d.image("train", ids[1])])  # BatchNorm statistics of one image
     common = ["--data", str(data), "--folds", str(folds), "--fold", "0", "--run-dir", str(tmp_path / "run"),
-              "--profile", "full", "--set", "max_iter=1", f"weights={zoo}", "device=cpu"]
+              "--profile", "full", "--set", "epochs=1", f"weights={zoo}", "device=cpu"]
     start = time.time()
     main(["detectron", "train", *common])
     train_s = time.time() - start
@@ -223,28 +321,40 @@ def test_full_profile_builds_steps_and_predicts(tmp_path, figures):
     d2 = yaml.safe_load((out / "detectron2.yaml").read_text())
     assert d2["INPUT"]["MIN_SIZE_TEST"] == 1024 and d2["SOLVER"]["IMS_PER_BATCH"] == cfg.batch
     assert d2["MODEL"]["RESNETS"]["DEPTH"] == 101 and d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN"
-    metrics = [json.loads(l) for l in (out / "train" / "metrics.json").read_text().splitlines()]
-    assert any("val_map" in m for m in metrics)
+    assert d2["SOLVER"]["MAX_ITER"] == 1 and cfg.tta
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["epoch"].tolist() == [1] and m["val_map"].notna().all() and m["train_loss"].notna().all()
     start = time.time()
     main(["detectron", "predict", *common])
     predict_s = time.time() - start
-    d = DataFolder(data)
     assert set(read_predictions(out / "test.csv", d.test_sizes)["image_id"]) == set(d.test_ids())
+    assert set(read_predictions(out / "oof.csv", d.train_sizes)["image_id"]) == {ids[0]}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    figures(f"detectron full (1024 px, batch {cfg.batch}, CPU): train incl. validation {train_s:.0f} s for 1 step, "
-            f"predict {predict_s:.0f} s (2 test + 3 val images, TTA), peak RSS {rss:.1f} GiB")
+    figures(f"detectron full (1024 px, batch {cfg.batch}, CPU): train incl. validation on 1 image {train_s:.0f} s "
+            f"for 1 step, predict {predict_s:.0f} s (1 test + 1 val image, TTA), peak RSS {rss:.1f} GiB")
 
 
 def test_gpus_scale_the_solver_as_detectron2_would(tmp_path):
-    """batch is per GPU and the iteration counts are one GPU's: N GPUs run N x the images per iteration at
-    N x base_lr for 1/N of the iterations (detectron2's auto_scale_workers rule), the same epochs."""
+    """batch is per GPU and an epoch is every training image once: N GPUs run N x the images per iteration
+    at N x lr for 1/N of the iterations (detectron2's auto_scale_workers rule), the same epochs. The full
+    profile on a 12,000-image fold: 3000 iterations per epoch, 30000 in all, warmup 1000."""
     cfg = load(Config, PROFILES / "full.yaml", {"device": "cpu"})
-    one, four = build_cfg(cfg, tmp_path), build_cfg(cfg, tmp_path, gpus=4)
+    one, four = build_cfg(cfg, tmp_path, train_images=12000), build_cfg(cfg, tmp_path, gpus=4, train_images=12000)
     assert (one.SOLVER.IMS_PER_BATCH, one.SOLVER.BASE_LR, one.SOLVER.MAX_ITER) == (4, 0.005, 30000)
+    assert (one.SOLVER.WARMUP_ITERS, one.SOLVER.STEPS, one.TEST.EVAL_PERIOD) == (1000, (21000, 27000), 3000)
     assert (four.SOLVER.IMS_PER_BATCH, four.SOLVER.MAX_ITER, four.SOLVER.WARMUP_ITERS) == (16, 7500, 250)
     assert four.SOLVER.BASE_LR == pytest.approx(0.02) and four.SOLVER.STEPS == (5250, 6750)
-    assert (four.TEST.EVAL_PERIOD, four.SOLVER.CHECKPOINT_PERIOD) == (500, 500)
+    assert (four.TEST.EVAL_PERIOD, four.SOLVER.CHECKPOINT_PERIOD) == (750, 750)  # validate_every 1: every epoch
     assert four.SOLVER.IMS_PER_BATCH * four.SOLVER.MAX_ITER == one.SOLVER.IMS_PER_BATCH * one.SOLVER.MAX_ITER
+
+
+def test_demo_profile_keeps_its_schedule(tmp_path):
+    """The demo profile in epochs is the run it was in iterations: 200 training images at batch 4 = 50
+    iterations per epoch, 5 epochs = 250 iterations, warmup 30, LR steps at 75% and 90%, a checkpoint every
+    epoch, validation at the end only."""
+    d2 = build_cfg(load(Config, PROFILES / "demo.yaml", {"device": "cpu"}), tmp_path, train_images=200)
+    assert (d2.SOLVER.MAX_ITER, d2.SOLVER.WARMUP_ITERS, d2.SOLVER.STEPS) == (250, 30, (187, 225))
+    assert (d2.SOLVER.CHECKPOINT_PERIOD, d2.TEST.EVAL_PERIOD, d2.SOLVER.BASE_LR) == (50, 250, 0.02)
 
 
 def test_gpus_launch_on_a_free_local_port(monkeypatch, tmp_path):
