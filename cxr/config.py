@@ -142,6 +142,9 @@ def save(cfg: Any, path: str | os.PathLike) -> Path:
 SYNONYMS = {"lr0": "lr", "base_lr": "lr", "max_iter": "epochs", "warmup_iters": "warmup_epochs",
             "eval_period": "validate_every", "val_period": "validate_every", "shift": "translate", "rotate": "degrees",
             "conf": "score_thr", "iou": "nms_iou", "hsv_v": "brightness_contrast", "flip": "fliplr"}
+# Keys the model configs had and no longer have, with why
+REMOVED = {"checkpoint_period": "gone: every model saves a checkpoint every epoch",
+           "affine_p": "gone: the albumentations affine applies with p=0.5 in every model"}
 
 
 def unknown_keys(cls: type, unknown: list[str]) -> str:
@@ -155,12 +158,17 @@ def unknown_keys(cls: type, unknown: list[str]) -> str:
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
         return close[0] if close else None
 
-    parts = [f"unknown key {key!r}" + (f" (did you mean {closest(key)!r}?)" if closest(key) else "") for key in unknown]
+    def hint(key: str) -> str:
+        if key in REMOVED:
+            return f" ({REMOVED[key]})"
+        return f" (did you mean {closest(key)!r}?)" if closest(key) else ""
+
+    parts = [f"unknown key {key!r}{hint(key)}" for key in unknown]
     text = f"{'; '.join(parts)} for {cls.__module__.rsplit('.', 1)[-1]} {cls.__name__}"
     passthrough = getattr(cls, "PASSTHROUGH", "")
     if passthrough:
         text += f"; {passthrough}"
-    if not all(closest(k) for k in unknown):
+    if not all(closest(k) or k in REMOVED for k in unknown):
         text += f"; known: {', '.join(sorted(fields))}"
     return text
 

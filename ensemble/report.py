@@ -295,7 +295,7 @@ def read_curves(fold: Path) -> tuple[pd.DataFrame | None, str]:
     """The training log of one fold folder as a table (one row per epoch or iteration) and the file
     it came from; ``(None, why)`` when there is none or it cannot be read.
 
-    Reads ``metrics.csv`` (effdet, classifier: models/train_utils.log_epoch), ``train/results.csv``
+    Reads ``metrics.csv`` (every model: models/curves.py), or from older runs ``train/results.csv``
     (ultralytics) and ``train/metrics.json`` (detectron2: JSON lines). Column names are stripped
     (older ultralytics pads them) and non-numeric columns dropped, so a renamed or added column
     changes only which lines are drawn.

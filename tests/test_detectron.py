@@ -351,10 +351,10 @@ def test_gpus_scale_the_solver_as_detectron2_would(tmp_path):
 def test_demo_profile_keeps_its_schedule(tmp_path):
     """The demo profile in epochs is the run it was in iterations: 200 training images at batch 4 = 50
     iterations per epoch, 5 epochs = 250 iterations, warmup 30, LR steps at 75% and 90%, a checkpoint every
-    epoch, validation at the end only."""
+    epoch, validation every second epoch and at the end."""
     d2 = build_cfg(load(Config, PROFILES / "demo.yaml", {"device": "cpu"}), tmp_path, train_images=200)
     assert (d2.SOLVER.MAX_ITER, d2.SOLVER.WARMUP_ITERS, d2.SOLVER.STEPS) == (250, 30, (187, 225))
-    assert (d2.SOLVER.CHECKPOINT_PERIOD, d2.TEST.EVAL_PERIOD, d2.SOLVER.BASE_LR) == (50, 250, 0.02)
+    assert (d2.SOLVER.CHECKPOINT_PERIOD, d2.TEST.EVAL_PERIOD, d2.SOLVER.BASE_LR) == (50, 100, 0.02)
 
 
 def test_gpus_launch_on_a_free_local_port(monkeypatch, tmp_path):
