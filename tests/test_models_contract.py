@@ -307,7 +307,9 @@ def test_predict_keeps_the_trained_settings_and_only_changes_prediction_ones(nam
 def test_every_verb_on_a_fold_appends_to_its_log_children_and_errors_included(fold_setup, tmp_path, capfd):
     from models.__main__ import fold_log
 
-    main(model_args("effdet", "prepare", fold_setup, run=tmp_path))
+    done = subprocess.run([sys.executable, "-m", "models", *model_args("effdet", "prepare", fold_setup, run=tmp_path)],
+                          capture_output=True, text=True, cwd=HERE.parent)
+    assert done.returncode == 0 and "effdet fold 0 prepared" in done.stdout, done.stderr
     log = tmp_path / "effdet" / "fold0" / "log.txt"
     first = log.read_text()
     assert "python -m models effdet prepare" in first and "effdet fold 0 prepared" in first
