@@ -13,9 +13,15 @@ cannot drift apart again:
   updated after every update. A non-finite loss stops the run with a clear message.
 * :func:`save_checkpoint` / :func:`resume`: ``last.pt`` holds the model, the EMA, the optimizer,
   the schedule, the GradScaler, the update count and the epoch log; a killed run continues
-  from the epoch after the last one saved, with the same learning rate and loss scale.
-* :func:`log_epoch`, :func:`save_if_best`, :func:`finish`: the per-epoch files every run writes
-  (``metrics.csv``, ``best.pt``, ``weights.pt`` = the best epoch's weights).
+  from the epoch after the last one saved, with the same learning rate, loss scale and curves.
+* :func:`run_epochs`: the epoch loop both share: training with an in-epoch progress line
+  (:class:`models.curves.Progress`), validation every ``validate_every`` epochs and at the last one,
+  the curves (:class:`models.curves.Curves`: ``metrics.csv``, TensorBoard events, one line per epoch),
+  ``best.pt`` (the best validation epoch's weights), ``last.pt``, and at the end ``weights.pt`` = the
+  FINAL weights (the EMA where there is one), which marks a finished run. :func:`trained_checkpoint`:
+  the file ``predict`` loads, ``best.pt`` or ``weights.pt`` as the config's ``checkpoint`` says.
+* :func:`augmentations`: the albumentations training augmentation of both (flip, affine, brightness
+  and contrast) from the shared augmentation keys.
 
 * :func:`launch`, :func:`init_distributed`: one job on several GPUs (``gpus: N``) or under
   ``torchrun``: the same code path, one process per GPU (gloo processes on the CPU, for tests).
@@ -29,19 +35,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-import pandas as pd
+import albumentations as A
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from cxr.io import DataError, atomic_path, write_table
-from models.common import cpu_count, device, loader_workers, rank_world, scale_for_gpus
+from cxr.io import DataError, atomic_path
+from models.common import cpu_count, device, loader_workers, rank_world, scale_for_gpus, trained_weights
+from models.curves import Curves, Progress
 
 
 def launch(fn: Callable[..., Any], processes: int, *args: Any) -> None:
@@ -251,25 +258,83 @@ def resume(path: Path, model: torch.nn.Module, stepper: Stepper, device: str) ->
     return ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
 
 
-def log_epoch(out: Path, log: list[dict], row: dict) -> None:
-    """Append ``row`` to the run's log, print it on one line, rewrite ``metrics.csv``."""
-    log.append(row)
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-    write_table(pd.DataFrame(log), out / "metrics.csv")
+def augmentations(cfg: Any) -> list[A.BasicTransform]:
+    """The training augmentation of the albumentations loops from the shared keys: a horizontal flip
+    (p = ``fliplr``), one affine draw (``translate``, ``scale``, ``degrees``; p=0.5) and brightness and
+    contrast jitter (``brightness_contrast``; p=0.5)."""
+    t, s, d, bc = cfg.translate, cfg.scale, cfg.degrees, cfg.brightness_contrast
+    return [A.HorizontalFlip(p=cfg.fliplr),
+            A.Affine(translate_percent=(-t, t), scale=(1 - s, 1 + s), rotate=(-d, d), p=0.5),
+            A.RandomBrightnessContrast(bc, bc, p=0.5)]
+
+
+def validates(cfg: Any, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` validates: every ``validate_every`` epochs and always the last."""
+    return (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs
+
+
+def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoader, network: torch.nn.Module,
+               stepper: Stepper, train_epoch: Callable[[int, Progress], float],
+               validate: Callable[[torch.nn.Module], tuple[float, float]],
+               resumed: tuple[int, float, list[dict]]) -> None:
+    """The epoch loop of a hand-written loop, on every rank, from :func:`resume`'s ``resumed``.
+
+    ``train_epoch(epoch, progress)`` trains one epoch of this rank's shard (calling ``progress.step``
+    per micro-batch) and returns the mean loss over every rank; ``validate(model)`` returns
+    (validation loss, ``score``) of the final-weights model (the EMA where there is one), the same on
+    every rank. Rank 0 alone writes: the curves (``metrics.csv``: ``seconds`` is the epoch's training
+    time, validation not included), ``best.pt`` when ``score`` beats the best so far, ``last.pt``, and
+    at the end ``weights.pt`` (the final weights)."""
+    rank, world = rank_world()
+    start, best, log = resumed
+    curves = Curves(out, log) if rank == 0 else None
+    progress = Progress(cfg.epochs, len(loader), cfg.batch * world, enabled=rank == 0)
+    try:
+        for epoch in range(start, cfg.epochs):
+            if world > 1:
+                loader.sampler.set_epoch(epoch)
+            progress.start(epoch)
+            started = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_epoch(epoch, progress), "val_loss": None,
+                                   score: None, "lr": stepper.lr(), "seconds": time.perf_counter() - started}
+            if validates(cfg, epoch):
+                row["val_loss"], row[score] = validate(stepper.final_model())
+            if curves is not None:
+                if row[score] is not None:
+                    best = save_if_best(out, stepper.final_model(), row[score], best)
+                curves.add(row)
+                save_checkpoint(out / "last.pt", network, stepper, epoch, best, curves.log)
+        if rank == 0:
+            finish(out, stepper.final_model())
+    finally:
+        if curves is not None:
+            curves.close()
+    if world > 1:
+        dist.barrier()  # weights.pt exists when any rank returns
 
 
 def save_if_best(out: Path, model: torch.nn.Module, score: float, best: float) -> float:
-    """Write ``best.pt`` when ``score`` beats ``best`` (a NaN score counts only for the first epoch)."""
+    """Write ``best.pt`` when ``score`` beats ``best``. A NaN score (the AUC of a fold with one class) writes it
+    only while no validation had a number, so there is a ``best.pt`` after the first validation."""
     if score > best or (best == -math.inf and not score > best):
         with atomic_path(out / "best.pt") as tmp:
             torch.save({"model": model.state_dict()}, tmp)
-        return score if score == score else best
+        return best if math.isnan(score) else score
     return best
 
 
-def finish(out: Path) -> Path:
-    """``weights.pt`` (the best epoch's weights): its presence marks a finished run."""
+def finish(out: Path, model: torch.nn.Module) -> Path:
+    """``weights.pt``: ``model``'s weights at the end of training (the EMA where there is one); its
+    presence marks a finished run."""
     final = out / "weights.pt"
     with atomic_path(final) as tmp:
-        shutil.copyfile(out / "best.pt", tmp)
+        torch.save({"model": model.state_dict()}, tmp)
     return final
+
+
+def trained_checkpoint(cfg: Any, out: Path, model: str) -> Path:
+    """The weights file of a finished fold that ``predict`` / ``load_infer`` use: ``best.pt`` (the best
+    validation epoch) when ``cfg.checkpoint`` is ``best``, else ``weights.pt`` (the final weights).
+    FileNotFoundError naming the make target while the fold is not trained (no ``weights.pt``)."""
+    final = trained_weights(out / "weights.pt", model)
+    return out / "best.pt" if cfg.checkpoint == "best" else final

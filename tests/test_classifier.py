@@ -12,9 +12,11 @@ import pytest
 import timm
 import torch
 
+import models.classifier.classifier as adapter
 from cxr.data import DataFolder
 from models.__main__ import main
 from tests.conftest import WITH_PEAK_RSS, kill_when, model_args
+from tests.test_effdet import check_curves_and_checkpoints
 
 
 def args(verb, setup, *extra, fold=0, run=None):
@@ -63,7 +65,7 @@ def test_all_folds_demo_profile_auc_and_coverage(fold_setup, figures):
     assert test["p_abnormal"].between(0, 1).all()
     assert (run / "classifier" / "calibration.png").stat().st_size > 1000
     metrics = pd.read_csv(run / "classifier" / "fold0" / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "train_s"]
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds"]
     # load_infer (what bench scripts use) gives the probabilities predict wrote
     from cxr.config import load
     from cxr.images import read_image
@@ -75,16 +77,24 @@ def test_all_folds_demo_profile_auc_and_coverage(fold_setup, figures):
     np.testing.assert_allclose(got, fold0["p_abnormal"].to_numpy(), atol=1e-5)
 
 
-def test_resume_after_kill(fold_setup, tmp_path):
-    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it."""
-    argv = args("train", fold_setup, "--set", "epochs=3", "imgsz=96", "accumulate=2", "ema_decay=0.9", run=tmp_path)
+def test_curves_and_checkpoints(tiny_folds, tmp_path, capsys, monkeypatch):
+    check_curves_and_checkpoints(adapter, tiny_folds, tmp_path, capsys, monkeypatch, "imgsz=64", "batch=4")
+
+
+def test_resume_after_kill(tiny_folds, tmp_path):
+    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it (two
+    micro-batches per update, an EMA), its curves continued from the checkpoint's."""
+    argv = args("train", tiny_folds, "--set", "epochs=3", "imgsz=96", "batch=2", "accumulate=2", "ema_decay=0.9",
+                run=tmp_path)
     out = tmp_path / "classifier" / "fold0"
     kill_when(argv, lambda: (out / "last.pt").exists())
     assert not (out / "weights.pt").exists()
+    before = pd.read_csv(out / "metrics.csv")
     done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from epoch" in done.stdout
-    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    after = pd.read_csv(out / "metrics.csv")
+    assert after["epoch"].tolist() == [1, 2, 3] and after.iloc[:len(before)].equals(before)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -142,5 +152,5 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_auc"]].to_numpy()).all()  # both labels among the 2
     state = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
     assert state["classifier.weight"].shape == (1, 2048)
-    figures(f"classifier full (B5, 768 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
+    figures(f"classifier full (B5, 768 px) on CPU: one step on 1 image {metrics['seconds'].iloc[0]:.1f} s, "
             f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")

@@ -86,14 +86,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def small_folds(fold_setup):
-    """16 training and 8 validation images (abnormal and normal ones), so a 2-rank epoch takes seconds."""
+    """8 training and 4 validation images (abnormal and normal ones): two micro-batches of 2 per rank, and
+    both labels among the validation images (the classifier's AUC)."""
     data, _, run = fold_setup
     fused = DataFolder(data).fused()
     abnormal = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))
     normal = list(dict.fromkeys(fused.loc[fused["class_id"] == NO_FINDING, "image_id"]))
-    ids = abnormal[:16] + normal[:8]
+    ids = abnormal[:8] + normal[:4]
     path = run / "small_folds.csv"
-    pd.DataFrame({"image_id": ids, "fold": [1] * 12 + [0] * 4 + [1] * 4 + [0] * 4}).to_csv(path, index=False)
+    pd.DataFrame({"image_id": ids, "fold": [1] * 6 + [0] * 2 + [1] * 2 + [0] * 2}).to_csv(path, index=False)
     return data, path, run
 
 
@@ -110,12 +111,13 @@ def torchrun(model: str, setup, tmp_path: Path, *overrides: str) -> tuple[dict, 
                           capture_output=True, text=True, timeout=600, env=env)
     wall = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("epoch 1 train_loss") == 1  # rank 0 alone logs
+    assert done.stdout.count("epoch 1 train_loss") == 1  # rank 0 alone logs...
+    assert done.stdout.count("epoch 1/1 step 2/2 ") == 1  # ...and shows the progress (2 micro-batches per rank)
     return (*(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)), wall)
 
 
 @pytest.mark.parametrize("model, overrides", [
-    ("effdet", ["imgsz=128", "batch=4", "accumulate=2"]),  # no_sync while accumulating, DDP over the train bench
+    ("effdet", ["imgsz=128", "batch=2", "accumulate=2"]),  # no_sync while accumulating, DDP over the train bench
     ("classifier", ["imgsz=64", "batch=2"]),
 ])
 def test_two_ranks_split_the_fold_agree_and_write_once(model, overrides, small_folds, tmp_path, figures):
@@ -134,6 +136,7 @@ def test_two_ranks_split_the_fold_agree_and_write_once(model, overrides, small_f
     assert once["config.yaml"] == once["labels.csv"] == once["weights.pt"] == once["metrics.csv"] == 1, once
     out = tmp_path / "run" / model / "fold0"
     assert {"config.yaml", "labels.csv", "last.pt", "best.pt", "weights.pt", "metrics.csv"} <= {p.name for p in out.iterdir()}
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     figures(f"{model} under torchrun, 2 gloo ranks, {len(train_ids)} + {len(val_ids)} images, 1 epoch: {wall:.0f} s")
 
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cxr.config import load
 from cxr.data import DataFolder
 from cxr.dataset import NO_FINDING
 from cxr.predictions import read_predictions
+import models.effdet.effdet as adapter
 from models.__main__ import main
-from models.effdet.effdet import Boxes, Config, build, collate
+from models.curves import TAGS
+from models.effdet.effdet import Boxes, Config, build, collate, effdet
 from tests.conftest import WITH_PEAK_RSS, kill_when, model_args
 
 FAST = ["epochs=1", "imgsz=128", "batch=4"]
@@ -48,7 +53,7 @@ def test_images_without_boxes_train(synth_dir):
     data = DataFolder(synth_dir)
     fused = data.fused()
     normal = fused.loc[fused["class_id"] == 14, "image_id"].tolist()[:4]
-    x, target = collate([Boxes(data, normal, fused, 128, augment=(0.1, 0.2, 20))[i] for i in range(4)])
+    x, target = collate([Boxes(data, normal, fused, 128, augment=Config())[i] for i in range(4)])
     assert all(t.tolist() == [-1.0] for t in target["cls"])
     bench = build(Config(imgsz=128, backbone_init=None)).train()
     loss = bench(x, target)["loss"]
@@ -77,7 +82,7 @@ def test_augmentation_shifts_scales_and_rotates_boxes(synth_dir):
     fused = data.fused()
     image_id = fused.loc[fused["class_id"] != 14, "image_id"].iloc[0]
     plain = Boxes(data, [image_id], fused, 128, augment=None)[0][1]["bbox"].numpy()
-    ds = Boxes(data, [image_id], fused, 128, augment=(0.1, 0.2, 20))
+    ds = Boxes(data, [image_id], fused, 128, augment=Config(translate=0.1, scale=0.2, degrees=20))
     areas = set()
     for _ in range(30):
         b = ds[0][1]["bbox"].numpy()
@@ -105,29 +110,87 @@ def test_train_predict_outputs(trained, fold_setup):
         assert (findings["x_max"] <= findings["width"] + 1).all() and (findings["x_min"] < findings["x_max"]).all()
         assert (findings["y_max"] <= findings["height"] + 1).all() and (findings["y_min"] < findings["y_max"]).all()
     metrics = pd.read_csv(trained / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_map", "lr", "train_s"]
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_map", "lr", "seconds"]
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
 
 
-def test_resume_after_kill(fold_setup, tmp_path):
-    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it."""
-    argv = args("train", fold_setup, "--set", "epochs=2", "imgsz=128", "batch=4", "validate_every=2", run=tmp_path)
+def check_curves_and_checkpoints(module: ModuleType, setup, run: Path, capsys, monkeypatch, *overrides: str) -> None:
+    """Train ``module``'s fold 0 for 3 epochs validating every 2nd (so epochs 2 and 3), with the validation
+    score replaced by 0.5, then 0.1 (the validation loss stays real), and check what the run leaves:
+    metrics.csv with the shared columns and the first epoch's validation cells empty, one printed line per
+    epoch without ``nan``, progress lines with an ETA, TensorBoard scalars, best.pt = the weights validated
+    at epoch 2 (the best), weights.pt = the final weights (the EMA's); load_infer loads weights.pt, and
+    best.pt with checkpoint=best. Shared with tests/test_classifier.py."""
+    model, score = module.__name__.split(".")[-1], {"detections": "val_map", "probabilities": "val_auc"}[module.OUTPUT]
+    validated, scores, real = [], iter([0.5, 0.1]), module.evaluate
+
+    def evaluate(final, *args, **kwargs):
+        validated.append({k: v.detach().clone() for k, v in final.state_dict().items()})
+        return real(final, *args, **kwargs)[0], next(scores)
+
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    main(model_args(model, "train", setup, "--set", "epochs=3", "validate_every=2", "ema_decay=0.5", *overrides,
+                    run=run))
+    printed = capsys.readouterr().out.splitlines()
+    out = run / model / "fold0"
+
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", score, "lr", "seconds"]
+    assert metrics["epoch"].tolist() == [1, 2, 3] and metrics[score].tolist()[1:] == [0.5, 0.1]
+    assert metrics[["val_loss", score]].iloc[0].isna().all() and np.isfinite(metrics["val_loss"].iloc[1:]).all()
+    assert np.isfinite(metrics[["train_loss", "lr", "seconds"]].to_numpy()).all()
+    lines = [line for line in printed if line.startswith("epoch ") and "train_loss" in line]
+    assert len(lines) == 3 and not any("nan" in line for line in lines), lines
+    assert "val_loss" not in lines[0] and f"{score} 0.5 " in lines[1] and f"{score} 0.1 " in lines[2]
+    progress = [line for line in printed if "ETA" in line]  # after every epoch's last step at least
+    assert len(progress) >= 3 and all(" img/s, epoch ETA " in line and ", run ETA " in line for line in progress)
+    assert progress[-1].startswith("epoch 3/3 step ")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars(TAGS["train_loss"])] == [1, 2, 3]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars(TAGS[score])] == [(2, 0.5), (3, 0.1)]
+
+    best, final = (torch.load(out / name, weights_only=True)["model"] for name in ("best.pt", "weights.pt"))
+    ema = {k.removeprefix("module."): v for k, v in torch.load(out / "last.pt", weights_only=False)["ema"].items()}
+    for got, want in ((best, validated[0]), (final, validated[1]), (final, ema)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not all(torch.equal(best[k], final[k]) for k in best)
+
+    loaded, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loaded.append(Path(f).name), real_load(f, *a, **k))[1])
+    for checkpoint in ("last", "best"):
+        module.load_infer(load(module.Config, out / "config.yaml", {"checkpoint": checkpoint}), out)
+    assert loaded == ["weights.pt", "best.pt"]
+
+
+def test_curves_and_checkpoints(tiny_folds, tmp_path, capsys, monkeypatch):
+    check_curves_and_checkpoints(adapter, tiny_folds, tmp_path, capsys, monkeypatch, "imgsz=128", "batch=4")
+
+
+def test_resume_after_kill(tiny_folds, tmp_path):
+    """A run killed once its first epoch's checkpoint exists finishes the remaining epochs from it, its curves
+    continued from the checkpoint's (epoch 1's row is the killed run's)."""
+    argv = args("train", tiny_folds, "--set", "epochs=2", "imgsz=128", "batch=4", "validate_every=2", run=tmp_path)
     out = tmp_path / "effdet" / "fold0"
     kill_when(argv, lambda: (out / "last.pt").exists())
     assert not (out / "weights.pt").exists()
+    before = pd.read_csv(out / "metrics.csv")
     done = subprocess.run([sys.executable, "-m", "models", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from epoch 1" in done.stdout
-    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert "resuming from epoch 1" in done.stdout and "epoch 1 train_loss" not in done.stdout
+    after = pd.read_csv(out / "metrics.csv")
+    assert after["epoch"].tolist() == [1, 2] and after.iloc[:1].equals(before)
 
 
 def test_coco_checkpoint_loads_with_a_new_head(tiny_folds, tmp_path, capsys):
     """An effdet tf_efficientdet_d0 COCO-format state dict (90 classes, saved the way effdet publishes
     it) starts a 14-class D0: with lr=1e-30 (too small to move a float32 weight) every backbone and BiFPN weight is still the file's after a
     training step; the class head has 9 anchors x 14 classes."""
-    from effdet import create_model
-
-    coco = create_model("tf_efficientdet_d0", num_classes=90, pretrained=False, pretrained_backbone=False)
+    coco = effdet().create_model("tf_efficientdet_d0", num_classes=90, pretrained=False, pretrained_backbone=False)
     torch.save(coco.state_dict(), tmp_path / "tf_efficientdet_d0_coco.pth")
     main(args("train", tiny_folds, "--set", "arch=tf_efficientdet_d0", f"weights={tmp_path}/tf_efficientdet_d0_coco.pth",
               "lr=1e-30", "epochs=1", "imgsz=128", "batch=4", run=tmp_path))
@@ -175,14 +238,14 @@ def test_wrong_or_missing_checkpoint_is_one_clear_error(tiny_folds, tmp_path, ca
 def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     """models/effdet/full.yaml as it is (only epochs=1, and weights=null: the COCO file is not here):
     EfficientDet-D4 at 1024 px, one optimizer step (a fold file whose training split is one image,
-    so the CPU holds one image's activations), validation, then the trained model on two images."""
-    from cxr.config import load
-    from cxr.images import read_image
+    so the CPU holds one image's activations), validation on one image, then the trained model
+    predicts that image with the profile's flip TTA (both views have boxes; they are fused)."""
+    from models.common import predict_split
     from models.effdet.effdet import load_infer
 
     data, folds, _ = tiny_folds
     f = pd.read_csv(folds, dtype={"image_id": str})
-    one = pd.concat([f[f["fold"] == 0], f[f["fold"] == 1].head(1)])
+    one = pd.concat([f[f["fold"] == 0].head(1), f[f["fold"] == 1].head(1)])
     one.to_csv(tmp_path / "one.csv", index=False)
     argv = model_args("effdet", "train", (data, tmp_path / "one.csv", tmp_path), "--profile", "full",
                       "--set", "epochs=1", "weights=null", "device=cpu")
@@ -192,15 +255,23 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     metrics = pd.read_csv(out / "metrics.csv")
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
     cfg = load(Config, "models/effdet/full.yaml", {"weights": None, "device": "cpu"})
-    assert (cfg.arch, cfg.imgsz) == ("tf_efficientdet_d4", 1024)
+    assert (cfg.arch, cfg.imgsz, cfg.tta) == ("tf_efficientdet_d4", 1024, True)
     state = torch.load(out / "weights.pt", weights_only=True)["model"]
     assert state["class_net.predict.conv_pw.weight"].shape[0] == 9 * 14
-    images = [read_image(DataFolder(data).image("train", i)) for i in one.loc[one["fold"] == 0, "image_id"]]
+    image_id = one.loc[one["fold"] == 0, "image_id"].iloc[0]
+    infer, views = load_infer(cfg, out), []
+
+    def recorded(images):
+        views.append(infer(images))
+        return views[-1]
+
     started = time.perf_counter()
-    detections = load_infer(cfg, out)(images)
+    table = predict_split(recorded, DataFolder(data), "train", [image_id], tta=cfg.tta)
     predict_s = time.perf_counter() - started
-    assert len(detections) == 2
-    for boxes, scores, classes in detections:
+    assert len(views) == 2 and len(views[0]) == 1  # the image and its mirror image
+    for (boxes, scores, classes), in views:
         assert len(boxes) > 0 and ((classes >= 0) & (classes < NO_FINDING)).all() and (scores >= cfg.score_thr).all()
-    figures(f"effdet full (D4, 1024 px) on CPU: one step on 1 image {metrics['train_s'].iloc[0]:.1f} s, "
-            f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 2 images {predict_s:.1f} s")
+    assert (table["class_id"] != NO_FINDING).sum() > 0 and set(table["image_id"]) == {image_id}
+    figures(f"effdet full (D4, 1024 px) on CPU: one step on 1 image {metrics['seconds'].iloc[0]:.1f} s, "
+            f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 1 image with flip TTA "
+            f"{predict_s:.1f} s")

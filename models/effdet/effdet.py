@@ -4,9 +4,12 @@ Contract: see models/README.md. effdet ships models but no trainer, so this file
 plain ``train_one_epoch`` / ``evaluate`` pair over the shared toolkit (``models/train_utils.py``:
 AdamW or SGD, warmup + cosine per update, AMP on GPU, gradient accumulation and clipping, an
 EMA of the weights that is what gets validated and saved, a clear stop on a non-finite loss).
-Every epoch writes ``last.pt`` (model, EMA, optimizer, schedule, GradScaler, log) and
-``metrics.csv`` (train loss, validation loss, validation mAP@0.4 with the competition metric);
-a killed run resumes from ``last.pt``.
+Every ``validate_every`` epochs and at the last one it validates the EMA on the held-out fold
+(validation loss, mAP@0.4 with the competition metric); the curves go to ``metrics.csv`` and
+TensorBoard (``tensorboard/``), with an in-epoch progress line and ETA. Every epoch writes ``last.pt``
+(model, EMA, optimizer, schedule, GradScaler, curves; a killed run resumes from it), the best
+validation epoch's EMA goes to ``best.pt``, and the final EMA to ``weights.pt`` at the end;
+``checkpoint:`` says which of the two ``predict`` uses (``last``: the final one).
 
 Starting weights (``models/weights.py`` loads them and prints what it re-initialised):
 ``weights:`` an effdet/timm ``tf_efficientdet_d*`` COCO state dict (its 90-class head is
@@ -33,16 +36,16 @@ filters); predictions come back ``xyxy`` with 1-based classes.
 """
 from __future__ import annotations
 
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from types import ModuleType
+from typing import Annotated, ClassVar, Literal
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
 from cxr.data import DataFolder, split
@@ -51,10 +54,10 @@ from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.io import write_table
 from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
-                           read_state_dict, trained_weights, validation_map,
-                           write_fold_predictions)
-from models.train_utils import (Stepper, cosine_schedule, eval_loader, finish, launch, log_epoch, make_optimizer,
-                                microbatches, resume, save_checkpoint, save_if_best, start_rank, train_loader,
+                           read_state_dict, validation_map, write_fold_predictions)
+from models.curves import Progress
+from models.train_utils import (Stepper, augmentations, cosine_schedule, eval_loader, launch, make_optimizer,
+                                microbatches, resume, run_epochs, start_rank, train_loader, trained_checkpoint,
                                 updates_per_epoch)
 from models.weights import resolve, transfer
 
@@ -62,55 +65,67 @@ OUTPUT = "detections"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+PREDICT_ONLY = frozenset({"tta", "score_thr", "max_det", "checkpoint"})  # may differ from the fold's training config
+
+
+def effdet() -> ModuleType:
+    """The ``effdet`` package, imported on first use (``python -m models list`` does not need it)."""
+    with warnings.catch_warnings():
+        # effdet's box matcher decorates functions with torch.jit.script at import, which the pinned torch
+        # deprecates with a FutureWarning on every run; the scripted functions still work: nothing to act on
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import effdet as package
+    return package
+
+
 @dataclass
 class Config:
-    arch: str = "tf_efficientdet_lite0"  # any effdet config name (tf_efficientdet_d0..d7, _lite0..4)
-    weights: str | None = None  # detector state dict (effdet COCO, ours) or timm backbone checkpoint; see above
-    backbone_init: str | None = "efficientnet_lite0"  # or a timm checkpoint file of the backbone; when weights unset
-    labels: FusionConfig = DEFAULT  # reader fusion of the training labels
+    PASSTHROUGH: ClassVar[str] = ""
+
+    arch: str = "tf_efficientdet_lite0"  # effdet model config name (tf_efficientdet_d0..d7, tf_efficientdet_lite0..4)
+    weights: str | None = None
+    backbone_init: str | None = "efficientnet_lite0"  # backbone start without weights: efficientnet_lite0 or a file
+    labels: FusionConfig = DEFAULT
     imgsz: ImageSize = 256
     epochs: Count = 10
-    batch: Count = 8  # per GPU and micro-batch
-    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch * accumulate (one GPU)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: Positive = 1e-3  # for the nominal batch on one GPU (see scale_for_gpus)
-    weight_decay: NonNegativeFloat = 1e-4
+    batch: Count = 8
+    accumulate: Count = 1  # micro-batches per optimizer update: nominal batch = batch x accumulate on one GPU
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw (decoupled weight decay) or sgd (Nesterov momentum 0.9)
+    lr: Positive = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4  # the optimizer's weight decay
     warmup_epochs: NonNegativeFloat = 1.0
-    ema_decay: Annotated[float, Range(0, 1, open_high=True)] = 0.999  # per update
-    clip_grad: NonNegativeFloat = 10.0  # 0: no clipping
-    amp: bool = True  # on GPU only: training, validation and prediction
-    translate: Fraction = 0.1  # augmentation: shift (fraction of the side), scale +-, rotation degrees +-, p=0.5
-    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.2  # (at least the top teams' ShiftScaleRotate(0.1, 0.2, 20))
+    ema_decay: Annotated[float, Range(0, 1, open_high=True)] = 0.999  # decay per update of the weights' EMA
+    clip_grad: NonNegativeFloat = 10.0  # gradient norm clipped to this before each update (0: no clipping)
+    amp: bool = True
+    fliplr: Fraction = 0.5
+    translate: Fraction = 0.1
+    # default strength: the top teams' ShiftScaleRotate(0.1, 0.2, 20)
+    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.2
     degrees: Annotated[float, Range(0, 180)] = 20.0
-    workers: NonNegative = 2  # loader workers per GPU at most (fewer when the job has fewer cores)
+    brightness_contrast: Fraction = 0.15
+    workers: NonNegative = 2
     seed: NonNegative = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a usable GPU, else the CPU; cuda: a GPU or stop
-    gpus: Count = 1  # GPUs of one training job (the first N visible; gloo processes with device: cpu)
-    score_thr: Fraction = 0.001  # low: the metric does not punish extra boxes
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpus: Count = 1
+    score_thr: Fraction = 0.001
     max_det: Count = 100
     tta: bool = False
     validate_every: Count = 1
+    checkpoint: Literal["last", "best"] = "last"
 
 
 class Boxes(torch.utils.data.Dataset):
     """Squashed PNG + fused boxes (original pixels) -> image tensor and effdet target at ``size``.
 
-    ``augment``: None, or (translate, scale, degrees) of a random affine (p=0.5) besides a
-    horizontal flip and brightness/contrast jitter.
+    ``augment``: None, or a config whose augmentation keys (``fliplr``, ``translate``, ``scale``,
+    ``degrees``, ``brightness_contrast``) set the training augmentation (:func:`models.train_utils.augmentations`).
     """
 
-    def __init__(self, data: DataFolder, ids: list[str], fused: pd.DataFrame, size: int,
-                 augment: tuple[float, float, float] | None):
+    def __init__(self, data: DataFolder, ids: list[str], fused: pd.DataFrame, size: int, augment: Config | None):
         self.data, self.ids, self.size = data, ids, size
         self.boxes = {k: g for k, g in fused[fused["class_id"] != NO_FINDING].groupby("image_id")}
         self.wh = data.train_sizes.set_index("image_id")[["width", "height"]]
-        aug = []
-        if augment is not None:
-            translate, scale, degrees = augment
-            aug = [A.HorizontalFlip(p=0.5),
-                   A.Affine(translate_percent=(-translate, translate), scale=(1 - scale, 1 + scale),
-                            rotate=(-degrees, degrees), p=0.5),
-                   A.RandomBrightnessContrast(0.15, 0.15, p=0.5)]
+        aug = augmentations(augment) if augment is not None else []
         self.transform = A.Compose([A.Resize(size, size), *aug, A.Normalize(MEAN, STD)],
                                    bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3))
 
@@ -145,9 +160,7 @@ def collate(batch: list) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
 
 def build(cfg: Config, bench_task: str = "train") -> torch.nn.Module:
     """effdet model wrapped in its train (with anchor labeler) or predict bench, initialized as the config says."""
-    from effdet import create_model
-
-    bench = create_model(cfg.arch, bench_task=bench_task, num_classes=len(range(NO_FINDING)), pretrained=False,
+    bench = effdet().create_model(cfg.arch, bench_task=bench_task, num_classes=len(range(NO_FINDING)), pretrained=False,
                          pretrained_backbone=False, image_size=(cfg.imgsz, cfg.imgsz), bench_labeler=True,
                          max_det_per_image=cfg.max_det)
     if cfg.weights:
@@ -185,8 +198,10 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     return path
 
 
-def train_one_epoch(bench: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int) -> float:
-    """One epoch of this rank's shard; returns the mean loss over every rank's batches."""
+def train_one_epoch(bench: torch.nn.Module, loader, stepper: Stepper, dev: str, epoch: int,
+                    progress: Progress | None = None) -> float:
+    """One epoch of this rank's shard (``progress``: the in-epoch progress line); returns the mean loss over
+    every rank's batches."""
     bench.train()
     losses = []
     for (x, target), last in microbatches(loader):
@@ -196,6 +211,8 @@ def train_one_epoch(bench: torch.nn.Module, loader, stepper: Stepper, dev: str, 
             loss = bench(x, target)["loss"]
         stepper.step(loss, last, epoch)
         losses.append(loss.item())
+        if progress is not None:
+            progress.step(losses[-1])
     return float(np.mean(np.concatenate(all_gather(losses))))
 
 
@@ -205,9 +222,8 @@ def evaluate(model: torch.nn.Module, cfg: Config, data: DataFolder, val_ids: lis
     """(validation loss, validation mAP@0.4 with the competition metric) of ``model`` (the EMA), under AMP
     on GPU. With several ranks ``loader`` holds this rank's share of ``val_ids`` (``val_ids[rank::world]``)
     and :func:`validation_map` splits them the same way; every rank returns the same two numbers."""
-    from effdet import DetBenchTrain
-
-    bench = DetBenchTrain(model, create_labeler=True).to(dev).train()  # train mode: loss only, no post-processing
+    # train mode: the loss only, no post-processing
+    bench = effdet().DetBenchTrain(model, create_labeler=True).to(dev).train()
     model.eval()  # ...but frozen BN statistics and no dropout
     total, n = 0.0, 0
     with amp_autocast(dev, cfg.amp):
@@ -221,7 +237,7 @@ def evaluate(model: torch.nn.Module, cfg: Config, data: DataFolder, val_ids: lis
 
 def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:
     """Train fold ``fold`` (resuming a killed run) on ``cfg.gpus`` processes, or on torchrun's; returns
-    ``weights.pt`` (the best validation epoch's EMA weights)."""
+    ``weights.pt`` (the final EMA weights; the best validation epoch's are in ``best.pt``)."""
     if not (out / "weights.pt").exists():
         launch(_train, cfg.gpus, cfg, data, folds, fold, out)
     return out / "weights.pt"
@@ -233,7 +249,7 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
     train_ids, val_ids = split(folds, fold)
     fused = pd.read_csv(out / "labels.csv", dtype={"image_id": str, "rad_id": str})
     train_ids = sorted(set(train_ids) & set(fused["image_id"]))  # dropped readers can leave an image unlabelled
-    train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=(cfg.translate, cfg.scale, cfg.degrees))
+    train_ds = Boxes(data, train_ids, fused, cfg.imgsz, augment=cfg)
     loader = train_loader(train_ds, cfg.batch, workers, cfg.seed, dev, collate)
     val_fused = fused if cfg.labels == DEFAULT else data.fused()
     val_loader = eval_loader(Boxes(data, val_ids[rank::world], val_fused, cfg.imgsz, augment=None), cfg.batch, workers,
@@ -247,7 +263,7 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
     # the EMA keeps its horizon in images when the nominal batch (and so the updates per epoch) changes
     stepper = Stepper(bench, opt, sched, device=dev, amp=cfg.amp and dev.startswith("cuda"), clip_grad=cfg.clip_grad,
                       accumulate=accumulate, averaged=network, ema_decay=cfg.ema_decay ** lr_factor)
-    start, best, log = resume(out / "last.pt", network, stepper, dev)
+    resumed = resume(out / "last.pt", network, stepper, dev)
     if rank == 0:
         print(f"effdet: {world} x batch {cfg.batch} x accumulate {accumulate} = nominal batch "
               f"{cfg.batch * accumulate * world} (profile: {cfg.batch} x {cfg.accumulate} on one GPU); lr {cfg.lr:g} x "
@@ -255,30 +271,13 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
               f"{workers} loader workers per rank", flush=True)
         save(cfg, out / "config.yaml")  # only now that training really starts
     decoders = decode_workers(workers, dev)
-    for epoch in range(start, cfg.epochs):
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        row = {"epoch": epoch + 1, "train_loss": train_one_epoch(bench, loader, stepper, dev, epoch),
-               "val_loss": float("nan"), "val_map": float("nan"), "lr": stepper.lr(), "train_s": time.perf_counter() - started}
-        validate = (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs
-        if validate:
-            row["val_loss"], row["val_map"] = evaluate(stepper.final_model(), cfg, data, val_ids, val_loader, dev, decoders)
-        if rank == 0:
-            if validate:
-                best = save_if_best(out, stepper.final_model(), row["val_map"], best)
-            log_epoch(out, log, row)
-            save_checkpoint(out / "last.pt", network, stepper, epoch, best, log)
-    if rank == 0:
-        finish(out)
-    if world > 1:
-        dist.barrier()  # weights.pt exists when any rank returns
+    run_epochs(cfg, out, "val_map", loader, network, stepper,
+               lambda epoch, progress: train_one_epoch(bench, loader, stepper, dev, epoch, progress),
+               lambda model: evaluate(model, cfg, data, val_ids, val_loader, dev, decoders), resumed)
 
 
 def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
-    from effdet import DetBenchPredict
-
-    bench = DetBenchPredict(model).to(dev).eval()
+    bench = effdet().DetBenchPredict(model).to(dev).eval()
     mean, std = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1), torch.tensor(STD, device=dev).view(1, 3, 1, 1)
     resize = A.Resize(cfg.imgsz, cfg.imgsz)
 
@@ -299,8 +298,9 @@ def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
 
 
 def load_infer(cfg: Config, out: Path) -> Infer:
-    """The trained fold model (EMA weights) as an ``infer`` function (see models/common.py)."""
-    weights = trained_weights(out / "weights.pt", "effdet")
+    """The trained fold model as an ``infer`` function (see models/common.py): the final EMA weights, or the
+    best validation epoch's with ``checkpoint: best``."""
+    weights = trained_checkpoint(cfg, out, "effdet")
     dev = device(cfg.device)
     model = build(Config(**{**vars(cfg), "backbone_init": None, "weights": None})).model
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
