@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -220,6 +221,9 @@ def fold_log(out: Path, argv: list[str]) -> Iterator[None]:
     log = out / "log.txt"
     with open(log, "a") as f:
         f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} python -m models {shlex.join(argv)}\n")
+    # multiprocessing's resource tracker (spawned ranks: effdet/classifier launch, detectron2's launch) outlives
+    # the verb; started here it holds the console, not the tees' pipes, whose end the exit waits for
+    resource_tracker.ensure_running()
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -239,7 +243,11 @@ def fold_log(out: Path, argv: list[str]) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for tee, fd in zip(tees, saved):
             tee.stdin.close()
-            tee.wait()
+            try:
+                tee.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a child that outlives the verb still holds the pipe: stop logging it
+                tee.kill()
+                tee.wait()
             os.close(fd)
         if failure is not None:
             with open(log, "a") as f:
