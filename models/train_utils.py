@@ -306,8 +306,8 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
     ``train_epoch(epoch, progress)`` trains one epoch of this rank's shard (calling ``progress.step``
     per micro-batch) and returns the mean loss over every rank; ``validate(model)`` returns
     (validation loss, ``score``) of the final-weights model (the EMA where there is one), the same on
-    every rank. Rank 0 alone writes: the curves (``metrics.csv``: ``seconds`` is the epoch's training
-    time, validation not included), ``best.pt`` when ``score`` beats the best so far, ``last.pt``, and
+    every rank. Rank 0 alone writes: the curves (``metrics.csv``; ``seconds``: the epoch's training and
+    validation, as the other models count it), ``best.pt when ``score`` beats the best so far, ``last.pt``, and
     at the end ``weights.pt`` (the final weights)."""
     rank, world = rank_world()
     start, best, log = resumed
@@ -320,9 +320,10 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
             progress.start(epoch)
             started = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_epoch(epoch, progress), "val_loss": None,
-                                   score: None, "lr": stepper.lr(), "seconds": time.perf_counter() - started}
+                                   score: None, "lr": stepper.lr(), "seconds": None}
             if validates(cfg, epoch):
                 row["val_loss"], row[score] = validate(stepper.final_model())
+            row["seconds"] = time.perf_counter() - started
             if curves is not None:
                 if row[score] is not None:
                     best = save_if_best(out, stepper.final_model(), row[score], best)

@@ -152,5 +152,6 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     assert np.isfinite(metrics[["train_loss", "val_loss", "val_auc"]].to_numpy()).all()  # both labels among the 2
     state = torch.load(tmp_path / "classifier" / "fold0" / "weights.pt", weights_only=True)["model"]
     assert state["classifier.weight"].shape == (1, 2048)
-    figures(f"classifier full (B5, 768 px) on CPU: one step on 1 image {metrics['seconds'].iloc[0]:.1f} s, "
+    epoch_s = metrics["seconds"].iloc[0]
+    figures(f"classifier full (B5, 768 px) on CPU: the epoch (one step on 1 image, validation on 2) {epoch_s:.1f} s, "
             f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")
