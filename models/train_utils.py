@@ -36,7 +36,6 @@ import contextlib
 import math
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -68,35 +67,12 @@ def launch(fn: Callable[..., Any], processes: int, *args: Any) -> None:
     threads = str(max(1, cpu_count() // processes))
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = saved or threads
-    _start_resource_tracker()
     try:
         torch.multiprocessing.start_processes(_launched, args=(fn, processes, port, args), nprocs=processes,
                                               start_method="spawn")
     finally:
         if saved is None:
             del os.environ["OMP_NUM_THREADS"]
-
-
-def _start_resource_tracker() -> None:
-    """Start the spawn start method's resource tracker (if it does not run yet) with its stdout and stderr on
-    /dev/null. It lives as long as this process and would otherwise hold this process's stdout and stderr
-    open: ``python -m models`` pipes them into the fold's log.txt (``tee``) and waits for their end before it
-    exits, which would never come. All it could print is a count of leaked semaphores at exit."""
-    from multiprocessing import resource_tracker
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        resource_tracker.ensure_running()
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
 
 
 def _launched(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
