@@ -65,9 +65,9 @@ def bare_yolo(cfg, dev: str, steps: int) -> tuple[float, float]:
 
 
 def bare_effdet(cfg, dev: str, steps: int) -> tuple[float, float]:
-    from effdet import DetBenchPredict
+    from models.effdet.effdet import build, effdet
 
-    from models.effdet.effdet import build
+    DetBenchPredict = effdet().DetBenchPredict
 
     bench = build(cfg).to(dev)
     opt = torch.optim.AdamW(bench.parameters(), lr=cfg.lr)
