@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING
 from cxr.io import write_json
@@ -108,6 +109,29 @@ def test_test_pngs_reproduce_the_submission(predicted: dict) -> None:
     assert not different, f"{len(different)} image(s) differ, e.g. {different[0]}"
     n_boxes = sum(len(s.split()) // 6 - 1 for s in theirs["PredictionString"])
     assert n_boxes > 0, "the comparison must cover finding boxes, not only No-finding rows"
+
+
+@pytest.mark.slow
+def test_every_model_and_fold_keeps_curves_a_log_and_its_prediction_settings(trained: dict) -> None:
+    """What a user opens after a run, the same for all four models: log.txt (every verb run on the fold; what
+    it prints is checked through the real command line in test_models_contract),
+    metrics.csv (the shared columns), TensorBoard events under the same tags, the final and best
+    weights, and predict.yaml (how the fold's tables were made)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for model in TINY:
+        score = "val_auc" if model == "classifier" else "val_map"
+        for fold in trained["run"].joinpath(model).glob("fold*"):
+            log = (fold / "log.txt").read_text()
+            assert f"python -m models {model} train" in log and f"python -m models {model} predict" in log, fold
+            metrics = pd.read_csv(fold / "metrics.csv")
+            assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", score, "lr", "seconds"], fold
+            assert metrics[score].notna().iloc[-1], fold  # the last epoch always validates
+            events = EventAccumulator(str(fold / "tensorboard")).Reload()
+            assert {"loss/train", "lr", "val/AUC" if model == "classifier" else "val/mAP@0.4"} <= set(events.Tags()["scalars"])
+            suffix = ".pth" if model == "detectron" else ".pt"
+            assert (fold / f"weights{suffix}").is_file() and (fold / f"best{suffix}").is_file(), fold
+            assert yaml.safe_load((fold / "predict.yaml").read_text())["checkpoint"] == "last"
 
 
 @pytest.mark.slow
