@@ -121,7 +121,9 @@ def test_every_model_and_fold_keeps_curves_a_log_and_its_prediction_settings(tra
 
     for model in TINY:
         score = "val_auc" if model == "classifier" else "val_map"
-        for fold in trained["run"].joinpath(model).glob("fold*"):
+        folds = sorted(p for p in trained["run"].joinpath(model).glob("fold*") if p.is_dir())
+        assert [f.name for f in folds] == ["fold0", "fold1"], model
+        for fold in folds:
             log = (fold / "log.txt").read_text()
             assert f"python -m models {model} train" in log and f"python -m models {model} predict" in log, fold
             metrics = pd.read_csv(fold / "metrics.csv")
