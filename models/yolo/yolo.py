@@ -508,7 +508,8 @@ def load_infer(cfg: Config, out: Path) -> Infer:
     def infer(images: list[np.ndarray]) -> list[Detections]:
         bgr = [np.repeat(im[:, :, None], 3, axis=2) for im in images]
         results = model.predict(bgr, imgsz=cfg.imgsz, conf=cfg.score_thr, iou=cfg.nms_iou, max_det=cfg.max_det,
-                                device=dev, half=cfg.amp and dev != "cpu", verbose=False)
+                                # fp16 on GPU when amp; `quantize` is the 8.4 name of the deprecated `half` flag
+                                device=dev, quantize=16 if cfg.amp and dev != "cpu" else None, verbose=False)
         return [(r.boxes.xyxyn.cpu().numpy(), r.boxes.conf.cpu().numpy(), r.boxes.cls.cpu().numpy()) for r in results]
 
     return infer
