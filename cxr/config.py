@@ -76,6 +76,8 @@ NonNegativeFloat = Annotated[float, Range(low=0)]  # weight decay, warmup epochs
 Fraction = Annotated[float, Range(0, 1)]  # probabilities, score and IoU thresholds
 ImageSize = Annotated[int, Range(low=32, step=32)]  # every network here downsamples by 32
 IoU = Annotated[float, Range(0, 1, open_low=True)]  # an overlap threshold: 0 would merge disjoint boxes
+Zoom = Annotated[float, Range(0, 1, open_high=True)]  # augmentation: zoom in [1 - v, 1 + v]; EMA decays
+Degrees = Annotated[float, Range(0, 180)]  # augmentation: rotation +- degrees
 
 
 class _Loader(yaml.SafeLoader):

@@ -105,6 +105,11 @@ def has_progress(out: Path) -> bool:
 WHERE_IT_RUNS = frozenset({"device", "gpus", "workers"})
 
 
+def differing(old: dict, new: dict, free: set | frozenset) -> list[str]:
+    """Keys of two resolved configs whose values differ (a key only one has counts), except the ``free`` ones."""
+    return [k for k in dict.fromkeys([*old, *new]) if k not in free and old.get(k, "<unset>") != new.get(k, "<unset>")]
+
+
 def check_run_config(cfg: object, out: Path) -> None:
     """A fold folder trained with another config is never silently reused: stop, naming what differs.
 
@@ -118,8 +123,7 @@ def check_run_config(cfg: object, out: Path) -> None:
         return
     old = read_yaml(saved.read_text()) or {}
     new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    diff = [k for k in dict.fromkeys([*old, *new])
-            if k not in WHERE_IT_RUNS and old.get(k, "<unset>") != new.get(k, "<unset>")]
+    diff = differing(old, new, WHERE_IT_RUNS)
     if not diff:
         return
     if not has_progress(out):
@@ -161,9 +165,9 @@ def predict_config(adapter: Any, cfg: Any, out: Path) -> Any:
     trained = load(adapter.Config, saved, overrides_from=str(saved))
     free = set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
     old, new = to_dict(trained), to_dict(cfg)
-    diff = [k for k in old if k not in free and old[k] != new.get(k)]
+    diff = differing(old, new, free)
     if diff:
-        changes = "; ".join(f"{k}: trained {old[k]!r}, asked {new.get(k)!r}" for k in diff)
+        changes = "; ".join(f"{k}: trained {old.get(k)!r}, asked {new.get(k)!r}" for k in diff)
         raise DataError(saved, f"this fold was trained with other settings ({changes}): predict with the training "
                                f"settings (same PROFILE, no SET for these keys); only {', '.join(sorted(free))} may "
                                f"change at predict time")

@@ -42,7 +42,7 @@ import timm
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
+from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, Zoom, save
 from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
@@ -81,8 +81,8 @@ class Config:
     amp: bool = True
     fliplr: Fraction = 0.5
     translate: Fraction = 0.05
-    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.1
-    degrees: Annotated[float, Range(0, 180)] = 7.0
+    scale: Zoom = 0.1
+    degrees: Degrees = 7.0
     brightness_contrast: Fraction = 0.15
     workers: NonNegative = 2
     seed: NonNegative = 0

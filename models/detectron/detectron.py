@@ -76,7 +76,7 @@ with warnings.catch_warnings():
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from cxr.boxes import to_original, to_resized
-from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
+from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, Zoom, save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
@@ -135,8 +135,8 @@ class Config:
     # with p=0.5, then brightness/contrast +-brightness_contrast with p=0.5
     fliplr: Fraction = 0.5
     translate: Fraction = 0.05
-    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.1
-    degrees: Annotated[float, Range(0, 180)] = 5.0
+    scale: Zoom = 0.1
+    degrees: Degrees = 5.0
     brightness_contrast: Fraction = 0.15
     score_thr: Fraction = 0.001  # low: the metric does not punish extra boxes
     max_det: Count = 100

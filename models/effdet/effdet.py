@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
+from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, Zoom, save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
@@ -100,8 +100,8 @@ class Config:
     fliplr: Fraction = 0.5
     translate: Fraction = 0.1
     # default strength: the top teams' ShiftScaleRotate(0.1, 0.2, 20)
-    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.2
-    degrees: Annotated[float, Range(0, 180)] = 20.0
+    scale: Zoom = 0.2
+    degrees: Degrees = 20.0
     brightness_contrast: Fraction = 0.15
     workers: NonNegative = 2
     seed: NonNegative = 0

@@ -48,7 +48,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import scale_boxes
 from ultralytics.utils.torch_utils import unwrap_model
 
-from cxr.config import Count, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Range, save
+from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNegativeFloat, Positive, Zoom, save
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
@@ -108,8 +108,8 @@ class Config:
     close_mosaic: NonNegative = 0  # the last N epochs train without mosaic
     fliplr: Fraction = 0.5
     translate: Fraction = 0.1
-    scale: Annotated[float, Range(0, 1, open_high=True)] = 0.3
-    degrees: Annotated[float, Range(0, 180)] = 0.0
+    scale: Zoom = 0.3
+    degrees: Degrees = 0.0
     brightness_contrast: Fraction = 0.4  # ultralytics' hsv_v
     amp: bool = True
     seed: NonNegative = 0
