@@ -114,6 +114,15 @@ def start_rank(cfg: Any, prepare: Callable[[], Any]) -> tuple[int, int, str, int
     return rank, world, dev, accumulate, lr_factor, loader_workers(cfg.workers, world)
 
 
+def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its convolution weights in channels-last (NHWC) memory order, which its
+    convolutions then follow. For the EfficientNet networks here (depthwise convolutions, BatchNorm) a
+    training step on one CPU thread ran at 1.4x the images/s (128 px: effdet Lite0 22 -> 31, classifier
+    28 -> 41), and NHWC is the layout cuDNN's tensor-core kernels use under AMP. Not for detectron2's
+    GroupNorm ResNet: 0.30 -> 0.33 s per iteration."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def train_loader(ds: torch.utils.data.Dataset, batch: int, workers: int, seed: int, dev: str,
                  collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
     """The training loader of one rank. Several ranks: a ``DistributedSampler`` gives each a disjoint

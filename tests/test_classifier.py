@@ -47,15 +47,18 @@ def test_labels_fused_and_any_reader_agree_on_vindr_like_data(fold_setup):
 
 
 def test_all_folds_demo_profile_auc_and_coverage(fold_setup, figures):
+    """The demo profile on every fold, except 2 epochs: on these 100 training images per fold (the demo has
+    200) its 3 epochs overfit and the final weights' AUC swings from fold to fold (OOF 0.82-0.86; with 2
+    epochs 0.89, and the demo data's 3-fold OOF AUC with 3 epochs is 0.965)."""
     data, folds, run = fold_setup
     start = time.time()
     for k in range(3):
-        main(args("train", fold_setup, fold=k))
-        main(args("predict", fold_setup, "--set", "tta=true", fold=k))
-    main(args("merge", fold_setup))
+        main(args("train", fold_setup, "--set", "epochs=2", fold=k))
+        main(args("predict", fold_setup, "--set", "epochs=2", "tta=true", fold=k))
+    main(args("merge", fold_setup, "--set", "epochs=2"))
     minutes = (time.time() - start) / 60
     report = json.loads((run / "classifier" / "report.json").read_text())
-    figures(f"classifier demo (3 folds x 100 images): OOF AUC {report['auc_overall']:.4f} "
+    figures(f"classifier demo, 2 epochs (3 folds x 100 images): OOF AUC {report['auc_overall']:.4f} "
             f"per fold {report['auc_per_fold']} ({minutes:.1f} min)")
     assert report["auc_overall"] > 0.8
     oof = pd.read_csv(run / "classifier" / "oof.csv", dtype={"image_id": str})
@@ -72,7 +75,7 @@ def test_all_folds_demo_profile_auc_and_coverage(fold_setup, figures):
     from models.classifier.classifier import Config, load_infer
 
     fold0 = pd.read_csv(run / "classifier" / "fold0" / "oof.csv", dtype={"image_id": str}).head(5)
-    infer = load_infer(load(Config, "models/classifier/demo.yaml", {"tta": True}), run / "classifier" / "fold0")
+    infer = load_infer(load(Config, "models/classifier/demo.yaml", {"epochs": 2, "tta": True}), run / "classifier" / "fold0")
     got = infer([read_image(DataFolder(data).image("train", i)) for i in fold0["image_id"]])
     np.testing.assert_allclose(got, fold0["p_abnormal"].to_numpy(), atol=1e-5)
 

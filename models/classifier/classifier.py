@@ -49,9 +49,9 @@ from cxr.images import read_image
 from cxr.io import write_table
 from models.common import all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict
 from models.curves import Progress
-from models.train_utils import (Stepper, augmentations, cosine_schedule, eval_loader, launch, make_optimizer,
-                                microbatches, resume, run_epochs, start_rank, train_loader, trained_checkpoint,
-                                updates_per_epoch)
+from models.train_utils import (Stepper, augmentations, channels_last, cosine_schedule, eval_loader, launch,
+                                make_optimizer, microbatches, resume, run_epochs, start_rank, train_loader,
+                                trained_checkpoint, updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "probabilities"  # what merge does with the folds' tables (see models/__main__.py)
@@ -128,7 +128,7 @@ def build(cfg: Config) -> torch.nn.Module:
         transfer(model, read_state_dict(path), path, is_backbone=lambda k: not k.startswith(f"{head}."))
     elif cfg.pretrained == "efficientnet_lite0":
         load_efficientnet_lite0(model)
-    return model
+    return channels_last(model)
 
 
 def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> Path:

@@ -56,9 +56,9 @@ from cxr.io import write_table
 from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
                            read_state_dict, validation_map, write_fold_predictions)
 from models.curves import Progress
-from models.train_utils import (Stepper, augmentations, cosine_schedule, eval_loader, launch, make_optimizer,
-                                microbatches, resume, run_epochs, start_rank, train_loader, trained_checkpoint,
-                                updates_per_epoch)
+from models.train_utils import (Stepper, augmentations, channels_last, cosine_schedule, eval_loader, launch,
+                                make_optimizer, microbatches, resume, run_epochs, start_rank, train_loader,
+                                trained_checkpoint, updates_per_epoch)
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"
@@ -169,7 +169,7 @@ def build(cfg: Config, bench_task: str = "train") -> torch.nn.Module:
         load_efficientnet_lite0(bench.model.backbone)
     elif cfg.backbone_init:
         load_weights(bench.model, cfg.backbone_init, backbone_only=True)
-    return bench
+    return channels_last(bench)
 
 
 def load_weights(model: torch.nn.Module, path: str, backbone_only: bool = False) -> None:
