@@ -28,6 +28,7 @@ SHARED = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data")
 # Files that train models, longest first (see pytest_collection_modifyitems).
 LONG_FILES = ["test_every_class.py", "test_demo_quality.py", "test_detectron.py", "test_yolo.py", "test_effdet.py",
               "test_classifier.py", "test_scheduler.py", "test_distributed.py", "test_predict_images.py"]
+ONE_UNIT_EACH = {"test_every_class.py", "test_demo_quality.py"}
 TRAIN_FOLDS = "vindr-cxr-train-annotations/nhtlongcs/data/folds"
 TRAIN_INFO = "vindr-cxr-train-annotations/nhtlongcs/datasets/train_info.csv"
 TEST_LABELS = "vindr-cxr-test-annotations/Tuprott991/vindr_physionet_384/annotations_test.csv"
@@ -40,11 +41,37 @@ MANIFEST = "vindr-cxr-images/manifest.csv"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Work units of `make test`'s workers (``--dist loadgroup``): one per file, so a file's module
     fixtures are built once, except the tests marked ``full_profile``, which form one unit: each
-    holds 8-15 GiB, so they run one after another. Long units first, so the workers finish together."""
+    holds 5-8 GiB, so they run one after another; and the quality trainings (:data:`ONE_UNIT_EACH`), which
+    share nothing and are the longest tests. Long units first, so the workers finish together."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: -1 if item.get_closest_marker("full_profile") else rank.get(item.path.name, len(rank)))
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("full_profiles" if item.get_closest_marker("full_profile") else item.path.name))
+        group = ("full_profiles" if item.get_closest_marker("full_profile") else
+                 f"{item.path.name}:{item.name}".replace("[", ":").replace("]", "") if item.path.name in ONE_UNIT_EACH
+                 else item.path.name)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+GROUPS_LOST: list[str] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a worker, note when its tests lack their group in their ids, where pytest-xdist reads it: pytest 9.2
+    keeps node ids where pytest-xdist 3.8 does not write, so every test became its own unit, module
+    fixtures were built on both workers and the full-profile tests ran side by side. A pytest or xdist
+    upgrade that breaks it again fails every test (:func:`groups_applied`) instead of only running slower."""
+    items = session.items
+    if getattr(session.config.option, "loadgroup", False) and items:  # set on pytest-xdist workers only
+        group = items[0].get_closest_marker("xdist_group").args[0]
+        if not items[0].nodeid.endswith("@" + group):
+            GROUPS_LOST.append(f"pytest-xdist did not apply the xdist_group markers (pytest {pytest.__version__}): "
+                               f"{items[0].nodeid} has no @{group}; pin the versions in requirements.txt")
+
+
+@pytest.fixture(autouse=True)
+def groups_applied() -> None:
+    if GROUPS_LOST:  # an exception in a worker's collection would only crash it, without this message
+        pytest.fail(GROUPS_LOST[0], pytrace=False)
 
 
 @pytest.fixture
