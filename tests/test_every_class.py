@@ -15,9 +15,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # More epochs than the demo profile where its run stops before the faint patterns (Lung Opacity haze,
 # Pneumothorax pocket) are found. Measured on one core: smallest class AP 0.018 (yolo, best epoch of 20),
-# 0.020 (effdet, 10 epochs; 0.012 with 9), 1.3-2.2 min each. Since predictions come from the final weights (checkpoint: last), YOLO's
-# 20th epoch left Consolidation at AP 0: 24 epochs find all 14 (mAP 0.382). detectron2's demo 5 epochs find
-# all 14 with a smallest AP of 0.002; 7 epochs (2.2 min) 0.016, mAP 0.201.
+# 0.020 (effdet, 10 epochs; 0.012 with 9), 1.3-2.2 min each. Since predictions come from the final weights
+# (checkpoint: last), YOLO's 20th epoch left Consolidation at AP 0: 24 epochs find all 14 (mAP 0.382).
+# detectron2's demo 5 epochs find all 14 with a smallest AP of 0.002; 7 epochs (2.2 min) 0.016, mAP 0.201.
 DEMO_SET = {
     "yolo": ["epochs=24"],
     "effdet": ["epochs=10", "validate_every=10"],
