@@ -244,26 +244,26 @@ def test_one_set_serves_every_model(profile):
 
 
 @pytest.mark.parametrize("name", models.names())
-def test_config_command_prints_every_key_with_type_and_meaning_as_a_loadable_profile(name, tmp_path):
+def test_config_command_prints_every_key_with_type_and_meaning_as_a_loadable_profile(name, tmp_path, capsys):
     """`python -m models MODEL config` lists every key, its type and a one-line meaning; its output is YAML
-    that loads back into the same config (a profile to start from)."""
+    that loads back into the same config (a profile to start from). In-process: a child would spend 5 s
+    importing the frameworks this worker has loaded (the CLI in a child: test_every_verb_on_a_fold_...)."""
     from cxr.config import describe
-    from models.__main__ import config_text
+    from models.__main__ import config_text, main
     from models.common import VOCABULARY
 
     Config = models.adapter(name).Config
     assert [k for k, _, meaning in describe(Config, VOCABULARY) if not meaning] == [], "fields without a meaning"
-    out = subprocess.run([sys.executable, "-m", "models", name, "config", "--profile", "full", "--set", "epochs=3"],
-                         capture_output=True, text=True, cwd=HERE.parent)
-    assert out.returncode == 0, out.stderr
+    main([name, "config", "--profile", "full", "--set", "epochs=3"])
+    stdout = capsys.readouterr().out
     cfg = load(Config, HERE / name / "full.yaml", {"epochs": 3})
-    assert out.stdout.strip() == config_text(name, cfg)
-    keys = [line.split(":")[0] for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert stdout.strip() == config_text(name, cfg)
+    keys = [line.split(":")[0] for line in stdout.splitlines() if not line.startswith("#")]
     assert keys == [f.name for f in dataclasses.fields(Config)]
-    assert all("  # " in line for line in out.stdout.splitlines() if not line.startswith("#"))
-    (tmp_path / "p.yaml").write_text(out.stdout)
+    assert all("  # " in line for line in stdout.splitlines() if not line.startswith("#"))
+    (tmp_path / "p.yaml").write_text(stdout)
     assert load(Config, tmp_path / "p.yaml") == cfg
-    assert "epochs: 3  # int >= 1; passes over the fold's training images" in out.stdout
+    assert "epochs: 3  # int >= 1; passes over the fold's training images" in stdout
 
 
 @pytest.mark.parametrize("name, key, hint", [
