@@ -100,9 +100,7 @@ install: $(STAMP) ## create .venv with the pinned stack (torch, ultralytics, det
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@# --no-compile: no byte-compiling of every file of the 6.7 GB venv (53 s of the install's 2:06 on 2 cores);
-	@# Python compiles the modules a run imports, once, on first use
-	$(PY) -m pip install -q --no-compile -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	@mkdir -p $(VENV)/wheels
 	@test -f $(VENV)/wheels/$(D2_WHEEL) || { \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
