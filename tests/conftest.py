@@ -46,10 +46,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: -1 if item.get_closest_marker("full_profile") else rank.get(item.path.name, len(rank)))
     for item in items:
-        group = ("full_profiles" if item.get_closest_marker("full_profile") else
-                 f"{item.path.name}:{item.name}".replace("[", ":").replace("]", "") if item.path.name in ONE_UNIT_EACH
-                 else item.path.name)
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(work_unit(item)))
+
+
+def work_unit(item: pytest.Item) -> str:
+    if item.get_closest_marker("full_profile"):
+        return "full_profiles"
+    if item.path.name in ONE_UNIT_EACH:
+        # no "]" in a group name: pytest-xdist reads the text after the last "@" as the group only when no "]"
+        # follows it
+        return f"{item.path.name}:{item.name}".replace("[", ":").replace("]", "")
+    return item.path.name
 
 
 GROUPS_LOST: list[str] = []
