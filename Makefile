@@ -108,9 +108,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	  mv $(VENV)/wheels/tmp/sal_detectron2-0.7.2-*.whl $(VENV)/wheels/$(D2_WHEEL); }
 	$(PY) -m pip install -q --no-compile --no-deps $(VENV)/wheels/$(D2_WHEEL)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-# pip byte-compiles the venv's ~17,000 files one at a time; compileall on every core takes 22 s instead of
-# 37 (2 cores). Two files of the pinned wheels are not Python 3.11 and are never imported (pip skips them too).
-	$(PY) -m compileall -q -j 0 -x '/(py312_intrinsics|ensemble_boxes_wbf_pytorch)\.py$$' $(VENV)/lib
+# pip byte-compiles the venv's ~17,000 files one at a time; compileall on every core, leaving out the
+# packages' own test suites (a fifth of the code, never imported), takes 16 s instead of 37 (2 cores). Two
+# files of the pinned wheels are not Python 3.11 and are never imported (pip skips them too).
+	$(PY) -m compileall -q -j 0 -x '/tests/|/(py312_intrinsics|ensemble_boxes_wbf_pytorch)\.py$$' $(VENV)/lib
 	$(PY) -c "import models, ensemble_boxes, pydicom, cxr; [models.adapter(m) for m in models.names()]"
 	@touch $@
 
