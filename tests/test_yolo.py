@@ -149,8 +149,13 @@ def _complete(path: Path) -> bool:
 
 
 def test_resume_after_kill(fold_setup, tmp_path):
+    """On 12 images (one batch per epoch: what is tested is the resume, not the learning)."""
+    data, _, run = fold_setup
+    ids = sorted(DataFolder(data).train_sizes["image_id"])[:12]
+    folds = tmp_path / "folds.csv"
+    write_table(pd.DataFrame({"image_id": ids, "fold": [1] * 9 + [0] * 3}), folds)
     weights = tmp_path / "yolo" / "fold0" / "train" / "weights"
-    argv = args("train", fold_setup, "--set", "epochs=3", run=tmp_path)
+    argv = args("train", (data, folds, run), "--set", "epochs=3", run=tmp_path)
     # epoch 1 always writes last.pt and then best.pt (first fitness is the best): kill once both are complete
     kill_when(argv, lambda: _complete(weights / "last.pt") and _complete(weights / "best.pt"))
     assert not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
