@@ -17,6 +17,7 @@ import yaml
 
 from cxr.config import load
 from cxr.data import DataFolder
+from cxr.dataset import NO_FINDING
 from cxr.io import write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
@@ -37,6 +38,19 @@ def trained(fold_setup):
     main(args("train", fold_setup, "--set", "epochs=1"))
     main(args("predict", fold_setup, "--set", "epochs=1", "tta=true"))  # predict: the training settings + tta
     return fold_setup[2] / "yolo" / "fold0"
+
+
+@pytest.fixture(scope="module")
+def small(fold_setup):
+    """(data, fold file, run root) of 12 images, 9 to train on (one batch per epoch) and 3 with findings to
+    validate on: for the tests of epochs, curves, checkpoints, resume and weight transfer, not of learning."""
+    data, _, run = fold_setup
+    fused = DataFolder(data).fused()
+    found = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))[:3]
+    rest = [i for i in sorted(DataFolder(data).train_sizes["image_id"]) if i not in found][:9]
+    folds = run / "small_folds.csv"
+    write_table(pd.DataFrame({"image_id": rest + found, "fold": [1] * 9 + [0] * 3}), folds)
+    return data, folds, run
 
 
 def _label_lines(root: Path, part: str) -> list[str]:
@@ -87,7 +101,7 @@ def test_train_one_epoch_and_predict(fold_setup, trained):
     assert set(test["image_id"]) == set(d.test_ids())
 
 
-def test_curves_and_validate_every(fold_setup, tmp_path, capfd, recwarn):
+def test_curves_and_validate_every(small, tmp_path, capfd, recwarn):
     """validate_every=2, epochs=3: ultralytics validates at epochs 2 and 3 only (mAP@0.4 its fitness, beside
     its own metrics in results.csv); metrics.csv has the shared columns with empty validation cells at epoch
     1, TensorBoard events sit in tensorboard/, the printed epoch lines never say nan, and Ray's get_trial_id
@@ -95,7 +109,7 @@ def test_curves_and_validate_every(fold_setup, tmp_path, capfd, recwarn):
     from models.curves import COLUMNS
     from models.yolo.yolo import MAP_KEY
 
-    main(args("train", fold_setup, "--set", "epochs=3", "validate_every=2", run=tmp_path))
+    main(args("train", small, "--set", "epochs=3", "validate_every=2", run=tmp_path))
     out = tmp_path / "yolo" / "fold0"
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns) == [c for c in COLUMNS if c != "val_auc"]
@@ -113,7 +127,7 @@ def test_curves_and_validate_every(fold_setup, tmp_path, capfd, recwarn):
     assert not [w for w in recwarn if "get_trial_id" in str(w.message)]
 
 
-def test_best_is_the_best_validation_and_weights_the_final(fold_setup, tmp_path, monkeypatch):
+def test_best_is_the_best_validation_and_weights_the_final(small, tmp_path, monkeypatch):
     """The fitness is our mAP@0.4 (scripted here: 0.5 then 0.1): best.pt is the epoch-1 EMA, weights.pt the
     final one (ultralytics' last.pt), patience=1 stops after one epoch without a better mAP@0.4, and
     ``checkpoint=best`` predicts from best.pt."""
@@ -121,7 +135,7 @@ def test_best_is_the_best_validation_and_weights_the_final(fold_setup, tmp_path,
 
     scores = iter([0.5, 0.1])
     monkeypatch.setattr(yolo.PretrainedTrainer, "validation_map", lambda self, net: next(scores))
-    main(args("train", fold_setup, "--set", "epochs=3", "patience=1", run=tmp_path))
+    main(args("train", small, "--set", "epochs=3", "patience=1", run=tmp_path))
     out = tmp_path / "yolo" / "fold0"
     assert pd.read_csv(out / "metrics.csv")["val_map"].tolist() == [0.5, 0.1]  # stopped early by patience
     weights = out / "train" / "weights"
@@ -133,10 +147,10 @@ def test_best_is_the_best_validation_and_weights_the_final(fold_setup, tmp_path,
     loaded = []
     real_yolo = yolo.YOLO
     monkeypatch.setattr(yolo, "YOLO", lambda path, **kw: loaded.append(Path(path)) or real_yolo(path, **kw))
-    main(args("predict", fold_setup, "--set", "epochs=3", "patience=1", "checkpoint=best", run=tmp_path))
+    main(args("predict", small, "--set", "epochs=3", "patience=1", "checkpoint=best", run=tmp_path))
     yolo.load_infer(load(yolo.Config, PROFILES / "demo.yaml"), out)
     assert loaded == [out / "best.pt", out / "weights.pt"]
-    assert read_predictions(out / "oof.csv", DataFolder(fold_setup[0]).train_sizes)["image_id"].nunique() > 1
+    assert read_predictions(out / "oof.csv", DataFolder(small[0]).train_sizes)["image_id"].nunique() > 1
 
 
 def _complete(path: Path) -> bool:
@@ -148,14 +162,9 @@ def _complete(path: Path) -> bool:
         return False
 
 
-def test_resume_after_kill(fold_setup, tmp_path):
-    """On 12 images (one batch per epoch: what is tested is the resume, not the learning)."""
-    data, _, run = fold_setup
-    ids = sorted(DataFolder(data).train_sizes["image_id"])[:12]
-    folds = tmp_path / "folds.csv"
-    write_table(pd.DataFrame({"image_id": ids, "fold": [1] * 9 + [0] * 3}), folds)
+def test_resume_after_kill(small, tmp_path):
     weights = tmp_path / "yolo" / "fold0" / "train" / "weights"
-    argv = args("train", (data, folds, run), "--set", "epochs=3", run=tmp_path)
+    argv = args("train", small, "--set", "epochs=3", run=tmp_path)
     # epoch 1 always writes last.pt and then best.pt (first fitness is the best): kill once both are complete
     kill_when(argv, lambda: _complete(weights / "last.pt") and _complete(weights / "best.pt"))
     assert not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
@@ -182,12 +191,12 @@ def write_ultralytics_checkpoint(path: Path, nc: int = 80) -> dict[str, torch.Te
     return {k: v.float() for k, v in torch.load(path, weights_only=False)["model"].state_dict().items()}
 
 
-def test_pretrained_checkpoint_transfers(fold_setup, tmp_path, capfd):
+def test_pretrained_checkpoint_transfers(small, tmp_path, capfd):
     """--set weights=FILE lr=1e-30 (too small to move a float32 weight; lr must be > 0): backbone (and neck)
     conv weights after a training step equal the file's; the class branch is re-initialised with 14 outputs;
     the augmentation fields reach ultralytics under its names, other ultralytics keys pass through."""
     source = write_ultralytics_checkpoint(tmp_path / "coco80.pt")
-    main(args("train", fold_setup, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr=1e-30", "warmup_epochs=0",
+    main(args("train", small, "--set", f"weights={tmp_path / 'coco80.pt'}", "lr=1e-30", "warmup_epochs=0",
               "epochs=1", "degrees=7.0", "translate=0.2", "brightness_contrast=0.3",
               "train_args={shear: 2.0, mixup: 0.1}", run=tmp_path / "run"))
     out = tmp_path / "run" / "yolo" / "fold0"
