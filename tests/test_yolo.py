@@ -102,12 +102,12 @@ def test_train_one_epoch_and_predict(fold_setup, trained):
 def test_curves_and_validate_every(small, tmp_path, capfd, recwarn):
     """validate_every=2, epochs=3: ultralytics validates at epochs 2 and 3 only (mAP@0.4 its fitness, beside
     its own metrics in results.csv); metrics.csv has the shared columns with empty validation cells at epoch
-    1, TensorBoard events sit in tensorboard/, the printed epoch lines never say nan, and Ray's get_trial_id
-    warning (ultralytics' raytune callback) is gone."""
+    1, TensorBoard events sit in tensorboard/, plots=true leaves the PR curves, the printed epoch lines never
+    say nan, and Ray's get_trial_id warning (ultralytics' raytune callback) is gone."""
     from models.curves import COLUMNS
     from models.yolo.yolo import MAP_KEY
 
-    main(args("train", small, "--set", "epochs=3", "validate_every=2", run=tmp_path))
+    main(args("train", small, "--set", "epochs=3", "validate_every=2", "plots=true", run=tmp_path))
     out = tmp_path / "yolo" / "fold0"
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns) == [c for c in COLUMNS if c != "val_auc"]
@@ -119,6 +119,8 @@ def test_curves_and_validate_every(small, tmp_path, capfd, recwarn):
     assert results["epoch"].tolist() == [1, 2, 3] and results[MAP_KEY].isna().tolist() == [True, False, False]
     assert np.allclose(results[MAP_KEY].iloc[1:], metrics["val_map"].iloc[1:], atol=1e-5)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # plots: true draws the last validation's PR curves, though epoch 2's validation (not the last) drew none
+    assert (out / "train" / "BoxPR_curve.png").exists() and (out / "train" / "results.png").exists()
     lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
     assert "val_map" not in lines[0] and "val_map" in lines[1] and not any("nan" in line for line in lines)

@@ -251,6 +251,10 @@ class PretrainedTrainer(DetectionTrainer):
             if RANK not in {-1, 0}:
                 return None, None
             return {**{k: float("nan") for k in self.metrics}, MAP_KEY: float("nan")}, None
+        # ultralytics' validator turns its own plots off at the first validation that is not the last epoch
+        # (plots &= last or a possible stop) and only ultralytics' final_eval, not run here, turned them back
+        # on: from the profile's setting each time, the last epoch draws the PR curves and confusion matrix
+        self.validator.args.plots = self.args.plots
         metrics = self.validator(self)  # every rank: ultralytics validates across DDP ranks
         ema = self.ema.ema if self.ema else unwrap_model(self.model)
         score = self.validation_map(ema)  # every rank, each its share of the images
@@ -290,10 +294,11 @@ class PretrainedTrainer(DetectionTrainer):
 
     def final_eval(self):
         """ultralytics' end of training without its second validation of best.pt: the optimizer state is
-        stripped from last.pt and best.pt as ultralytics does, but best.pt is not validated again. Its
-        mAP@0.4 is already in metrics.csv (the epoch that made it best), predict scores the weights that
-        predict (weights.pt by default, not best.pt), and that pass over the whole validation fold cost
-        as much as an epoch's validation (8 s of the full-profile test's 80 on a CPU)."""
+        stripped from last.pt and best.pt as ultralytics does, but best.pt is not validated again (nor
+        logged as an extra epoch). Its mAP@0.4 is already in metrics.csv (the epoch that made it best),
+        predict scores the weights that predict (weights.pt by default, not best.pt), and that pass over
+        the whole validation fold cost as much as an epoch's validation (8 s of the full-profile test's 80
+        on a CPU). With ``plots: true`` the last epoch's validation draws the PR curves (:meth:`validate`)."""
         with torch_distributed_zero_first(LOCAL_RANK):  # rank 0 writes, the others wait
             if RANK in {-1, 0}:
                 last = strip_optimizer(self.last) if self.last.exists() else {}
