@@ -129,7 +129,7 @@ def test_cards_never_shared_failure_reported_rerun_skips(tmp_path: Path, stand_i
     finish, classifier is merged and yolo not; a re-run only runs yolo fold 1, then merges yolo."""
     run = tmp_path / "run"
     first = schedule(tmp_path, *stand_in, "--models", "classifier", "yolo", "--devices", "3,5",
-                     "--set", "sleep=1", "fail=yolo:1", env={"OMP_NUM_THREADS": "3"})
+                     "--set", "sleep=1.5", "fail=yolo:1", env={"OMP_NUM_THREADS": "3"})
     assert first.returncode == 1, first.stdout + first.stderr
     out = first.stdout
     assert "FAILED yolo fold 1 train (exit 1)" in out and "log run/logs/yolo_fold1_train.log" in out
@@ -144,7 +144,7 @@ def test_cards_never_shared_failure_reported_rerun_skips(tmp_path: Path, stand_i
     spans = assert_one_job_per_card(jobs)
     assert sorted(spans) == ["3", "5"]
     # No card idles while jobs wait: both start together (give or take a Ray worker's start-up) and the
-    # next job follows the last at once (trainings last 1-3 s; measured gaps: 0.01 s).
+    # next job follows the last at once (jobs last 1.5-4.5 s; measured gaps: 0.01 s).
     first_start = jobs["start"].min()
     for card, s in spans.items():
         assert (s[0][0] - first_start).total_seconds() < 5, f"card {card} started late"
