@@ -25,14 +25,15 @@ from cxr.dataset import NO_FINDING
 from tests.conftest import model_args
 
 PROBE = '''
-import hashlib, json, os, sys
+import hashlib, importlib, json, os, sys
 from pathlib import Path
 
 import torch
 
-import models.classifier.classifier as classifier
-import models.effdet.effdet as effdet
 from models.__main__ import main
+
+model = sys.argv[1]  # only its adapter is imported, as the entry point does
+adapter = importlib.import_module(f"models.{model}.{model}")
 
 seen = {"train": [], "val": []}
 writes, wrapped = [], []
@@ -48,8 +49,10 @@ def recording(cls, name_of):
     cls.__getitem__ = getitem
 
 
-recording(effdet.Boxes, lambda self, i: self.ids[i])
-recording(classifier.Images, lambda self, i: Path(self.paths[i]).stem)
+if model == "effdet":
+    recording(adapter.Boxes, lambda self, i: self.ids[i])
+else:
+    recording(adapter.Images, lambda self, i: Path(self.paths[i]).stem)
 real_replace = os.replace
 
 

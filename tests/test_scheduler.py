@@ -245,15 +245,16 @@ def test_make_routes_oof_and_all_oof_through_the_scheduler() -> None:
 
 @pytest.mark.slow
 def test_classifier_on_two_cards(tmp_path: Path, figures) -> None:
-    """The real adapter: the classifier's demo profile, one epoch, every fold of a 2-fold file of 24 images
-    on cards 0 and 1 (the two trainings side by side), then merge; a re-run skips every fold and the merge.
-    Scheduling is what is tested, so the data is small (the 150 images of the model tests took 30 s more)."""
+    """The real adapter: the classifier's demo profile, one epoch at 64 px, every fold of a 2-fold file of
+    24 images on cards 0 and 1 (the two trainings side by side), then merge; a re-run skips every fold and
+    the merge. Scheduling is what is tested, so the data is small (the 150 images of the model tests took
+    30 s more)."""
     data = generate(SynthConfig(out=str(tmp_path / "data"), n_train=24, n_test=6, size=128, seed=3))
     run = tmp_path / "run"
     folds = tmp_path / "folds_2.csv"
     write_table(make_folds(DataFolder(data).labels, n_folds=2, seed=0), folds)
     args = ["--models", "classifier", "--data", str(data), "--folds", str(folds), "--run-dir", str(run),
-            "--devices", "0,1", "--set", "epochs=1"]
+            "--devices", "0,1", "--set", "epochs=1", "imgsz=64"]
     start = time.time()
     result = schedule(REPO, *args)
     seconds = time.time() - start
@@ -265,7 +266,7 @@ def test_classifier_on_two_cards(tmp_path: Path, figures) -> None:
     assert_one_job_per_card(jobs)
     oof = pd.read_csv(run / "classifier" / "oof.csv")
     assert len(oof) == pd.read_csv(folds)["image_id"].nunique() and oof["p_abnormal"].between(0, 1).all()
-    figures(f"scheduler: classifier demo, 1 epoch, 2 folds on 2 slots + merge: {seconds:.0f} s")
+    figures(f"scheduler: classifier demo, 1 epoch at 64 px, 2 folds on 2 slots + merge: {seconds:.0f} s")
 
     again = schedule(REPO, *args)
     assert again.returncode == 0 and "skipped (finished): classifier fold 0, classifier fold 1" \
