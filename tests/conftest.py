@@ -145,6 +145,17 @@ def fold_setup(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return synth_dir, folds, run
 
 
+def images_by_finding(data: Path) -> tuple[list[str], list[str]]:
+    """(images with a finding, images without) of ``data``'s fused labels, each in label order: what the
+    adapter tests' small fold files are drawn from."""
+    from cxr.data import DataFolder
+
+    fused = DataFolder(data).fused()
+    abnormal = fused["class_id"] != NO_FINDING
+    return (list(dict.fromkeys(fused.loc[abnormal, "image_id"])),
+            list(dict.fromkeys(fused.loc[~abnormal, "image_id"])))
+
+
 def model_args(model: str, verb: str, setup: tuple[Path, Path, Path], *extra: str, fold: int = 0,
                run: Path | None = None) -> list[str]:
     """argv for ``python -m models MODEL VERB`` on ``setup`` (see :func:`fold_setup`)."""

@@ -20,9 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxr.data import DataFolder
-from cxr.dataset import NO_FINDING
-from tests.conftest import model_args
+from tests.conftest import images_by_finding, model_args
 
 PROBE = '''
 import hashlib, importlib, json, os, sys
@@ -92,9 +90,7 @@ def small_folds(fold_setup):
     """8 training and 4 validation images (abnormal and normal ones): two micro-batches of 2 per rank, and
     both labels among the validation images (the classifier's AUC)."""
     data, _, run = fold_setup
-    fused = DataFolder(data).fused()
-    abnormal = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))
-    normal = list(dict.fromkeys(fused.loc[fused["class_id"] == NO_FINDING, "image_id"]))
+    abnormal, normal = images_by_finding(data)
     ids = abnormal[:8] + normal[:4]
     path = run / "small_folds.csv"
     pd.DataFrame({"image_id": ids, "fold": [1] * 6 + [0] * 2 + [1] * 2 + [0] * 2}).to_csv(path, index=False)

@@ -20,7 +20,7 @@ import models.effdet.effdet as adapter
 from models.__main__ import main
 from models.curves import TAGS
 from models.effdet.effdet import Boxes, Config, build, collate, effdet
-from tests.conftest import WITH_PEAK_RSS, kill_when, model_args
+from tests.conftest import WITH_PEAK_RSS, images_by_finding, kill_when, model_args
 
 FAST = ["epochs=1", "imgsz=128", "batch=4"]
 
@@ -41,8 +41,7 @@ def trained(fold_setup):
 def tiny_folds(fold_setup):
     """A fold file of 6 images: 4 to train on (one step at batch 4), 2 to validate on."""
     data, _, run = fold_setup
-    fused = DataFolder(data).fused()
-    ids = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))[:6]
+    ids = images_by_finding(data)[0][:6]
     path = run / "tiny_folds.csv"
     pd.DataFrame({"image_id": ids, "fold": [1, 1, 1, 1, 0, 0]}).to_csv(path, index=False)
     return data, path, run

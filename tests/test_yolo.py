@@ -15,12 +15,11 @@ import yaml
 
 from cxr.config import load
 from cxr.data import DataFolder
-from cxr.dataset import NO_FINDING
 from cxr.io import write_table
 from cxr.predictions import read_predictions
 from cxr.synth import SynthConfig, generate
 from models.__main__ import main
-from tests.conftest import kill_when, model_args
+from tests.conftest import images_by_finding, kill_when, model_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 PROFILES = Path(__file__).resolve().parents[1] / "models" / "yolo"
@@ -43,8 +42,7 @@ def small(fold_setup):
     """(data, fold file, run root) of 12 images, 9 to train on (one batch per epoch) and 3 with findings to
     validate on: for the tests of epochs, curves, checkpoints, resume and weight transfer, not of learning."""
     data, _, run = fold_setup
-    fused = DataFolder(data).fused()
-    found = list(dict.fromkeys(fused.loc[fused["class_id"] != NO_FINDING, "image_id"]))[:3]
+    found = images_by_finding(data)[0][:3]
     rest = [i for i in sorted(DataFolder(data).train_sizes["image_id"]) if i not in found][:9]
     folds = run / "small_folds.csv"
     write_table(pd.DataFrame({"image_id": rest + found, "fold": [1] * 9 + [0] * 3}), folds)
