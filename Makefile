@@ -1,6 +1,6 @@
 # VinBigData / VinDr-CXR ensemble pipeline. `make help` lists the targets.
 # Variables: DATA (a folder in Kaggle's resized-PNG layout), NAME (names fold/run/submission files),
-# N_FOLDS, SEED. The demo uses the embedded synthetic benchmark in data/demo.
+# N_FOLDS, SEED, MODEL + VARIANT (one member), SET, FORCE. The demo uses the embedded synthetic benchmark in data/demo.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -15,18 +15,33 @@ NAME    ?= demo
 ifneq ($(shell printf '%s' '$(subst ','_,$(NAME))' | grep -xE '[A-Za-z0-9_][A-Za-z0-9_.-]*'),$(if $(NAME),$(NAME),-))
 $(error NAME='$(NAME)' is not a plain name: letters, digits, '_', '-', '.', not starting with '.' or '-' (no '/', '..' or spaces))
 endif
-# the demo: 3 folds, to fit 2 CPU cores
-N_FOLDS ?= $(if $(filter demo,$(NAME)),3,5)
+# N_FOLDS: folds of a NEW fold file (default: 3 for the synthetic demo data, to fit 2 CPU cores, else 5; cxr
+# folds decides from the data, never from NAME). Every target reads the fold ids from the fold file itself.
+N_FOLDS ?=
 SEED    ?= 42
 FOLDS   := folds/$(NAME).csv
 RUN     := runs/$(NAME)
 MODEL   ?= yolo
 FOLD    ?= 0
+# VARIANT=s640: a named variant of MODEL with its own settings and folder runs/NAME/MODEL@VARIANT (models/members.py);
+# MODELS="yolo yolo@s640 demo:detectron" fuses members, the last one borrowed from run demo (same fold file)
+VARIANT ?=
+ifneq ($(VARIANT),)
+ifneq ($(shell printf '%s' '$(subst ','_,$(VARIANT))' | grep -xE '[A-Za-z0-9_][A-Za-z0-9_.-]*'),$(VARIANT))
+$(error VARIANT='$(VARIANT)' is not a plain name: letters, digits, '_', '-', '.', not starting with '.' or '-')
+endif
+endif
+MEMBER  = $(MODEL)$(if $(VARIANT),@$(VARIANT))
+# FORCE=1: folds made with other settings than asked are redone (without it such a fold stops make, naming the keys)
+FORCE   ?=
 # PROFILE follows DATA: the demo profiles (128 px, minutes on a CPU) are for the synthetic demo data only;
 # any other DATA gets the full profiles (GPU; they stop with one line on a machine without CUDA) unless
 # PROFILE is given
 PROFILE ?= $(if $(filter data/demo,$(patsubst %/,%,$(DATA))),demo,full)
-FOLD_IDS = $(shell seq 0 $$(($(N_FOLDS) - 1)))
+# (before the fold file exists, as under make -n: the count make folds would write)
+FOLD_IDS = $(if $(wildcard $(FOLDS)),$(shell python3 -c 'import csv, sys; \
+  print(*sorted({int(r["fold"]) for r in csv.DictReader(open(sys.argv[1]))}))' $(FOLDS)),$(shell \
+  seq 0 $$(($(or $(N_FOLDS),$(if $(wildcard $(DATA)/synth.yaml),3,5)) - 1))))
 # GPUs: DEVICE=1 picks the card of train/predict/oof, DEVICE=0,1,2,3 trains one job on those 4 cards (gpus: 4),
 # DEVICE=cpu runs on the CPU on purpose (full profiles need a GPU otherwise). DEVICES=0,1,2,3 (the cards) or GPUS=N, with GPUS_PER_JOB
 # cards per job (default 1; G > 1 sets the profile's gpus: G) and RAY_ADDRESS=host:port (an existing Ray cluster):
@@ -49,12 +64,12 @@ DEVICE_N = $(words $(subst $(comma), ,$(DEVICE_CARDS)))
 SETS = $(strip $(SET) $(if $(filter cpu,$(DEVICE)),device=cpu,$(if $(filter-out 0 1,$(DEVICE_N)),gpus=$(DEVICE_N))))
 # $(call ADAPTER,verb[,cards]): one verb of MODEL's adapter
 ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
-  --profile $(PROFILE) --run-dir $(RUN)$(if $(SETS), --set $(SETS))
+  --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SETS), --set $(SETS))
 # $(SCHEDULER) MODEL...: every fold of these models as Ray jobs, then merge (runs/NAME/jobs.csv, runs/NAME/logs/)
 SCHEDULER = $(strip $(PY) -m models.scheduler --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN) \
   $(if $(SETS),--set $(SETS)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
   $(if $(GPUS),--gpus $(GPUS)) $(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) \
-  $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) --models)
+  $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(if $(FORCE),--force) --models)
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
 # allows: proof that nothing downloads. Elsewhere they run as they are.
 OFFLINE := $(shell unshare -n ip link set lo up 2>/dev/null && echo yes)
@@ -69,7 +84,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images config tensorboard
+.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images config tensorboard runs
 
 TARGETS = $(shell grep -oE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | cut -d: -f1)
 
@@ -82,13 +97,16 @@ help: ## list the targets and the variables
 	  "NAME=$(NAME)" "names folds/NAME.csv, runs/NAME/, submissions/NAME.csv, reports/NAME/" \
 	  "PROFILE=$(PROFILE)" "model profile: demo on data/demo, full (GPU) on any other DATA" \
 	  "MODEL=$(MODEL)" "one of: $(DETECTORS) $(CLASSIFIERS) (train, predict, oof)" \
+	  "VARIANT=$(VARIANT)" "a named variant of MODEL: runs/NAME/MODEL@VARIANT, its own settings (SET)" \
 	  "FOLD=$(FOLD)" "the fold of train / predict" \
-	  "N_FOLDS=$(N_FOLDS)" "folds of make folds (3 for the demo, else 5); SEED=$(SEED)" \
-	  "SET=" "profile overrides: SET=\"epochs=5 imgsz=512\"" \
-	  "MODELS=" "detectors of the ensemble (default all); EXCLUDE=, EXTRA=name=path" \
+	  "N_FOLDS=$(N_FOLDS)" "folds of a new fold file (default: 3 on the demo data, else 5); SEED=$(SEED)" \
+	  "SET=" "profile overrides: SET=\"epochs=5 imgsz=512\" (a member keeps them: member.yaml)" \
+	  "FORCE=" "FORCE=1: redo the folds made with other settings (else make stops, naming the keys)" \
+	  "MODELS=" "members of the ensemble: yolo yolo@s640 demo:detectron (default all detectors); EXCLUDE=, EXTRA=name=path" \
 	  "DEVICE=" "card(s) of train / predict / oof: 1, or 0,1,2,3 (one job, 4 cards), or cpu" \
 	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
-	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)"
+	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)" \
+	  "RUNS_ARGS=" "make runs: --sort COLUMN, --json, --diff RUN_A RUN_B"
 
 # An unknown target: one line with the closest known one, before any work
 .DEFAULT:
@@ -132,7 +150,7 @@ $(DATA)/train.csv: | $(STAMP)
 	else echo "$@ not found: DATA must be a folder in Kaggle's resized-PNG layout (see README)" >&2; exit 1; fi
 
 $(FOLDS): $(DATA)/train.csv
-	$(CXR) folds --labels $(DATA)/train.csv --n-folds $(N_FOLDS) --seed $(SEED) --out $@
+	$(CXR) folds --labels $(DATA)/train.csv $(if $(N_FOLDS),--n-folds $(N_FOLDS)) --seed $(SEED) --out $@
 
 folds: $(FOLDS) ## write folds/$(NAME).csv (grouped by image, stratified over the 15 classes)
 
@@ -146,30 +164,38 @@ baseline: $(RUN)/prior_boxes/oof.csv $(RUN)/prior_boxes/test.csv ## prior-box fl
 	$(CXR) submission --predictions $(RUN)/prior_boxes/test.csv --sample $(DATA)/sample_submission.csv \
 	  --sizes $(DATA)/test_meta.csv --out submissions/$(NAME)_prior_boxes.csv
 
+# the settings decide freshness, not only the files' times: before make reuses a member's folds, `check` compares
+# each trained fold's saved config and inputs with what is asked, and stops naming the keys (FORCE=1 clears them)
+CHECK = $(call ADAPTER,check)$(if $(FORCE), --force)
+
 train: $(FOLDS) ## train MODEL on every fold but FOLD (resumes a killed run): make train MODEL=yolo FOLD=0
+	@$(CHECK) --fold $(FOLD)
 	$(call ADAPTER,train,$(DEVICE_CARDS)) --fold $(FOLD)
 
 predict: $(FOLDS) ## OOF + test predictions of MODEL's FOLD model (shared format, original pixels)
 	$(call ADAPTER,predict,$(DEVICE_CARDS)) --fold $(FOLD)
 
-$(RUN)/$(MODEL)/fold%/oof.csv: $(FOLDS)
+$(RUN)/$(MEMBER)/fold%/oof.csv: $(FOLDS)
 	$(call ADAPTER,train,$(DEVICE_CARDS)) --fold $*
 	$(call ADAPTER,predict,$(DEVICE_CARDS)) --fold $*
 
-$(RUN)/$(MODEL)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MODEL)/fold$(k)/oof.csv)
+$(RUN)/$(MEMBER)/oof.csv: $(foreach k,$(FOLD_IDS),$(RUN)/$(MEMBER)/fold$(k)/oof.csv)
 	$(call ADAPTER,merge)$(if $(FOLD_FUSION), --fold-fusion $(FOLD_FUSION))
 
-oof: $(if $(SCHEDULE),$(FOLDS)) ## every fold of MODEL, then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1: a job per card
+oof: $(FOLDS) ## every fold of MODEL [VARIANT], then merge (OOF table + folds' test WBF); make -j safe; DEVICES=0,1: a job per card
 ifneq ($(SCHEDULE),)
-	$(SCHEDULER) $(MODEL)
+	$(SCHEDULER) $(MEMBER)
 else
-	@$(MAKE) --no-print-directory $(RUN)/$(MODEL)/oof.csv
+	@$(CHECK)
+	@$(MAKE) --no-print-directory $(RUN)/$(MEMBER)/oof.csv
 endif
 
 # The ensemble's model set: MODELS (default: every detector in models/__init__.py) less EXCLUDE, plus EXTRA
 # folders of models trained elsewhere (oof.csv + test.csv, prediction or Kaggle submission format, named after
-# the folder or NAME=PATH); EXCLUDE=classifier turns the gate off. Each set keeps its own tuned parameters
-# (runs/NAME/ensemble/<set>/): a new set tunes, a finished one is skipped unless its inputs changed.
+# the folder or NAME=PATH); EXCLUDE=classifier turns the gate off. A member is FAMILY, FAMILY@VARIANT or
+# RUN:FAMILY[@VARIANT] (borrowed from runs/RUN, never trained here); a classifier member in MODELS is the gate's
+# (MODELS="yolo demo:classifier"). Each set keeps its own tuned parameters (runs/NAME/ensemble/<set>/): a new
+# set tunes, a finished one is skipped unless its inputs changed (a retrained member tunes again).
 DETECTORS   := $(shell python3 -c 'import models; print(*models.names("detector"))')
 CLASSIFIERS := $(shell python3 -c 'import models; print(*models.names("classifier"))')
 ifneq ($(filter-out $(DETECTORS) $(CLASSIFIERS),$(MODEL)),)
@@ -180,15 +206,20 @@ MODELS  ?= $(DETECTORS)
 EXCLUDE ?=
 EXTRA   ?=
 ENSEMBLE_MODELS = $(filter-out $(EXCLUDE),$(MODELS))
-ENSEMBLE_CLASSIFIER = $(firstword $(filter-out $(EXCLUDE),$(CLASSIFIERS)))
-ENSEMBLE_ARGS = --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --models "$(MODELS)" --exclude "$(EXCLUDE)" \
+# the gate: a classifier member named in MODELS (classifier@v, run:classifier), else the table's classifier
+CLASSIFIER_MEMBERS = $(foreach c,$(CLASSIFIERS),$(filter $(c) $(c)@% %:$(c) %:$(c)@%,$(ENSEMBLE_MODELS)))
+ENSEMBLE_CLASSIFIER = $(firstword $(CLASSIFIER_MEMBERS) $(filter-out $(EXCLUDE),$(CLASSIFIERS)))
+# the members trained in this run (borrowed ones, RUN:..., were trained in theirs)
+LOCAL_MEMBERS = $(foreach m,$(filter-out $(CLASSIFIER_MEMBERS),$(ENSEMBLE_MODELS)) $(ENSEMBLE_CLASSIFIER),$(if $(findstring :,$(m)),,$(m)))
+ENSEMBLE_ARGS = --data $(DATA) --folds $(FOLDS) --run-dir $(RUN) --models "$(filter-out $(CLASSIFIER_MEMBERS),$(MODELS))" --exclude "$(EXCLUDE)" \
   --extra "$(EXTRA)" --classifier $(or $(ENSEMBLE_CLASSIFIER),none)
 
-all-oof: $(FOLDS) ## OOF + test predictions of the ensemble's models and the classifier (MODELS, EXCLUDE choose)
+all-oof: $(FOLDS) ## OOF + test predictions of the ensemble's members and the classifier (MODELS, EXCLUDE choose)
 ifneq ($(SCHEDULE),)
-	$(SCHEDULER) $(ENSEMBLE_MODELS) $(ENSEMBLE_CLASSIFIER)
+	$(if $(LOCAL_MEMBERS),$(SCHEDULER) $(LOCAL_MEMBERS))
 else
-	@for m in $(ENSEMBLE_MODELS) $(ENSEMBLE_CLASSIFIER); do $(MAKE) --no-print-directory oof MODEL=$$m || exit 1; done
+	@for m in $(LOCAL_MEMBERS); do \
+	  $(MAKE) --no-print-directory oof MODEL=$${m%%@*} VARIANT=$$([ "$${m#*@}" != "$$m" ] && echo "$${m#*@}") || exit 1; done
 endif
 
 ensemble: all-oof ## tune WBF + gate on OOF: make ensemble [MODELS="yolo effdet"] [EXCLUDE=effdet] [EXTRA=path/to/preds]
@@ -196,6 +227,9 @@ ensemble: all-oof ## tune WBF + gate on OOF: make ensemble [MODELS="yolo effdet"
 
 submission: ensemble ## apply the tuned set to test: checked submissions/$(NAME).csv + reports/$(NAME)/ (same MODELS/EXCLUDE/EXTRA)
 	$(PY) -m ensemble submit $(ENSEMBLE_ARGS) --name $(NAME)
+
+runs: ## every run x member: settings, folds, OOF mAP pooled and fold mean, nested ensembles, test; + reports/index.html
+	$(PY) -m ensemble runs --data $(DATA) $(RUNS_ARGS)
 
 evaluate: ## print test mAP@0.4 of submissions/$(NAME).csv (DATA with test_labels.csv: synthetic or PhysioNet)
 	$(CXR) evaluate --labels $(DATA)/test_labels.csv --submission submissions/$(NAME).csv
@@ -213,8 +247,8 @@ predict-images: $(STAMP) ## the tuned ensemble of NAME on new studies: make pred
 	$(PY) -m ensemble.predict_images --src $(SRC) --out $(OUT) --run-dir $(RUN) $(if $(SIZE),--size $(SIZE),--data $(DATA)) \
 	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META))
 
-config: $(STAMP) ## print MODEL's resolved profile: every key, its value, type and meaning (PROFILE, SET apply)
-	@$(PY) -m models $(MODEL) config --profile $(PROFILE)$(if $(SET), --set $(SET))
+config: $(STAMP) ## print MODEL's resolved profile: every key, its value, type and meaning (PROFILE, the member's settings, SET apply)
+	@$(PY) -m models $(MODEL) config --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SET), --set $(SET))
 
 # Every fold's curves: metrics.csv's columns under one name for all models (<fold>/tensorboard) and the
 # frameworks' own events (ultralytics, detectron2: <fold>/train); loopback only, PORT=6006

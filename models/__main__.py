@@ -4,8 +4,11 @@
 ``python -m models MODEL config [--profile P] [--set K=V ...]`` prints the resolved config: every key
 with its value, type and meaning, as YAML that can be saved as a profile.
 
-Verbs: ``prepare``, ``train``, ``predict`` (one fold) and ``merge`` (all folds: ``oof.csv`` =
-every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF).
+Verbs: ``prepare``, ``train``, ``predict`` (one fold), ``merge`` (all folds: ``oof.csv`` =
+every fold's out-of-fold table, ``test.csv`` = the folds' test tables fused with WBF, ``scores.json``)
+and ``check`` (before make reuses finished folds: are they what is asked now? :func:`check`).
+``--variant V`` works on the member ``MODEL@V`` (``RUN/MODEL@V/``, models/members.py); every verb runs
+with the member's recorded settings (``member.yaml``) under ``--set``.
 Profiles are ``models/<MODEL>/<PROFILE>.yaml`` (or a path); ``--set key=value`` overrides a field.
 
 Every input is checked before anything is written: the profile's keys and ranges (``cxr.config``),
@@ -27,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -35,17 +39,18 @@ from typing import Any, Iterator
 import pandas as pd
 import yaml
 
-from cxr.args import Parser, non_negative_int
+from cxr.args import Parser, non_negative_int, plain_name
 from cxr.config import describe, from_dict, load, read_yaml, save, to_dict
 from cxr.data import DataFolder, read_folds, split
-from cxr.io import DataError, atomic_path, one_line_errors
+from cxr.io import DataError, atomic_path, one_line_errors, write_json
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import read_predictions, read_probabilities, write_predictions
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from cxr.dataset import NO_FINDING
 from models import MODELS, kind, names
 from models import adapter as import_adapter
-from models.common import VOCABULARY, fold_dir, job_device
+from models.members import (INPUTS_FILE, SCORES_FILE, WHERE_IT_RUNS, Member, asked_key, changed_inputs, fold_inputs,
+                            mark_predicted, read_inputs, record_settings, same_as_asked, settings, write_inputs)
 
 HERE = Path(__file__).parent
 
@@ -56,28 +61,73 @@ def fold_fusion(run: Path, model: str) -> WBF:
     return load(WBF, path) if path.is_file() else FOLD_MERGE
 
 
-def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path, fusion: WBF = FOLD_MERGE) -> tuple[Path, Path]:
-    """All folds of ``model`` -> ``RUN/MODEL/oof.csv`` (out-of-fold) and ``RUN/MODEL/test.csv``.
+def merge(model: str, data: DataFolder, folds: pd.DataFrame, run: Path, fusion: WBF = FOLD_MERGE,
+          member: Member | None = None) -> tuple[Path, Path]:
+    """All folds of ``model`` -> ``RUN/MEMBER/oof.csv`` (out-of-fold) and ``RUN/MEMBER/test.csv``, and the
+    member's figures in ``scores.json`` (:func:`write_scores`).
 
     Detections: the folds' test tables are fused with WBF (``fusion``, saved as
     ``fold_fusion.yaml`` so predict-images fuses new images the same way). Probabilities (the
     classifier): the folds' test probabilities are averaged, and an OOF ROC AUC report is written.
     """
+    member = member or Member(model)
+    folder = member.folder(run)
     ks = sorted(folds["fold"].unique())
-    missing = [k for k in ks if not (fold_dir(run, model, k) / "oof.csv").exists()]
+    missing = [k for k in ks if not (folder / f"fold{k}" / "oof.csv").exists()]
     if missing:
-        raise DataError(run / model, f"no predictions for fold(s) {missing}: run make oof MODEL={model}")
+        variant = f" VARIANT={member.variant}" if member.variant else ""
+        raise DataError(folder, f"no predictions for fold(s) {missing}: run make oof MODEL={model}{variant}")
     if kind(model) == "classifier":
         from models.classifier.report import merge_probabilities
 
-        return merge_probabilities([fold_dir(run, model, k) for k in ks], data, folds, run / model)
-    oof = pd.concat([read_predictions(fold_dir(run, model, k) / "oof.csv") for k in ks], ignore_index=True)
-    test = fuse_group([read_predictions(fold_dir(run, model, k) / "test.csv") for k in ks], data.test_sizes, fusion)
-    save(fusion, run / model / "fold_fusion.yaml")
-    return (
-        write_predictions(oof, run / model / "oof.csv", data.train_sizes),
-        write_predictions(test, run / model / "test.csv", data.test_sizes),
-    )
+        oof, test = merge_probabilities([folder / f"fold{k}" for k in ks], data, folds, folder)
+    else:
+        oof_table = pd.concat([read_predictions(folder / f"fold{k}" / "oof.csv") for k in ks], ignore_index=True)
+        test_table = fuse_group([read_predictions(folder / f"fold{k}" / "test.csv") for k in ks], data.test_sizes, fusion)
+        save(fusion, folder / "fold_fusion.yaml")
+        oof = write_predictions(oof_table, folder / "oof.csv", data.train_sizes)
+        test = write_predictions(test_table, folder / "test.csv", data.test_sizes)
+    write_scores(model, data, folds, folder)
+    return oof, test
+
+
+def _figure(model: str, data: DataFolder, ids: list[str], table: pd.DataFrame | pd.Series, labels: pd.DataFrame) -> float | None:
+    """mAP@0.4 of a detector's rows on ``ids``, or ROC AUC of the classifier's p_abnormal (None: one class only)."""
+    if kind(model) == "classifier":
+        from sklearn.metrics import roc_auc_score
+
+        finding = labels.assign(f=labels["class_id"] != NO_FINDING).groupby("image_id")["f"].any()
+        y = finding.reindex(ids).fillna(False).to_numpy().astype(int)
+        return float(roc_auc_score(y, table.loc[ids].to_numpy())) if len(set(y)) == 2 else None
+    return float(mean_average_precision(ground_truth(labels), table[table["image_id"].isin(set(ids))], ids)["map"])
+
+
+def write_scores(model: str, data: DataFolder, folds: pd.DataFrame, folder: Path) -> Path:
+    """``folder/scores.json``: the member's OOF figure pooled and per fold, their mean (the honest single-model
+    figure: each fold scored alone), and the test figure where the data folder has test labels."""
+    ids = folds["image_id"].astype(str).tolist()
+    classifier = kind(model) == "classifier"
+    oof = read_probabilities(folder / "oof.csv", ids) if classifier else read_predictions(folder / "oof.csv")
+    per_fold = {str(int(k)): _figure(model, data, folds.loc[folds["fold"] == k, "image_id"].astype(str).tolist(), oof,
+                                     data.labels) for k in sorted(folds["fold"].unique())}
+    known = [v for v in per_fold.values() if v is not None]
+    test = None
+    test_labels = data.root / "test_labels.csv"
+    if test_labels.is_file():
+        from cxr.labels import read_labels
+
+        try:
+            labels = read_labels(test_labels, data.test_sizes)
+            test_ids = data.test_ids()
+            table = read_probabilities(folder / "test.csv", test_ids) if classifier else read_predictions(folder / "test.csv")
+            test = _figure(model, data, test_ids, table, labels)
+        except DataError as e:  # test labels in another layout: the figure is unknown, the merge stands
+            print(f"note: no test figure for {folder.name}: {e}")
+    scores = {"metric": "auc" if classifier else "map", "pooled": _figure(model, data, ids, oof, data.labels),
+              "folds": per_fold, "fold_mean": float(sum(known) / len(known)) if known else None, "test": test,
+              "finding_boxes": None if classifier else int((oof["class_id"] != NO_FINDING).sum()),
+              "images": len(ids), "written": datetime.datetime.now().isoformat(timespec="seconds")}
+    return write_json(scores, folder / SCORES_FILE)
 
 
 def parse_overrides(pairs: list[str], where: str = "--set") -> dict:
@@ -100,17 +150,12 @@ def has_progress(out: Path) -> bool:
     return any(p.suffix in (".pt", ".pth") for p in out.rglob("*") if p.is_file())
 
 
-# Keys that say where a job runs, not what it trains: a fold may resume on another machine or card count
-# (the LR rule keeps the nominal batch across card counts, models.common.scale_for_gpus).
-WHERE_IT_RUNS = frozenset({"device", "gpus", "workers"})
-
-
 def differing(old: dict, new: dict, free: set | frozenset) -> list[str]:
     """Keys of two resolved configs whose values differ (a key only one has counts), except the ``free`` ones."""
     return [k for k in dict.fromkeys([*old, *new]) if k not in free and old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
-def check_run_config(cfg: object, out: Path) -> None:
+def check_run_config(cfg: object, out: Path, predict_only: frozenset | set = frozenset()) -> None:
     """A fold folder trained with another config is never silently reused: stop, naming what differs.
 
     ``config.yaml`` is written by the adapter's ``train`` once training starts; a killed run resumes
@@ -123,7 +168,7 @@ def check_run_config(cfg: object, out: Path) -> None:
         return
     old = read_yaml(saved.read_text()) or {}
     new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    diff = differing(old, new, WHERE_IT_RUNS)
+    diff = differing(old, new, WHERE_IT_RUNS | predict_only)  # prediction settings never touch the weights
     if not diff:
         return
     if not has_progress(out):
@@ -132,12 +177,82 @@ def check_run_config(cfg: object, out: Path) -> None:
             shutil.rmtree(out)
         return
     changes = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff)
-    raise DataError(saved, f"this fold was trained with another config ({changes}): use another NAME/--run-dir "
-                           f"for these settings, or delete {out} to retrain it")
+    raise DataError(saved, f"this fold was trained with another config ({changes}): name a new variant "
+                           f"(VARIANT=...) or NAME for these settings, or FORCE=1 to retrain it")
+
+
+def _changes(old: dict, new: dict, keys: list[str], verb: str) -> list[str]:
+    return [f"{k}: {verb} {old.get(k, '<unset>')!r}, asked {new.get(k, '<unset>')!r}" for k in keys]
+
+
+def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dict[int, dict]) -> dict[int, tuple[str, list[str]]]:
+    """Folds of a member whose saved results were made otherwise than ``cfg`` and ``inputs`` (per fold) ask:
+    fold -> ("train", what differs) when the weights are not this config's (a model-defining key, the
+    labels, the image size or the split changed), or ("predict", what differs) when only the prediction
+    settings (the adapter's ``PREDICT_ONLY``) of its OOF/test tables differ. Where a job runs never counts.
+    Folds with nothing trained yet are not listed (there is nothing to reuse)."""
+    only = frozenset(getattr(adapter, "PREDICT_ONLY", ()))
+    new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    stale: dict[int, tuple[str, list[str]]] = {}
+    for k in ks:
+        out = folder / f"fold{k}"
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            continue
+        old = read_yaml(saved.read_text()) or {}
+        keys = differing(old, new, WHERE_IT_RUNS | only)
+        lines = _changes(old, new, keys, "trained") + changed_inputs(read_inputs(out), inputs[k])
+        if lines:
+            stale[k] = ("train", lines)
+            continue
+        if not (out / "oof.csv").is_file():
+            continue
+        predicted = read_yaml((out / "predict.yaml").read_text()) if (out / "predict.yaml").is_file() else None
+        predicted = {**old, **(predicted or {})}
+        keys = [k2 for k2 in differing(predicted, new, WHERE_IT_RUNS) if k2 in only]
+        if keys:
+            stale[k] = ("predict", _changes(predicted, new, keys, "predicted"))
+    return stale
+
+
+def check(model: str, member: Member, cfg: Any, data: DataFolder, folds_path: Path, folds: pd.DataFrame,
+          run: Path, only: list[int] | None, force: bool) -> None:
+    """Before make reuses a member's folds: every trained fold's saved config and inputs must be what is asked
+    now. A difference stops here, before any work, with the keys (``epochs: trained 2, asked 3``) and the
+    ways on; with ``force`` the folds concerned are cleared so make redoes them (the weights of a fold whose
+    training settings still hold are kept: only its predictions are redone)."""
+    folder = member.folder(run)
+    ks = only if only is not None else sorted(int(k) for k in folds["fold"].unique())
+    adapter = import_adapter(model)
+    stale = stale_folds(adapter, cfg, folder, ks, {k: fold_inputs(data.root, folds_path, folds, k) for k in ks})
+    if not stale:
+        return
+    retrain = sorted(k for k, (what, _) in stale.items() if what == "train")
+    repredict = sorted(k for k, (what, _) in stale.items() if what == "predict")
+    lines = sorted({line for _, found in stale.values() for line in found})
+    if not force:
+        variant = f" VARIANT={member.variant}" if member.variant else ""
+        todo = (f"FORCE=1 to retrain fold(s) {', '.join(map(str, retrain))}" if retrain else "") + \
+               (" and " if retrain and repredict else "") + \
+               (f"FORCE=1 to predict fold(s) {', '.join(map(str, repredict))} again (weights kept)" if repredict else "")
+        raise DataError(folder, f"{member} was made with other settings ({'; '.join(lines)}): nothing reused. Name a "
+                                f"new variant (make oof MODEL={model} VARIANT=<name> SET=...) or a new NAME for these "
+                                f"settings, or {todo} (the same command with FORCE=1)")
+    for k in retrain:
+        shutil.rmtree(folder / f"fold{k}")
+    for k in repredict:
+        for name in ("oof.csv", "test.csv", "predict.yaml"):
+            (folder / f"fold{k}" / name).unlink(missing_ok=True)
+    for name in ("oof.csv", "test.csv", SCORES_FILE):  # the merge follows its folds
+        (folder / name).unlink(missing_ok=True)
+    print(f"FORCE: {member} ({'; '.join(lines)}): "
+          + ", ".join([*(f"fold {k} retrains" for k in retrain), *(f"fold {k} predicts again" for k in repredict)]))
 
 
 def config_text(model: str, cfg: object) -> str:
     """The resolved config as YAML, each key with its type and meaning as a comment (saveable as a profile)."""
+    from models.common import VOCABULARY
+
     adapter = import_adapter(model)
     values = to_dict(cfg)
     lines = [f"# {model}: every key of its Config (shared keys mean the same in every model: "
@@ -256,7 +371,7 @@ def fold_log(out: Path, argv: list[str]) -> Iterator[None]:
         if failure is not None:
             with open(log, "a") as f:
                 f.write(failure)
-            if created is not None and {p.name for p in out.iterdir()} <= {"log.txt"}:
+            if created is not None and {p.name for p in out.iterdir()} <= {"log.txt", INPUTS_FILE}:
                 shutil.rmtree(created, ignore_errors=True)
 
 
@@ -288,61 +403,102 @@ def main(argv: list[str] | None = None) -> None:
         cp.add_argument("verb", choices=["config"])
         cp.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
         cp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
+        cp.add_argument("--run-dir", help="with it: the member's recorded settings (member.yaml) apply under SET")
+        cp.add_argument("--variant", type=plain_name, help="the variant of MODEL (RUN_DIR/MODEL@VARIANT)")
         a = cp.parse_args(argv)
         with one_line_errors():
             adapter = import_adapter(a.model)
-            print(config_text(a.model, load(adapter.Config, profile_path(a.model, a.profile), parse_overrides(a.set))))
+            overrides = parse_overrides(a.set)
+            if a.run_dir:
+                overrides = settings(Member(a.model, a.variant).folder(Path(a.run_dir)), overrides)
+            print(config_text(a.model, load(adapter.Config, profile_path(a.model, a.profile), overrides)))
         return
     p = Parser(prog="python -m models", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=list(MODELS))
-    p.add_argument("verb", choices=["prepare", "train", "predict", "merge"])
+    p.add_argument("verb", choices=["prepare", "train", "predict", "merge", "check"])
     p.add_argument("--data", required=True, help="folder in Kaggle's resized-PNG layout")
     p.add_argument("--folds", required=True, help="fold file (image_id,fold)")
-    p.add_argument("--fold", type=non_negative_int, default=0)
+    p.add_argument("--fold", type=non_negative_int, default=None, help="the fold (default 0; check: every fold)")
     p.add_argument("--profile", default="demo", help="demo, full, or a YAML path")
-    p.add_argument("--run-dir", default="runs/demo", help="run root; outputs go to RUN_DIR/MODEL/foldK")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile fields")
+    p.add_argument("--run-dir", default="runs/demo", help="run root; outputs go to RUN_DIR/MODEL[@VARIANT]/foldK")
+    p.add_argument("--variant", type=plain_name, default=None,
+                   help="a named variant of MODEL with its own settings and folder RUN_DIR/MODEL@VARIANT")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override profile fields (on top of the member's recorded settings, member.yaml)")
     p.add_argument("--fold-fusion", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"merge: WBF of the folds' test tables (iou_thr, skip_box_thr, conf_type; default {FOLD_MERGE})")
+    p.add_argument("--force", action="store_true",
+                   help="check: clear the folds made with other settings so that make redoes them")
     a = p.parse_args(argv)
     with one_line_errors():
-        adapter = import_adapter(a.model)
-        cfg = load(adapter.Config, profile_path(a.model, a.profile), parse_overrides(a.set))
+        member = Member(a.model, a.variant)
         data, folds, run = DataFolder(a.data), read_folds(a.folds), Path(a.run_dir)
+        folder = member.folder(run)
+        overrides = settings(folder, parse_overrides(a.set))
+        key = asked_key(a.profile, profile_path(a.model, a.profile), overrides)
+        if a.verb == "check":
+            if a.fold is not None:
+                check_fold(folds, a.fold, a.folds)
+            ks = sorted(int(k) for k in folds["fold"].unique()) if a.fold is None else [a.fold]
+            if not any((folder / f"fold{k}" / "config.yaml").is_file() for k in ks):
+                return  # nothing trained yet: nothing could be reused
+            if same_as_asked(folder, ks, key, {k: fold_inputs(data.root, Path(a.folds), folds, k) for k in ks}):
+                return  # made with exactly what is asked (no framework import needed to know it)
+            cfg = load(import_adapter(a.model).Config, profile_path(a.model, a.profile), overrides)
+            check(a.model, member, cfg, data, Path(a.folds), folds, run, ks, a.force)
+            return
+        adapter = import_adapter(a.model)
+        cfg = load(adapter.Config, profile_path(a.model, a.profile), overrides)
         if a.verb == "merge":
             fusion = from_dict(WBF, {**to_dict(FOLD_MERGE), **parse_overrides(a.fold_fusion, "--fold-fusion")},
                                "--fold-fusion")
-            oof, test = merge(a.model, data, folds, run, fusion)
+            oof, test = merge(a.model, data, folds, run, fusion, member)
             ks = sorted(int(k) for k in folds["fold"].unique())
-            print(f"{a.model}: out-of-fold predictions of folds {', '.join(map(str, ks))}: {oof} "
+            print(f"{member}: out-of-fold predictions of folds {', '.join(map(str, ks))}: {oof} "
                   f"(OOF {score_line(a.model, data, list(folds['image_id']), oof)}); test predictions, the folds' "
                   f"{'mean' if kind(a.model) == 'classifier' else 'tables fused with WBF'}: {test}")
             return
-        check_fold(folds, a.fold, a.folds)
-        out = fold_dir(run, a.model, a.fold)
+        fold = 0 if a.fold is None else a.fold
+        check_fold(folds, fold, a.folds)
+        out = folder / f"fold{fold}"
         if a.verb == "predict":
             cfg = predict_config(adapter, cfg, out)
         if a.verb in ("train", "predict"):
             check_launcher(cfg)
+        inputs = fold_inputs(data.root, Path(a.folds), folds, fold) if a.verb == "train" else {}
         if a.verb == "train":
-            check_run_config(cfg, out)
+            check_run_config(cfg, out, frozenset(getattr(adapter, "PREDICT_ONLY", ())))
+            changed = changed_inputs(read_inputs(out), inputs) if out.is_dir() and has_progress(out) else []
+            if changed:
+                raise DataError(out, f"this fold was trained on other inputs ({'; '.join(changed)}): FORCE=1 "
+                                     f"retrains it, or use another NAME")
+        from models.common import job_device
+
         with fold_log(out, argv):
             if a.verb in ("train", "predict"):
                 job_device(cfg, training=a.verb == "train")
-            result = getattr(adapter, a.verb)(cfg, data, folds, a.fold, out)
-            if os.environ.get("RANK", "0") != "0":
+            rank0 = os.environ.get("RANK", "0") == "0"
+            if rank0 and a.verb in ("train", "predict"):  # the member's settings: what later commands rebuild
+                record_settings(folder, member, a.profile, overrides)
+            if rank0 and a.verb == "train":
+                write_inputs(out, {**inputs, "asked": key})
+            started = time.time()
+            result = getattr(adapter, a.verb)(cfg, data, folds, fold, out)
+            if not rank0:
                 return
             if a.verb == "train":
-                print(train_summary(a.model, a.fold, result), flush=True)
+                write_inputs(out, {**inputs, "asked": key}, time.time() - started)
+                print(train_summary(str(member), fold, result), flush=True)
             elif a.verb == "predict":
                 record_prediction(adapter, cfg, out)
+                mark_predicted(out, key)
                 oof, test = result
-                val_ids = split(folds, a.fold)[1]
-                print(f"{a.model} fold {a.fold}: out-of-fold predictions {oof} (fold {a.fold}'s {len(val_ids)} images, "
+                val_ids = split(folds, fold)[1]
+                print(f"{member} fold {fold}: out-of-fold predictions {oof} (fold {fold}'s {len(val_ids)} images, "
                       f"{score_line(a.model, data, val_ids, oof)}, checkpoint {getattr(cfg, 'checkpoint', 'last')}); "
                       f"test predictions {test}", flush=True)
             else:
-                print(f"{a.model} fold {a.fold} prepared: {result}", flush=True)
+                print(f"{member} fold {fold} prepared: {result}", flush=True)
 
 
 def profile_path(model: str, profile: str) -> Path:

@@ -24,6 +24,10 @@ Contract:
 - ``--address host:port``: the same jobs on an existing Ray cluster (``ray start`` on every node).
   Every node needs the repo checkout at the same path, the same venv, and DATA, the fold file and the
   run dir on a shared filesystem. ``--gpus N`` there checks that the cluster has N cards.
+- ``--models`` takes members (``yolo``, ``yolo@s640``: ``models/members.py``); a variant's jobs get
+  ``--variant``. Before any job, each member's ``check`` verb compares its trained folds' saved
+  settings and inputs with what is asked (``--force``: clears the ones that differ), as ``make oof``
+  does; a difference stops the run with its one line, exit 2.
 - A fold whose ``oof.csv`` exists and is not older than the fold file is finished and skipped; a
   model is merged when all its folds are finished and its ``oof.csv`` is missing or older than one
   of theirs (the Makefile's rules).
@@ -55,6 +59,7 @@ from cxr.args import Parser, positive_int
 from cxr.data import read_folds
 from cxr.io import DataError, one_line_errors, read_table, write_table
 from models import MODELS
+from models.members import Member, parse_member
 
 JOB_COLUMNS = ["model", "fold", "verb", "cards", "host", "start", "end", "exit_code", "log"]
 # The local Ray instance stays on this machine: loopback as its address (without it Ray asks a
@@ -197,9 +202,14 @@ def start_ray(cards: list[str] | None, address: str | None, gpus: int | None, pe
 
 
 def fold_oof(run: Path, model: str, fold: int) -> Path:
-    # models.common.fold_dir(...) / "oof.csv"; models.common imports torch, which every Ray worker
-    # (they import this module) would then load for nothing.
+    """``RUN/MEMBER/foldK/oof.csv`` (``model``: a member's folder name, ``yolo`` or ``yolo@s640``)."""
     return run / model / f"fold{fold}" / "oof.csv"
+
+
+def member_args(name: str) -> list[str]:
+    """The adapter's words for member ``name``: ``[family]`` or ``[family, ..., "--variant", v]`` (see jobs)."""
+    m = parse_member(name, "--models")
+    return [m.family, *(["--variant", m.variant] if m.variant else [])]
 
 
 def finished(run: Path, model: str, fold: int, folds_file: Path) -> bool:
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="python -m models.scheduler", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--models", nargs="+", required=True, help=f"of {', '.join(MODELS)}")
+    p.add_argument("--models", nargs="+", required=True,
+                   help=f"members: a family of {', '.join(MODELS)}, or FAMILY@VARIANT")
     p.add_argument("--data", required=True, help="folder in Kaggle's resized-PNG layout")
     p.add_argument("--folds", required=True, help="fold file (image_id,fold): every fold in it is a job")
     p.add_argument("--run-dir", required=True, help="run root (RUN/MODEL/foldK, RUN/jobs.csv, RUN/logs)")
@@ -247,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=positive_int, help="how many cards (GPUS): locally the first N, on a cluster a check")
     p.add_argument("--gpus-per-job", type=positive_int, help="cards each job holds (GPUS_PER_JOB; default: SET's gpus, or 1)")
     p.add_argument("--address", help="host:port of an existing Ray cluster (RAY_ADDRESS); default: local")
+    p.add_argument("--force", action="store_true", help="redo the folds made with other settings (FORCE=1)")
     p.add_argument("--adapter", default=f"{shlex.quote(sys.executable)} -m models",
                    help="command that runs one verb (default: this Python's -m models; the tests give a stand-in)")
     a = p.parse_args(argv)
@@ -261,17 +273,19 @@ def main(argv: list[str] | None = None) -> None:
 
 def schedule(a: argparse.Namespace) -> int:
     """Run every job of ``a`` (see the module docstring); return the exit code (0, or 1 when one failed)."""
-    unknown = [m for m in a.models if m not in MODELS]
-    if unknown:
-        raise DataError("MODEL", f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    members = [parse_member(m, "--models") for m in a.models]
+    borrowed = [str(m) for m in members if m.run]
+    if borrowed:
+        raise DataError("--models", f"{', '.join(borrowed)}: borrowed members are trained in their own run, not here")
     a.gpus_per_job, sets = cards_per_job(a.gpus_per_job, a.set)
     cards = parse_cards(a.devices, a.gpus, a.gpus_per_job, cluster=a.address is not None)
     cwd, run, folds_file = Path.cwd(), Path(a.run_dir), Path(a.folds)
     folds = sorted(int(k) for k in read_folds(folds_file)["fold"].unique())
-    models = list(dict.fromkeys(a.models))
+    models = list(dict.fromkeys(m.folder_name for m in members))
     adapter = shlex.split(a.adapter)
     common = ["--data", a.data, "--folds", a.folds, "--profile", a.profile, "--run-dir", a.run_dir,
               *(["--set", *sets] if sets else [])]
+    stale_check(models, adapter, common, a.force, cwd)
     jobs_csv = run / "jobs.csv"
     rows = [] if not jobs_csv.is_file() else read_table(jobs_csv, dtype=str, keep_default_na=False).to_dict("records")
 
@@ -288,7 +302,7 @@ def schedule(a: argparse.Namespace) -> int:
         if m in failed:
             print(f"not merged: {m} (a fold failed)", flush=True)
         elif all(finished(run, m, k, folds_file) for k in folds) and needs_merge(run, m, folds):
-            argv = [*adapter, m, "merge", *common, *(["--fold-fusion", *a.fold_fusion] if a.fold_fusion else [])]
+            argv = [*adapter, *member_args(m), "merge", *common, *(["--fold-fusion", *a.fold_fusion] if a.fold_fusion else [])]
             row = {"model": m, "fold": "", **run_step("merge", argv, str(run / "logs" / f"{m}_merge.log"), str(cwd))}
             record([row])
             if row["exit_code"]:
@@ -300,6 +314,20 @@ def schedule(a: argparse.Namespace) -> int:
         print(f"failed: {', '.join(sorted(failed))} (see the logs above); finished folds are skipped on a re-run",
               flush=True)
     return 1 if failed else 0
+
+
+def stale_check(models: list[str], adapter: list[str], common: list[str], force: bool, cwd: Path) -> None:
+    """Each member's ``check`` verb before any job (the Makefile runs the same before ``make oof``): a
+    member whose trained folds were made with other settings stops the run with the check's line."""
+    for m in models:
+        argv = [*adapter, *member_args(m), "check", *common, *(["--force"] if force else [])]
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+        if done.stdout.strip():
+            print(done.stdout.strip(), flush=True)
+        if done.returncode:  # the check's own one line (it names the member's folder), then exit 2
+            lines = done.stderr.strip().splitlines()
+            print(lines[-1] if lines else f"error: {m}: check exited {done.returncode}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str] | None, adapter: list[str],
@@ -317,7 +345,7 @@ def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str
     task = ray.remote(run_job).options(num_gpus=a.gpus_per_job, num_cpus=0, max_retries=0)
     pending = {}
     for m, k in todo:
-        steps = [(verb, [*adapter, m, verb, *common, "--fold", str(k)], str(run / "logs" / f"{m}_fold{k}_{verb}.log"))
+        steps = [(verb, [*adapter, *member_args(m), verb, *common, "--fold", str(k)], str(run / "logs" / f"{m}_fold{k}_{verb}.log"))
                  for verb in ("train", "predict")]
         for _, _, log in steps:  # a job is running once its train log exists (progress lines)
             (cwd / log).unlink(missing_ok=True)

@@ -17,7 +17,6 @@ another architecture).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import urllib.request
@@ -28,7 +27,7 @@ from typing import Callable, Mapping
 import torch
 
 from cxr.args import Parser
-from cxr.io import DataError, atomic_path
+from cxr.io import DataError, atomic_path, sha256
 
 WEIGHTS_DIR = Path("weights")
 
@@ -99,14 +98,6 @@ def transfer(
     shown = ", ".join(reinit[:6]) + (f", ... ({len(reinit) - 6} more)" if len(reinit) > 6 else "")
     log(f"loaded {len(fits)} of {len(target)} tensors from {source}; re-initialised: {shown or 'none'}")
     return len(fits), len(target), reinit
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(names: list[str], out: Path = WEIGHTS_DIR) -> list[str]:

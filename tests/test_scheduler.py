@@ -43,6 +43,8 @@ for item in args[args.index("--set") + 1:] if "--set" in args else []:
         break
     sets[item.split("=")[0]] = item.split("=", 1)[1]
 run, fold = Path(opt("--run-dir")), int(opt("--fold")) if "--fold" in args else -1
+if verb == "check":  # the real check compares saved settings; the stand-in has none
+    sys.exit(0)
 start = time.time()
 if verb == "train":
     time.sleep(float(sets.get("sleep", "0.2")) * (1 + (fold + len(model)) % 3))
@@ -101,7 +103,7 @@ def assert_one_job_per_card(jobs: pd.DataFrame) -> dict[str, list[tuple]]:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--models", "nope", "--devices", "0"], "MODEL: unknown model(s) nope"),
+    (["--models", "nope", "--devices", "0"], "'nope' is not a model family"),
     (["--models", "classifier", "--devices", ""], "DEVICES: expected card ids"),
     (["--models", "classifier", "--devices", "0,,1"], "DEVICES: expected card ids"),
     (["--models", "classifier", "--devices", "0,1,0"], "a card is listed twice"),
