@@ -9,7 +9,15 @@ Fusion: :func:`cxr.wbf.fuse_predictions` with per-model weights, ``iou_thr``,
 ``skip_box_thr`` and ``conf_type`` (ensemble-boxes' ``avg``, ``max``, ``box_and_model_avg``
 and ``absent_model_aware_avg``, the score-summing variants the top teams used), chosen by
 the competition metric on OOF: a grid over iou/skip/conf, then a coordinate search over
-model weights. Every candidate is printed; ties keep the earlier (simpler) candidate.
+model weights (0, 1, 2, 3). Weight 0 leaves a member out of the fusion entirely (:func:`fuse`:
+as if its table were not given); a candidate with every weight 0 is skipped. The parameters
+keep every member with its weight, 0 included, so test time reads the same tables.
+Every candidate is printed; ties keep the earlier (simpler) candidate: a member is left out
+only when that scores strictly higher.
+
+Weak members: one whose OOF predictions hold no finding box, or whose pooled OOF mAP is below
+the prior-box floor (:mod:`cxr.baseline`), is named before the search (:func:`weak_members`;
+``params.warnings``, shown by the report).
 
 Gate (``p_normal = 1 - p_abnormal`` from the classifier):
 
@@ -47,7 +55,7 @@ from cxr.dataset import NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.io import DataError, read_table
 from cxr.predictions import read_predictions, read_probabilities, validate
 from cxr.submission import read_submission
-from cxr.wbf import CONF_TYPES, fuse_arrays_each, fuse_predictions, prepare
+from cxr.wbf import CONF_TYPES, Prepared, fuse_arrays_each, fuse_predictions, prepare
 from ensemble.scoring import Scored, Truth, gated, score_arrays, score_rows
 
 
@@ -75,11 +83,14 @@ class Params:
     # mean over folds of fold k's mAP, the ensemble tuned on the other folds (single models: untuned)
     nested_map: dict[str, float] = field(default_factory=dict)
     nested_folds: dict[str, list[float]] = field(default_factory=dict)  # the same, fold by fold
+    warnings: list[str] = field(default_factory=list)  # weak members (:func:`weak_members`), for the report
+    classifier: str | None = None  # the gate's classifier member (classifier, classifier@v, demo:classifier)
 
 
 def set_name(models: Sequence[str], classifier: str | None) -> str:
-    """Folder name of one model set's tuned parameters: sorted model names, ``+classifier`` when gated."""
-    return "-".join(sorted(models)) + (f"+{classifier}" if classifier else "")
+    """Folder name of one model set's tuned parameters: sorted model names, ``+classifier`` when gated. A
+    borrowed member's ``run:`` is written ``run~`` (a ``:`` would make the report's links read as a URL scheme)."""
+    return "-".join(sorted(m.replace(":", "~") for m in models)) + (f"+{classifier.replace(':', '~')}" if classifier else "")
 
 
 def params_path(run: Path, models: Sequence[str], classifier: str | None) -> Path:
@@ -142,10 +153,43 @@ def load_probabilities(path: Path, image_ids: Sequence[str]) -> pd.Series:
     return read_probabilities(path, image_ids)
 
 
+def kept_members(weights: Sequence[float]) -> list[int]:
+    """Indices of the members that take part in the fusion (weight > 0); ValueError when none does."""
+    kept = [i for i, w in enumerate(weights) if w > 0]
+    if not kept:
+        raise ValueError(f"every member has weight 0 ({list(weights)}): nothing to fuse")
+    return kept
+
+
 def fuse(tables: list[pd.DataFrame], sizes: pd.DataFrame, p: FusionParams) -> pd.DataFrame:
-    if len(tables) == 1 and p.conf_type == "avg" and p.skip_box_thr == 0:
-        return tables[0]
-    return fuse_predictions(tables, sizes, p.weights, p.iou_thr, p.skip_box_thr, p.conf_type)
+    """WBF of ``tables`` (one per ``p.models``) with ``p``; a member of weight 0 is left out, as if not given.
+
+    Leaving it out, rather than fusing its boxes at weight 0, matters: a zero-weight box still joins
+    clusters and counts in the ``avg`` rescaling (and can start a cluster of score 0).
+    One member left with ``avg`` and no skip is its own table: a table is not fused with itself.
+    """
+    if len(p.weights) != len(tables):
+        raise ValueError(f"{len(p.weights)} weights for {len(tables)} tables")
+    kept = kept_members(p.weights)
+    if len(kept) == 1 and p.conf_type == "avg" and p.skip_box_thr == 0:
+        return tables[kept[0]]
+    return fuse_predictions([tables[i] for i in kept], sizes, [p.weights[i] for i in kept], p.iou_thr,
+                            p.skip_box_thr, p.conf_type)
+
+
+def prepared_members(prep: Prepared, kept: Sequence[int]) -> Prepared:
+    """``prep`` (from :func:`cxr.wbf.prepare`) restricted to the tables ``kept`` (ascending): what ``prepare``
+    of those tables alone gives, except that the image list stays whole (indices keep their meaning).
+
+    Rows keep their order and the table indices are renumbered in order, so WBF walks the boxes
+    exactly as it would for the kept tables alone (same ties, same float sums).
+    """
+    index = np.full(prep.n_tables, -1, dtype=np.int64)
+    index[list(kept)] = np.arange(len(kept))
+    rows = index[prep.model] >= 0
+    nf = index[prep.nf_model] >= 0
+    return Prepared(prep.image_ids, prep.scale, len(kept), prep.group[rows], index[prep.model[rows]], prep.score[rows],
+                    prep.boxes[rows], prep.nf_image[nf], index[prep.nf_model[nf]], prep.nf_score[nf])
 
 
 def gate(preds: pd.DataFrame, p_abnormal: pd.Series, g: GateParams) -> pd.DataFrame:
@@ -183,13 +227,29 @@ def _init(state: dict) -> None:
 
 def _fused_scored(fps: list[FusionParams]) -> list[Scored]:
     """Fusion candidates that differ only in ``conf_type``, clustered once (:func:`cxr.wbf.fuse_arrays_each`)
-    from the prepared arrays, and matched: what :func:`fuse` + :func:`ensemble.scoring.score_rows` give."""
+    from the prepared arrays, and matched: what :func:`fuse` + :func:`ensemble.scoring.score_rows` give
+    (members of weight 0 left out, one member left passed through for ``avg``)."""
     st = _STATE
-    if len(st["tables"]) == 1 and all(fp.conf_type == "avg" and fp.skip_box_thr == 0 for fp in fps):
-        return [score_rows(st["truth"], st["tables"][0]) for _ in fps]  # fuse() passes one table through
     fp = fps[0]
-    fused = fuse_arrays_each(st["prepared"], fp.weights, fp.iou_thr, fp.skip_box_thr, [f.conf_type for f in fps])
-    return [score_arrays(st["truth"], st["truth_index"][image], cls, score, boxes) for image, cls, score, boxes in fused]
+    kept = tuple(kept_members(fp.weights))
+    through = [len(kept) == 1 and f.conf_type == "avg" and f.skip_box_thr == 0 for f in fps]
+    out: list[Scored | None] = [None] * len(fps)
+    if any(through):  # fuse() passes one table through; cached per process: several weights lead here
+        single = st.setdefault("single", {})
+        if kept[0] not in single:
+            single[kept[0]] = score_rows(st["truth"], st["tables"][kept[0]])
+        out = [single[kept[0]] if t else None for t in through]
+    rest = [f for f, t in zip(fps, through) if not t]
+    if rest:
+        # not cached: a masked copy costs little beside WBF, and on the full data each copy holds every box
+        whole = len(kept) == st["prepared"].n_tables
+        prep = st["prepared"] if whole else prepared_members(st["prepared"], kept)
+        fused = fuse_arrays_each(prep, [fp.weights[i] for i in kept], fp.iou_thr, fp.skip_box_thr,
+                                 [f.conf_type for f in rest])
+        scored = iter(score_arrays(st["truth"], st["truth_index"][image], cls, score, boxes)
+                      for image, cls, score, boxes in fused)
+        out = [s if s is not None else next(scored) for s in out]
+    return out
 
 
 def _fusion_maps(fps: list[FusionParams]) -> list[np.ndarray]:
@@ -265,7 +325,7 @@ def tune(
     p_abnormal: pd.Series | None,
     iou_grid: Sequence[float] = (0.4, 0.5, 0.6),
     skip_grid: Sequence[float] = (0.0, 0.01),
-    weight_grid: Sequence[float] = (1.0, 2.0, 3.0),
+    weight_grid: Sequence[float] = (0.0, 1.0, 2.0, 3.0),
     gate_grid: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0),
     folds: pd.DataFrame | None = None,
     jobs: int = 1,
@@ -327,13 +387,18 @@ def tune(
         for i in range(len(models) if several else 0):  # coordinate search over model weights, each path its own
             proposals = [[FusionParams(list(models), [w if j == i else v for j, v in enumerate(b.weights)],
                                        b.iou_thr, b.skip_box_thr, b.conf_type) for w in weight_grid] for b in best]
+            proposals = [[fp for fp in ps if any(v > 0 for v in fp.weights)] for ps in proposals]  # none left: skipped
             later = (len(models) - 1 - i) * (len(weight_grid) - 1) + gate_runs
             flat = fusion_calls("weight", [fp for ps in proposals for fp in ps], later)
-            results = [flat[p * len(weight_grid):(p + 1) * len(weight_grid)] for p in range(n_paths)]
+            ends = np.cumsum([0, *map(len, proposals)])
+            results = [flat[ends[p]:ends[p + 1]] for p in range(n_paths)]
             rows += [{"stage": "weight", **asdict(fp), **asdict(GateParams()), "map": r[0]} for fp, r in zip(proposals[0], results[0])]
             for p in range(n_paths):
                 for fp, r in zip(proposals[p], results[p]):
-                    if r[p] > best_map[p]:
+                    # a tie that leaves member i out is taken: the smaller ensemble is the simpler one (a member
+                    # of No-finding rows only, which moves no figure, is dropped rather than kept at weight 1)
+                    drops = fp.weights[i] == 0 and best[p].weights[i] != 0
+                    if r[p] > best_map[p] or (drops and r[p] == best_map[p]):
                         best[p], best_map[p] = fp, r[p]
         fused_maps = [runner.cache[_key(b)] for b in best]  # each path's chosen fusion, on every subset
         chosen_gate = [GateParams()] * n_paths
@@ -359,13 +424,16 @@ def tune(
         runner.close()
     params = Params(best[0], chosen_gate[0])
     singles = {m: score_rows(truth, t) for m, t in zip(models, tables)}
+    # "ensemble_gated" only where a gate was searched: without a classifier it would repeat "ensemble"
+    searched = p_abnormal is not None
     params.oof_map = {**{m: s.map() for m, s in singles.items()}, "ensemble": float(best_map[0]),
-                      "ensemble_gated": float(gated_maps[0][0])}
+                      **({"ensemble_gated": float(gated_maps[0][0])} if searched else {})}
     if held:
         k_of = range(len(held))
         params.nested_folds = {**{m: [s.map(h) for h in held] for m, s in singles.items()},
-                               "ensemble": [float(fused_maps[1 + k][n_paths + k]) for k in k_of],
-                               "ensemble_gated": [float(gated_maps[1 + k][n_paths + k]) for k in k_of]}
+                               "ensemble": [float(fused_maps[1 + k][n_paths + k]) for k in k_of]}
+        if searched:
+            params.nested_folds["ensemble_gated"] = [float(gated_maps[1 + k][n_paths + k]) for k in k_of]
         params.nested_map = {name: float(np.mean(v)) for name, v in params.nested_folds.items()}
         log(f"nested OOF mAP (tuned without fold k, scored on fold k; mean of {len(held)} folds): "
             + ", ".join(f"{k} {v:.4f}" for k, v in params.nested_map.items()))
@@ -373,7 +441,8 @@ def tune(
 
 
 def apply(params: Params, tables: list[pd.DataFrame], sizes: pd.DataFrame, p_abnormal: pd.Series | None) -> pd.DataFrame:
-    """The test-time path: ``tables`` (one per ``params.fusion.models``, same order) fused, then gated."""
+    """The test-time path: ``tables`` (one per ``params.fusion.models``, same order, a member of weight 0
+    included: :func:`fuse` leaves it out) fused, then gated."""
     preds = fuse(tables, sizes, params.fusion)
     if params.gate.rule != "none":
         if p_abnormal is None:
@@ -383,6 +452,26 @@ def apply(params: Params, tables: list[pd.DataFrame], sizes: pd.DataFrame, p_abn
 
 
 def params_from_dict(d: dict) -> Params:
-    """:class:`Params` from its JSON (``params.json``); files written before nested OOF load too."""
+    """:class:`Params` from its JSON (``params.json``); files written before nested OOF or warnings load too."""
     return Params(FusionParams(**d["fusion"]), GateParams(**d["gate"]), d.get("oof_map", {}),
-                  d.get("nested_map", {}), d.get("nested_folds", {}))
+                  d.get("nested_map", {}), d.get("nested_folds", {}), list(d.get("warnings", [])), d.get("classifier"))
+
+
+def weak_members(models: Sequence[str], tables: Sequence[pd.DataFrame], gt: pd.DataFrame, image_ids: Sequence[str],
+                 prior: pd.DataFrame) -> list[str]:
+    """One warning line per member the tuner may leave out (weight 0): its OOF table holds no finding box
+    (class_id != 14), or its pooled OOF mAP is below the prior-box floor's (``prior``: the prior boxes'
+    OOF predictions, :func:`cxr.baseline.oof_prior`). Such a member usually means a failed training or
+    prediction, which a weight of 0 would otherwise hide."""
+    truth = Truth(gt, list(image_ids))
+    floor = score_rows(truth, prior[prior["image_id"].isin(set(truth.ids))]).map()
+    lines = []
+    for m, t in zip(models, tables):
+        value = score_rows(truth, t).map()
+        figures = f"(OOF mAP {value:.4f}, prior-box floor {floor:.4f})"
+        if not (t["class_id"] != NO_FINDING).any():
+            lines.append(f"warning: member {m} has no finding boxes in its OOF predictions {figures}: "
+                         "the tuner may give it weight 0")
+        elif value < floor:
+            lines.append(f"warning: member {m} is below the prior-box floor {figures}: the tuner may give it weight 0")
+    return lines

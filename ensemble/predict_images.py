@@ -61,6 +61,7 @@ from typing import Callable, Iterator, Sequence
 import cv2
 import numpy as np
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from cxr.args import Parser, int_at_least, non_negative_int, plain_name, positive_int, probability
@@ -80,6 +81,7 @@ from ensemble.provenance import ensemble_rows, load_params, profile_summary, tra
 import models as model_table
 from models.__main__ import fold_fusion
 from models.common import predict_split
+from models.members import parse_member
 
 INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
 FINDINGS_COLUMNS = ["image_id", "p_abnormal", "class_id", "class_name", "score", *BOX_COLUMNS, "note"]
@@ -121,24 +123,36 @@ def load_ensemble(run: Path, classifier: str, fold_ids: Sequence[int] | None = N
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(path, f"not a tuned-parameter file ({type(e).__name__}: {e})") from None
     gate = params.gate.rule != "none"
+    if gate and params.classifier and classifier != "none":
+        classifier = params.classifier  # the member the gate was tuned with (a variant or borrowed one too)
     if gate and classifier == "none":
         raise DataError(path, f"the tuned gate {params.gate.rule!r} needs the classifier; --classifier none drops it")
     kinds = {**{m: "detector" for m in params.fusion.models}, **({classifier: "classifier"} if gate else {})}
     for m, kind in kinds.items():
-        if m not in model_table.MODELS or model_table.kind(m) != kind:
+        family = _family(m)
+        if family not in model_table.MODELS or model_table.kind(family) != kind:
             raise DataError(path, f"{m!r} is not a {kind} of the model table {model_table.names(kind)}: a model trained "
                                   "elsewhere (--extra) has no folds to run on new images; tune without it")
     names = list(kinds)
-    found = {m: _fold_ids(run / m) for m in names}
+    found = {m: _fold_ids(parse_member(m).folder(run)) for m in names}
     expected = sorted({int(k) for k in fold_ids}) if fold_ids is not None else sorted(set().union(*found.values()))
     if not expected:
         raise DataError(run, f"no trained folds for {names}: run make ensemble NAME={run.name} first")
     for m in names:
         missing = sorted(set(expected) - found[m])
         if missing:
-            raise DataError(run / m, f"model {m!r} has no fold(s) {missing} of folds {expected}: run make oof MODEL={m}")
+            raise DataError(parse_member(m).folder(run), f"model {m!r} has no fold(s) {missing} of folds {expected}: "
+                                                         f"run make oof MODEL={m}")
     detectors = [_load_member(run, m, "detector", expected) for m in params.fusion.models]
     return Ensemble(params, detectors, _load_member(run, classifier, "classifier", expected) if gate else None)
+
+
+def _family(name: str) -> str:
+    """The model-table family of a member name (``yolo@s640`` -> yolo), or the name itself (an EXTRA folder)."""
+    try:
+        return parse_member(name).family
+    except DataError:
+        return name
 
 
 def _fold_ids(model_dir: Path) -> set[int]:
@@ -148,21 +162,27 @@ def _fold_ids(model_dir: Path) -> set[int]:
 
 
 def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Member:
-    """Load every fold of ``model`` (an entry of the model table, models/__init__.py) from
-    ``run/model/fold<k>`` with the resolved config saved there at training time."""
-    adapter = model_table.adapter(model)
+    """Load every fold of member ``model`` (a family of the model table, models/__init__.py, a variant
+    ``yolo@s640`` or a borrowed ``demo:detectron``) from its ``fold<k>`` folders with the resolved config
+    saved there at training time and the prediction settings its OOF tables were made with (predict.yaml)."""
+    member = parse_member(model)
+    adapter = model_table.adapter(member.family)
     folds, cfg = [], None
     for k in fold_ids:
-        out = run / model / f"fold{k}"
+        out = member.folder(run) / f"fold{k}"
+        predicted = yaml.safe_load((out / "predict.yaml").read_text()) if (out / "predict.yaml").is_file() else None
+        only = set(getattr(adapter, "PREDICT_ONLY", ()))
         # where the folds trained does not bind where they predict: a full profile's device: cuda becomes auto,
         # so new studies are read on a CPU-only workstation too (more slowly), not refused
-        cfg = load(adapter.Config, out / "config.yaml", overrides={"device": "auto"})
+        cfg = load(adapter.Config, out / "config.yaml",
+                   overrides={**{key: v for key, v in (predicted or {}).items() if key in only}, "device": "auto"})
         try:
             folds.append(_classifier_infer(adapter, cfg, out) if kind == "classifier" else adapter.load_infer(cfg, out))
         except FileNotFoundError as e:
             raise DataError(out, f"fold {k} of {model!r} is not trained ({e})") from None
     # the batch each adapter's predict passes on (yolo: predict_batch; the others: batch)
-    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)), fold_fusion(run, model))
+    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)),
+                  fold_fusion(member.folder(run).parent, member.folder_name))
 
 
 def _classifier_infer(adapter: ModuleType, cfg, out: Path) -> Callable[[list[Path]], np.ndarray]:

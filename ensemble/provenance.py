@@ -7,10 +7,14 @@ benchmark. The fold folders do not record their data folder, so ``ensemble submi
 (:func:`record_data`, ``RUN/ensemble/data.json``); a caller that knows the data folder (predict-images
 ``--data``) checks it directly.
 
-Profiles: a fold's ``config.yaml`` is the resolved config, not the profile's name, so each model's
-saved config is compared with ``models/<model>/{demo,full}.yaml``: the profile with the fewest keys
+Profiles: a member's ``member.yaml`` (models/members.py) names its profile and the settings it adds.
+For a run older than that file, each member's saved ``config.yaml`` (the resolved config, not the
+profile's name) is compared with ``models/<family>/{demo,full}.yaml``: the profile with the fewest keys
 set to another value is named, with the keys that differ (``--set`` overrides). Keys a profile
 leaves at the adapter's default are not compared (reading the defaults would import the frameworks).
+
+Members are named as in ``MODELS``: ``yolo``, a variant ``yolo@s640``, or one borrowed from another run,
+``demo:detectron`` (read from ``runs/demo/detectron``: the run it really comes from is named).
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from cxr.io import write_json
+from cxr.io import DataError, write_json
 from ensemble.ensemble import Params, params_from_dict
+from models.members import Member, parse_member, read_record
 
 PROFILES = ("demo", "full")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -102,6 +107,7 @@ class ModelInfo:
     changes: dict[str, tuple[object, object]]  # key -> (profile's value, trained value)
     fold_fusion: dict  # how merge fused its folds' test tables (fold_fusion.yaml), {} when absent
     best_on_fold: list[int] = field(default_factory=list)  # folds predicted with checkpoint: best
+    folder: str = ""  # where its folds are: another run's folder for a borrowed member
 
     def describe(self) -> str:
         """'demo profile (epochs 12 -> 1, workers 2 -> 0), 3 folds' (+ a warning when OOF came from the best
@@ -110,9 +116,10 @@ class ModelInfo:
         folds = f"{len(self.folds)} fold{'s' if len(self.folds) != 1 else ''}"
         optimistic = (f"; OPTIMISTIC OOF: fold(s) {', '.join(map(str, self.best_on_fold))} predicted with the epoch "
                       f"that scored best on that same fold (checkpoint: best)" if self.best_on_fold else "")
+        where = f" of {self.folder}" if self.folder and ":" in self.name else ""  # a borrowed member's real run
         if self.profile in ("unknown", "custom"):
-            return f"{self.profile} profile, {folds}{optimistic}"
-        return f"{self.profile} profile{f' ({changed})' if changed else ''}, {folds}{optimistic}"
+            return f"{self.profile} profile, {folds}{where}{optimistic}"
+        return f"{self.profile} profile{f' ({changed})' if changed else ''}, {folds}{where}{optimistic}"
 
 
 def _short(value: object) -> str:
@@ -128,24 +135,41 @@ def _read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _member(model: str) -> Member:
+    try:
+        return parse_member(model)
+    except DataError:  # an EXTRA folder's name: no family, read as it is
+        return Member(model)
+
+
 def model_info(run: Path, model: str) -> ModelInfo:
-    """Folds, closest profile and fold fusion of ``run/model`` (read from its files; never raises)."""
-    folder = Path(run) / model
+    """Folds, profile and fold fusion of member ``model`` of ``run`` (read from its files; never raises)."""
+    member = _member(model)
+    folder = member.folder(run)
     folds = sorted(int(d.name[4:]) for d in folder.glob("fold*") if d.is_dir() and d.name[4:].isdigit())
     saved = next((_read_yaml(folder / f"fold{k}" / "config.yaml") for k in folds
                   if (folder / f"fold{k}" / "config.yaml").is_file()), {})
     fusion = _read_yaml(folder / "fold_fusion.yaml")
     best_on_fold = [k for k in folds if _read_yaml(folder / f"fold{k}" / "predict.yaml").get("checkpoint") == "best"]
-    info = _model_info(folder, model, folds, saved, fusion)
-    return replace(info, best_on_fold=best_on_fold)
+    try:
+        record = read_record(folder)
+    except DataError:
+        record = None
+    if record is not None and record.profile in PROFILES and saved:
+        profile = _read_yaml(MODELS_DIR / member.family / f"{record.profile}.yaml")
+        changes = {k: (profile.get(k, "<default>"), v) for k, v in record.set.items()}
+        info = ModelInfo(model, folds, record.profile, changes, fusion)
+    else:
+        info = _model_info(folder, member.family, folds, saved, fusion, model)
+    return replace(info, best_on_fold=best_on_fold, folder=str(folder))
 
 
-def _model_info(folder: Path, model: str, folds: list[int], saved: dict, fusion: dict) -> ModelInfo:
+def _model_info(folder: Path, family: str, folds: list[int], saved: dict, fusion: dict, model: str) -> ModelInfo:
     if not saved:
         return ModelInfo(model, folds, "unknown", {}, fusion)
     best: tuple[int, str, dict] | None = None
     for name in PROFILES:
-        profile = _read_yaml(MODELS_DIR / model / f"{name}.yaml")
+        profile = _read_yaml(MODELS_DIR / family / f"{name}.yaml")
         if not profile:
             continue
         changes = {k: (v, saved.get(k)) for k, v in profile.items() if k in saved and saved.get(k) != v}

@@ -3,20 +3,26 @@
 What it shows, all on the out-of-fold (OOF) predictions of the training images and the
 competition metric (mAP@0.4, :mod:`ensemble.scoring` = :mod:`cxr.metric`):
 
-* the chosen ensemble: models, weights, fusion and gate parameters, each model's profile and
-  folds, the training data (a red banner when it is the synthetic benchmark), the best candidates;
-* mAP@0.4 per model (and ensemble, gated ensemble, prior-box floor), three ways, explained in the
-  page: pooled (every fold's predictions ranked together), fold mean (each fold scored alone, then
-  averaged) and the honest fold mean (nested for the tuned ensembles); per fold; per-class AP
-  pooled and per fold;
+* the chosen ensemble: models, weights (0: left out by the tuner), fusion and gate parameters, each
+  model's profile and folds, the training data (a red banner when it is the synthetic benchmark),
+  the tuner's warnings about weak members (``params.warnings``), the best candidates;
+* mAP@0.4 per model (and ensemble, prior-box floor, and with the gate on the ensemble with the gate
+  beside it without), three ways, explained in the page: pooled (every fold's predictions ranked
+  together), fold mean (each fold scored alone, then averaged) and the honest fold mean (nested for
+  the tuned ensembles); per fold; per-class AP pooled and per fold. With the gate off there is no
+  gated row, curve or title anywhere: the submitted predictions are the ensemble's;
+* the test mAP@0.4 of the submission (and of the ensemble without the gate, when on), where the
+  data folder has ``test_labels.csv``: scored as ``cxr evaluate`` does, labelled as test, never tuned on;
+* the classifier's OOF ROC AUC (P(abnormal) against "the image has a finding"), pooled and per fold;
 * precision-recall curves with their AP, a confusion matrix at IoU 0.4 (class vs class, plus
   missed ground truth and spurious predictions) at a stated score threshold;
-* OOF images with the ground truth beside the gated ensemble's boxes, test images with the
+* OOF images with the ground truth beside the submitted ensemble's boxes, test images with the
   submission's boxes (one colour per class, :mod:`ensemble.overlays`, shared with predict-images);
 * each model's training curves per fold, read from the framework's own log in every fold folder.
 
 Files: ``index.html``, ``index.md``, ``summary.json`` (name -> pooled OOF mAP), ``nested.json``,
-``scores.csv``, ``per_class_ap.csv``, ``confusion.csv``, ``search.csv`` and the PNGs.
+``scores.csv``, ``per_class_ap.csv``, ``confusion.csv``, ``classifier_auc.csv`` (with a classifier),
+``search.csv`` and the PNGs.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from urllib.parse import quote
 
 import cv2
 import matplotlib
+from sklearn.metrics import roc_auc_score
 
 matplotlib.use("Agg")  # files only; no display, no font downloads
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,13 +47,17 @@ from cxr.boxes import iou_matrix  # noqa: E402
 from cxr.data import DataFolder  # noqa: E402
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, IOU_THRESHOLD, NO_FINDING, NUM_CLASSES  # noqa: E402
 from cxr.images import read_image  # noqa: E402
-from cxr.io import atomic_path, write_json, write_table  # noqa: E402
+from cxr.io import DataError, atomic_path, read_table, write_json, write_table  # noqa: E402
+from cxr.labels import read_labels  # noqa: E402
+from cxr.metric import ground_truth, mean_average_precision  # noqa: E402
+from cxr.submission import read_submission  # noqa: E402
 from ensemble.ensemble import Params  # noqa: E402
 from ensemble.overlays import about_table, display_size, draw, legend, page, side_by_side, write_image  # noqa: E402
 from ensemble.provenance import TrainingData, ensemble_rows  # noqa: E402
 from ensemble.scoring import Scored, Truth, score_rows  # noqa: E402
 
 ENSEMBLES = ("ensemble", "ensemble_gated")  # the rows whose parameters were tuned on these OOF predictions
+TEST_COLUMN = "test mAP@0.4 (test labels, never tuned on)"
 MODEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 CURVE_FILES = ("metrics.csv", "train/results.csv", "train/metrics.json", "results.csv", "metrics.json")
 METRIC_NAMES = {"val_map": "mAP@0.4 (val_map)", "metrics/mAP50(B)": "mAP@0.5, ultralytics' (metrics/mAP50(B))",
@@ -80,36 +91,55 @@ def write_report(
     info: RunInfo | None = None,
     latest: Path | None = None,
     n_oof: int = 6,
+    p_abnormal: pd.Series | None = None,
+    test_map: dict[str, float] | None = None,
 ) -> dict:
     """Write the report of ``results`` (name -> OOF predictions: models, ``ensemble``,
-    ``ensemble_gated``, ``prior_boxes``) into ``out``; returns ``summary.json`` (name -> pooled OOF mAP).
+    ``ensemble_gated`` when the gate is on, ``prior_boxes``) into ``out``; returns ``summary.json``
+    (name -> pooled OOF mAP).
 
-    ``params``: the tuned ensemble (nested figures, parameters shown). ``latest``: also write
-    ``latest/index.html`` and ``latest/index.md`` (the same page, its pictures read from ``out``)
-    and copies of the JSON/CSV files there: the report of the set last submitted.
+    ``params``: the tuned ensemble (nested figures, parameters, warnings shown); when its gate is off
+    an ``ensemble_gated`` entry is dropped (it would be the ensemble under another name).
+    ``p_abnormal``: the classifier's OOF P(abnormal) by image_id (its ROC AUC table).
+    ``test_map``: test mAP@0.4 by result name (:func:`submission_test_map`), shown as test figures.
+    ``latest``: also write ``latest/index.html`` and ``latest/index.md`` (the same page, its
+    pictures read from ``out``) and copies of the JSON/CSV files there: the report of the set last submitted.
     """
     info = info or RunInfo()
+    test_map = dict(test_map or {})
+    if params is not None and params.gate.rule == "none":
+        results = {k: v for k, v in results.items() if k != "ensemble_gated"}
+        test_map.pop("ensemble_gated", None)
     out.mkdir(parents=True, exist_ok=True)
     truth = Truth(gt, image_ids)  # the competition metric, fast (ensemble/scoring.py equals cxr.metric)
     scored = {name: score_rows(truth, preds) for name, preds in results.items()}
     fold_ids = _fold_ids(info.folds, image_ids)
     masks = {k: truth.mask(ids) for k, ids in fold_ids.items()}
-    scores = _scores(scored, masks, params)
+    scores = _scores(scored, masks, params, test_map)
     summary = {name: s.map() for name, s in scored.items()}
     write_json(summary, out / "summary.json")
     if params is not None and params.nested_map:
-        write_json({"nested_map": params.nested_map, "nested_folds": params.nested_folds}, out / "nested.json")
+        shown = [k for k in params.nested_map if k in results or k not in ENSEMBLES]  # gate off: no gated figure
+        write_json({"nested_map": {k: params.nested_map[k] for k in shown},
+                    "nested_folds": {k: v for k, v in params.nested_folds.items() if k in shown}}, out / "nested.json")
     write_table(scores, out / "scores.csv")
+    auc = classifier_auc(p_abnormal, gt, image_ids, fold_ids) if p_abnormal is not None else None
+    if auc is not None:
+        write_table(auc, out / "classifier_auc.csv")
+    else:
+        (out / "classifier_auc.csv").unlink(missing_ok=True)
     ap = _per_class(scored, masks, truth)
     write_table(ap.reset_index(), out / "per_class_ap.csv")
     search.to_csv(out / "search.csv", index=False)
 
-    main = "ensemble_gated" if "ensemble_gated" in scored else next(iter(scored))
+    main = next((n for n in ("ensemble_gated", "ensemble") if n in scored), next(iter(scored)))  # what was submitted
     threshold = best_f1_threshold(scored[main])
     matrix = confusion(gt[gt["image_id"].isin(set(image_ids))], results[main], threshold)
     write_table(matrix.rename_axis("ground truth").reset_index(), out / "confusion.csv")
+    # the ungated ensemble's curves sit under the gated ones where both are there: only the submitted one drawn
+    curves_of = [n for n in scored if not (n == "ensemble" and main == "ensemble_gated")]
     figures = {
-        "pr": _plot_pr(scored, truth, [n for n in scored if n not in ("ensemble",)], out / "pr_curves.png"),
+        "pr": _plot_pr(scored, truth, curves_of, out / "pr_curves.png", main),
         "confusion": _plot_confusion(matrix, threshold, main, out / "confusion.png"),
     }
     oof = _draw_oof_images(data, gt, results[main], image_ids, threshold, out, n_oof)
@@ -118,12 +148,14 @@ def write_report(
               for m in [*info.models, *([info.classifier] if info.classifier else [])]}
     context = {"out": out, "results": results, "scores": scores, "ap": ap, "params": params, "info": info,
                "threshold": threshold, "main": main, "matrix": matrix, "figures": figures, "oof": oof, "tests": tests,
-               "curves": curves, "search": search, "folds": fold_ids, "n_images": len(image_ids)}
+               "curves": curves, "search": search, "folds": fold_ids, "n_images": len(image_ids), "auc": auc,
+               "test_map": test_map}
     _write_pages(out, "", context)
     if latest is not None:
         prefix = f"{out.relative_to(latest).as_posix()}/" if out.is_relative_to(latest) else f"{out.resolve().as_uri()}/"
         _write_pages(latest, prefix, context)
-        for name in ("summary.json", "nested.json", "scores.csv", "per_class_ap.csv", "confusion.csv", "search.csv"):
+        for name in ("summary.json", "nested.json", "scores.csv", "per_class_ap.csv", "confusion.csv",
+                     "classifier_auc.csv", "search.csv"):
             if (out / name).is_file():
                 with atomic_path(latest / name) as tmp:
                     tmp.write_bytes((out / name).read_bytes())
@@ -142,9 +174,11 @@ def _fold_ids(folds: pd.DataFrame | None, image_ids: list[str]) -> dict[int, lis
     return {int(k): g["image_id"].tolist() for k, g in f.groupby("fold")}
 
 
-def _scores(scored: dict[str, Scored], masks: dict[int, np.ndarray], params: Params | None) -> pd.DataFrame:
+def _scores(scored: dict[str, Scored], masks: dict[int, np.ndarray], params: Params | None,
+            test_map: dict[str, float] | None = None) -> pd.DataFrame:
     """One row per predictions: pooled mAP, fold mean, the honest fold mean (nested for the tuned
-    ensembles), and each fold's mAP (in-sample for the ensembles; ``nested_k`` beside it)."""
+    ensembles), and each fold's mAP (in-sample for the ensembles; ``nested_k`` beside it); with
+    ``test_map``, its ``test_map`` column (NaN for the predictions not scored on test)."""
     rows = []
     nested = params.nested_folds if params is not None else {}
     for name, s in scored.items():
@@ -154,6 +188,8 @@ def _scores(scored: dict[str, Scored], masks: dict[int, np.ndarray], params: Par
         honest = nested.get(name) if tuned else list(per_fold.values())
         row = {"predictions": name, "tuned_on_these_images": tuned, "pooled_map": s.map(), "fold_mean_map": mean,
                "honest_fold_mean_map": float(np.mean(honest)) if honest and len(honest) == len(per_fold) else math.nan}
+        if test_map:
+            row["test_map"] = float(test_map.get(name, math.nan))
         row.update({f"fold{k}_map": v for k, v in per_fold.items()})
         if tuned and nested.get(name) and len(nested[name]) == len(per_fold):
             row.update({f"fold{k}_nested_map": v for k, v in zip(per_fold, nested[name])})
@@ -171,6 +207,41 @@ def _per_class(scored: dict[str, Scored], masks: dict[int, np.ndarray], truth: T
     ap = pd.DataFrame(table)
     ap.index.name = "class"
     return ap
+
+
+def classifier_auc(p_abnormal: pd.Series, gt: pd.DataFrame, image_ids: list[str],
+                   folds: dict[int, list[str]]) -> pd.DataFrame:
+    """The classifier's OOF ROC AUC: ``p_abnormal`` (by image_id) against "the image has a finding"
+    (a ground-truth box of class 0-13), over every image (pooled: the fold models' scores ranked
+    together) and per fold, then the fold mean. NaN where the images hold one label only."""
+    abnormal = set(gt.loc[gt["class_id"] != NO_FINDING, "image_id"])
+    rows = []
+    for name, ids in [("all folds, pooled", list(image_ids)), *[(f"fold {k}", v) for k, v in folds.items()]]:
+        y = np.array([i in abnormal for i in ids], dtype=bool)
+        p = p_abnormal.reindex(ids).to_numpy(dtype=float)
+        ok = 0 < y.sum() < len(y) and not np.isnan(p).any()
+        rows.append({"images": name, "n_images": len(ids), "abnormal": int(y.sum()),
+                     "roc_auc": float(roc_auc_score(y, p)) if ok else math.nan})
+    if folds:
+        per_fold = [r["roc_auc"] for r in rows[1:]]
+        rows.append({"images": "fold mean", "n_images": len(image_ids), "abnormal": rows[0]["abnormal"],
+                     "roc_auc": float(np.mean(per_fold))})
+    return pd.DataFrame(rows)
+
+
+def submission_test_map(labels: Path, submission: Path) -> float:
+    """mAP@0.4 of a written submission against test labels (``DATA/test_labels.csv``), scored as
+    ``cxr evaluate --labels LABELS --submission FILE`` (``make evaluate``) scores it: the metric of
+    :mod:`cxr.metric` over every labelled image. For the report only: never used for tuning.
+    A submitted image without labels is a :class:`DataError` (evaluate refuses it too)."""
+    gt = ground_truth(read_labels(labels))
+    labelled = sorted(set(gt["image_id"]))
+    listed = read_table(submission, dtype={"image_id": str}, keep_default_na=False)["image_id"]
+    unlabelled = sorted(set(listed) - set(labelled))
+    if unlabelled:
+        raise DataError(labels, f"{len(unlabelled)} image(s) of {submission} have no test labels, "
+                                f"e.g. {unlabelled[:3]}")
+    return float(mean_average_precision(gt, read_submission(submission), labelled)["map"])
 
 
 def best_f1_threshold(s: Scored) -> float:
@@ -244,8 +315,8 @@ def _pr_curve(s: Scored, c: int) -> tuple[np.ndarray, np.ndarray]:
     return tp / n_gt, tp / np.arange(1, len(rows) + 1)
 
 
-def _plot_pr(scored: dict[str, Scored], truth: Truth, names: list[str], path: Path) -> Path:
-    """One panel per class: precision against recall of each predictions, AP in the legend."""
+def _plot_pr(scored: dict[str, Scored], truth: Truth, names: list[str], path: Path, main: str = "") -> Path:
+    """One panel per class: precision against recall of each predictions, AP in the legend; ``main`` drawn thicker."""
     fig, axes = plt.subplots(3, 5, figsize=(17, 10.5), sharex=True, sharey=True)
     colours = {n: MODEL_COLOURS[i % len(MODEL_COLOURS)] for i, n in enumerate(names)}
     aps = {n: scored[n].ap() for n in names}
@@ -256,7 +327,7 @@ def _plot_pr(scored: dict[str, Scored], truth: Truth, names: list[str], path: Pa
             if ap is None:
                 continue
             recall, precision = _pr_curve(scored[n], c)
-            style = {"lw": 2.2} if n == "ensemble_gated" else {"lw": 1.2, "ls": "--" if n == "prior_boxes" else "-"}
+            style = {"lw": 2.2} if n == main else {"lw": 1.2, "ls": "--" if n == "prior_boxes" else "-"}
             ax.plot(recall, precision, color=colours[n], label=f"{n} AP {ap:.3f}", **style)
         ax.set_title(f"{CLASS_NAMES[c]} ({n_gt} GT)", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1.02))
@@ -485,9 +556,11 @@ def _ensemble_rows(params: Params | None, info: RunInfo, search: pd.DataFrame) -
     return rows
 
 
-def _explain(scores: pd.DataFrame) -> list[str]:
-    """The paragraphs that say what each mAP column is, with this run's numbers."""
+def _explain(scores: pd.DataFrame, params: Params | None = None) -> list[str]:
+    """The paragraphs that say what each mAP column is, with this run's numbers (the gate's effect too)."""
     by = scores.set_index("predictions")
+    gated = "ensemble_gated" in by.index
+    tuned, its = ("the ensemble and the ensemble with the gate were", "their") if gated else ("the ensemble was", "its")
     text = [
         ("<b>Pooled OOF mAP</b>: every training image's out-of-fold predictions scored in one go, so each class's "
         "boxes from all fold models are ranked in one list. <b>Fold mean</b>: each fold's images scored alone "
@@ -497,8 +570,8 @@ def _explain(scores: pd.DataFrame) -> list[str]:
         "true positives of another); a fold's mean leaves out the rare classes absent from the fold; and AP's "
         "precision envelope (a running maximum) comes out higher on a fold's smaller, noisier ranking. So the fold "
         "mean is usually the higher one, for every row alike."),
-        ("<b>In-sample</b> (optimistic): the ensemble and gated ensemble were tuned on these OOF predictions, so "
-        "their pooled and fold-mean figures are measured on the images that chose their parameters. <b>Honest "
+        (f"<b>In-sample</b> (optimistic): {tuned} tuned on these OOF predictions, so "
+        f"{its} pooled and fold-mean figures are measured on the images that chose {its} parameters. <b>Honest "
         "fold mean</b>: for the ensembles the nested figure: for each fold k the same search ran on the other "
         "folds only and its choice was scored on fold k; for single models and the prior boxes, which are not "
         "tuned on OOF, it is their fold mean. Compare models and ensembles in this column."),
@@ -512,7 +585,48 @@ def _explain(scores: pd.DataFrame) -> list[str]:
             if len(best.dropna()):
                 line += f"; the best single model's fold mean is {best.max():.4f} ({best.idxmax()})"
             text.append(line + ".")
+    if gated and "ensemble" in by.index:
+        rule = params.gate.rule if params is not None else "chosen"
+        numbers = by.select_dtypes("number")
+        diff = numbers.loc["ensemble_gated"] - numbers.loc["ensemble"]
+        line = (f"<b>The gate</b> ({rule}), against the same ensemble without it: pooled OOF mAP "
+                f"{by.loc['ensemble', 'pooled_map']:.4f} -> {by.loc['ensemble_gated', 'pooled_map']:.4f} "
+                f"({diff['pooled_map']:+.4f}, in-sample)")
+        if not math.isnan(diff["honest_fold_mean_map"]):
+            line += (f", nested fold mean {by.loc['ensemble', 'honest_fold_mean_map']:.4f} -> "
+                     f"{by.loc['ensemble_gated', 'honest_fold_mean_map']:.4f} ({diff['honest_fold_mean_map']:+.4f})")
+        if "test_map" in by.columns and not math.isnan(diff["test_map"]):
+            line += f", test {diff['test_map']:+.4f}"
+        text.append(line + ".")
+    if "test_map" in by.columns:
+        text.append("<b>Test mAP@0.4</b>: the submission (and, with the gate on, the ensemble without it, written "
+                    "and checked the same way) scored against the data folder's test_labels.csv as cxr evaluate "
+                    "scores it (make evaluate). Nothing was tuned on the test labels: the gate, weights and "
+                    "fusion were chosen on OOF alone.")
     return text
+
+
+def _notes(params: Params | None) -> list[str]:
+    """The tuner's warnings about weak members and the members it left out (weight 0)."""
+    if params is None:
+        return []
+    notes = list(params.warnings)
+    out = [m for m, w in zip(params.fusion.models, params.fusion.weights) if w == 0]
+    if out:
+        notes.append(f"left out by the tuner (weight 0): {', '.join(out)}: kept in params.json with weight 0, "
+                     "no part of the fusion")
+    return notes
+
+
+def _labels(names: pd.Series, params: Params | None, main: str) -> pd.Series:
+    """Row names of the main table: the ensembles say with or without the gate and which was submitted."""
+    rule = params.gate.rule if params is not None else ""
+    if main == "ensemble_gated":
+        shown = {"ensemble": "ensemble, without the gate",
+                 "ensemble_gated": f"ensemble_gated, with the {rule} gate (submitted)"}
+    else:
+        shown = {"ensemble": "ensemble (submitted)"}
+    return names.map(lambda n: shown.get(n, n))
 
 
 def _write_pages(folder: Path, prefix: str, c: dict) -> None:
@@ -530,10 +644,22 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
                 + (f" in {len(folds)} folds" if folds else "") + ", scored with the competition metric (mAP@0.4, "
                 "cxr.metric). ")
     warning = info.data.warning() if info.data is not None else ""
-    main_cols = scores[["predictions", "tuned_on_these_images", "pooled_map", "fold_mean_map", "honest_fold_mean_map"]].copy()
+    notes = _notes(params)
+    has_test = "test_map" in scores.columns
+    main_cols = scores[["predictions", "tuned_on_these_images", "pooled_map", "fold_mean_map", "honest_fold_mean_map",
+                        *(["test_map"] if has_test else [])]].copy()
+    main_cols["predictions"] = _labels(main_cols["predictions"], params, c["main"])
     main_cols["tuned_on_these_images"] = main_cols["tuned_on_these_images"].map({True: "yes: in-sample", False: "no"})
     main_cols.columns = ["predictions", "tuned on these images?", "pooled OOF mAP", "fold mean mAP",
-                         "honest fold mean mAP (nested for ensembles)"]
+                         "honest fold mean mAP (nested for ensembles)", *([TEST_COLUMN] if has_test else [])]
+    auc: pd.DataFrame | None = c["auc"]
+    if auc is not None:
+        auc = auc.rename(columns={"images": "OOF images", "n_images": "images", "abnormal": "with a finding",
+                                  "roc_auc": "ROC AUC"})
+        auc_title = f"Classifier {info.classifier or ''}: OOF ROC AUC".replace("  ", " ")
+        auc_text = ("P(abnormal) of each training image, predicted by the fold model that did not train on it, against "
+                    "whether the image has a finding (a ground-truth box of class 0-13). Pooled: every fold model's "
+                    "scores ranked together; per fold: each fold alone (classifier_auc.csv).")
     fold_cols = [f"fold{k}_map" for k in folds]
     per_fold = scores[["predictions", *fold_cols]].copy()
     per_fold.columns = ["predictions", *[f"fold {k} ({len(folds[k])} images)" for k in folds]]
@@ -554,6 +680,9 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
     body = [f"<h1>{html.escape(title)}</h1>", f'<p class="sub">{html.escape(subtitle)}Files: {" · ".join(links)}</p>']
     if warning:
         body.append(f'<div class="warn">{html.escape(warning)} The scores below are scores on synthetic images.</div>')
+    if notes:
+        body.append('<div class="caution"><b>Weak ensemble members</b><ul>'
+                    + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul></div>")
     if prefix and sets:
         body.append('<p class="sub">This is the model set last submitted under this name. Every set: '
                     + ", ".join(f'<a href="{quote(s, safe="+")}/index.html">{html.escape(s)}</a>' for s in sets) + ".</p>")
@@ -565,10 +694,12 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
         top = search.sort_values("map", ascending=False, kind="stable").head(8)[cols]
         body += ["<details><summary>The 8 best candidates of the search (pooled OOF mAP, in-sample)</summary>",
                  _html_table(top.astype({"weights": str}) if "weights" in cols else top, 4, left=2), "</details>"]
-    body += ["<h2>OOF mAP@0.4</h2>", _html_table(main_cols, 4, left=2)]
-    body += [f"<p>{t}</p>" for t in _explain(scores)]
+    body += ["<h2>OOF mAP@0.4" + (" (and test)" if has_test else "") + "</h2>", _html_table(main_cols, 4, left=2)]
+    body += [f"<p>{t}</p>" for t in _explain(scores, params)]
     if fold_cols:
         body += ["<h3>Per fold (each fold's images scored alone)</h3>", _html_table(per_fold, 4)]
+    if auc is not None:
+        body += [f"<h2>{html.escape(auc_title)}</h2>", f"<p>{html.escape(auc_text)}</p>", _html_table(auc, 4)]
     body += ["<h2>Per-class AP@0.4 (pooled OOF)</h2>", _html_table(pooled_ap, 3)]
     if fold_cols:
         for n in names:
@@ -601,17 +732,23 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
             body += [f'<p class="muted"><b>{html.escape(m)}</b>, {html.escape(note)}</p>',
                      f'<img class="fig" src="{src(path)}" alt="{html.escape(m)} training curves">']
     with atomic_path(folder / "index.html") as tmp:
-        tmp.write_text(page(title, "\n".join(body), ".row { display: flex; flex-wrap: wrap; gap: 10px; }"), encoding="utf-8")
+        tmp.write_text(page(title, "\n".join(body), ".row { display: flex; flex-wrap: wrap; gap: 10px; }\n"
+                            ".caution { background: #fff4e0; border: 2px solid #c77700; color: #6b4100; "
+                            "padding: 8px 12px; margin: 8px 0; } .caution ul { margin: 4px 0 0; }"), encoding="utf-8")
 
     md = [f"# {title}", "", subtitle + "The full report with figures is `index.html` (opens offline).", ""]
     if warning:
         md += [f"**{warning}**", ""]
+    if notes:
+        md += ["**Weak ensemble members**", "", *[f"- {n}" for n in notes], ""]
     md += ["## The chosen ensemble", "", "| | |", "| --- | --- |",
            *[f"| {k} | {v.replace('|', '/')} |" for k, v in _ensemble_rows(params, info, c["search"])], "",
-           "## OOF mAP@0.4", "", *_md_table(main_cols), ""]
-    md += [*(html_text.replace("<b>", "**").replace("</b>", "**") + "\n" for html_text in _explain(scores))]
+           "## OOF mAP@0.4" + (" (and test)" if has_test else ""), "", *_md_table(main_cols), ""]
+    md += [*(html_text.replace("<b>", "**").replace("</b>", "**") + "\n" for html_text in _explain(scores, params))]
     if fold_cols:
         md += ["### Per fold", "", *_md_table(per_fold), ""]
+    if auc is not None:
+        md += [f"## {auc_title}", "", auc_text, "", *_md_table(auc), ""]
     md += ["## Per-class AP@0.4 (pooled OOF)", "", *_md_table(pooled_ap, 3), "",
            f"![PR curves]({src(c['figures']['pr'])})", f"![confusion]({src(c['figures']['confusion'])})", ""]
     with atomic_path(folder / "index.md") as tmp:

@@ -3,6 +3,7 @@ tuning (nested OOF, processes), model sets, outside models, submission, report."
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,8 @@ from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import write_predictions
 from cxr.submission import check_submission, write_submission
 from ensemble.__main__ import main
-from ensemble.ensemble import GateParams, apply, gate, load_model_tables, tune
+from cxr.wbf import CONF_TYPES, fuse_predictions
+from ensemble.ensemble import FusionParams, GateParams, apply, fuse, gate, load_model_tables, tune
 from ensemble.scoring import Truth, gated, score_rows
 
 COLS = ["image_id", "class_id", "score", "x_min", "y_min", "x_max", "y_max"]
@@ -84,6 +86,45 @@ def test_tuning_never_lowers_oof_map_and_finds_the_good_model(synth_dir):
     assert params.oof_map["good"] > params.oof_map["noisy"]
 
 
+def test_weight_zero_leaves_a_member_out(synth_dir):
+    """A member of weight 0 is no part of the fusion: fuse() equals fusing the other tables alone, for every
+    conf type (fused at weight 0 its boxes would still join clusters and count in the rescaling)."""
+    data, gt, good, noisy, _ = fake_models(synth_dir, seed=7)
+    shifted = good.assign(x_min=good["x_min"] + 1, score=good["score"] * 0.9)
+    tables, sizes = [good, noisy, shifted], data.train_sizes
+    for conf in CONF_TYPES:
+        p = FusionParams(["good", "noisy", "shifted"], [2.0, 0.0, 1.0], 0.5, 0.0, conf)
+        expected = fuse_predictions([good, shifted], sizes, [2.0, 1.0], 0.5, 0.0, conf)
+        pd.testing.assert_frame_equal(fuse(tables, sizes, p), expected)
+    alone = FusionParams(["good", "noisy", "shifted"], [0.0, 3.0, 0.0])  # one member left, avg: its own table
+    pd.testing.assert_frame_equal(fuse(tables, sizes, alone), noisy)
+    with pytest.raises(ValueError, match="every member has weight 0"):
+        fuse(tables, sizes, FusionParams(["good", "noisy", "shifted"], [0.0, 0.0, 0.0]))
+
+
+def test_tuner_gives_a_noise_member_weight_zero_and_scores_it_as_the_metric(synth_dir):
+    """The default weight grid holds 0: a member of pure noise is left out, the good one kept; every
+    candidate with a zero weight scores what cxr.metric gives the fused table (the fast path leaves the
+    member out as fuse() does), and no candidate has every weight 0."""
+    data, gt, good, noisy, _ = fake_models(synth_dir, seed=8)
+    ids = sorted(gt["image_id"].unique())
+    tables = [good, noisy]
+    params, search = tune(tables, ["good", "noisy"], gt, ids, data.train_sizes, None, iou_grid=(0.5,),
+                          skip_grid=(0.0, 0.05), log=lambda _: None)
+    assert params.fusion.weights[1] == 0 and params.fusion.weights[0] > 0
+    assert params.oof_map["ensemble"] > max(search.loc[search["stage"] == "fusion", "map"])
+    assert "ensemble_gated" not in params.oof_map  # no classifier: no gated figure to repeat the ensemble
+    search = search.assign(weights=search["weights"].map(tuple))
+    assert (0.0, 1.0) in set(search["weights"]) and not any(sum(w) == 0 for w in search["weights"])
+    zero = search[search["weights"].map(lambda w: 0.0 in w)]
+    zero = zero.drop_duplicates(["weights", "iou_thr", "skip_box_thr", "conf_type"])
+    assert len(zero) >= 2
+    for r in zero.itertuples():
+        p = FusionParams(["good", "noisy"], list(r.weights), r.iou_thr, r.skip_box_thr, r.conf_type)
+        fused = fuse(tables, data.train_sizes, p)
+        assert r.map == pytest.approx(mean_average_precision(gt, fused, ids)["map"], abs=1e-12), r
+
+
 @pytest.fixture
 def cli_run(synth_dir, tmp_path, monkeypatch):
     """Three detectors' and the classifier's OOF/test tables in tmp/runs/t, the cwd in tmp."""
@@ -141,6 +182,34 @@ def test_cli_tune_submit_report_and_missing_images(cli_run, tmp_path, capsys):
     assert "model 'yolo' has no prediction" in capsys.readouterr().err
 
 
+def only_no_finding(table_, seed=0):
+    """A member that predicts nothing but a No-finding row per image (a failed training): random scores."""
+    ids = table_["image_id"].unique()
+    rng = np.random.default_rng(seed)
+    return table([[i, 14, s, 0, 0, 1, 1] for i, s in zip(ids, rng.uniform(size=len(ids)))])
+
+
+def test_cli_tune_names_weak_members_and_leaves_noise_out(cli_run, capsys):
+    """tune names the member without a finding box and the one under the prior-box floor, one line each,
+    keeps the lines in params.json, and gives the noise member weight 0 (still listed, for test time)."""
+    data, gt, good, noisy, _, run, common = cli_run
+    write_predictions(only_no_finding(good), run / "detectron" / "oof.csv", data.train_sizes)
+    main(["tune", *common, "--classifier", "none"])
+    out = capsys.readouterr().out
+    params = json.loads((run / "ensemble" / "detectron-effdet-yolo" / "params.json").read_text())
+    assert re.search(r"^warning: member detectron has no finding boxes in its OOF predictions \(OOF mAP 0\.\d{4}, "
+                     r"prior-box floor 0\.\d{4}\): the tuner may give it weight 0$", out, re.MULTILINE), out
+    assert re.search(r"^warning: member effdet is below the prior-box floor \(OOF mAP 0\.\d{4}, prior-box floor "
+                     r"0\.\d{4}\): the tuner may give it weight 0$", out, re.MULTILINE), out
+    assert "member yolo" not in out
+    assert params["warnings"] == [line for line in out.splitlines() if line.startswith("warning: member")]
+    weights = dict(zip(params["fusion"]["models"], params["fusion"]["weights"]))
+    assert sorted(weights) == ["detectron", "effdet", "yolo"]  # every member kept, the left-out at weight 0
+    assert weights["effdet"] == 0 and weights["yolo"] > 0
+    assert re.search(r"^left out by the tuner \(weight 0\): .*effdet", out, re.MULTILINE)
+    assert params["oof_map"]["ensemble"] >= params["oof_map"]["yolo"] and "ensemble_gated" not in params["nested_map"]
+
+
 def test_model_set_is_a_choice_tuned_once_per_set(cli_run, capsys):
     *_, run, common = cli_run
     main(["tune", *common, "--models", "yolo,effdet", "--classifier", "none"])
@@ -158,7 +227,7 @@ def test_model_set_is_a_choice_tuned_once_per_set(cli_run, capsys):
     assert first.stat().st_mtime_ns > stamp
     with pytest.raises(SystemExit) as e:
         main(["tune", *common, "--models", "yolo,resnet"])
-    assert e.value.code == 2 and "unknown detector(s) ['resnet']" in capsys.readouterr().err
+    assert e.value.code == 2 and "'resnet' is not a model family" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["tune", *common, "--exclude", "efdet"])  # a typo leaves nothing out silently
     assert e.value.code == 2 and "--exclude names no model: ['efdet']" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 folders holding only the files the report reads, no model trained."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -13,12 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from cxr.cli import main as cxr_main
 from cxr.data import DataFolder
 from cxr.dataset import CLASS_NAMES, PREDICTION_COLUMNS
 from cxr.io import write_table
 from cxr.metric import ground_truth
+from cxr.predictions import write_predictions
 from ensemble.__main__ import main
 from ensemble.provenance import model_info, record_data, training_data
 from ensemble.report import confusion, plot_training_curves, read_curves
@@ -86,7 +90,7 @@ def test_two_model_sets_keep_their_reports_and_submissions(cli_run, tmp_path):  
 
 
 def test_report_names_the_ensemble_and_explains_its_numbers(cli_run, tmp_path):  # noqa: F811
-    _, gt, *_, run, common = cli_run
+    data, gt, *_, run, common = cli_run
     fold_logs(run)
     main(["tune", *common, "--exclude", "detectron"])
     main(["submit", *common, "--exclude", "detectron", "--name", "t"])
@@ -129,6 +133,79 @@ def test_report_names_the_ensemble_and_explains_its_numbers(cli_run, tmp_path): 
     assert "fold2: no curve file" in page and (out / "curves_classifier.png").is_file()
     assert json.loads((run / "ensemble" / "data.json").read_text())["synthetic"] is True
     assert len(list(out.glob("oof_*.png"))) == 6 and list(out.glob("test_*.png"))
+    # the gate's effect in the main table: the ensemble without and with it, pooled and nested
+    md = (out / "index.md").read_text()
+    for name, label in (("ensemble", "ensemble, without the gate"),
+                        ("ensemble_gated", f"ensemble_gated, with the {g['rule']} gate (submitted)")):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{summary[name]:.4f}" in row and f"{params['nested_map'][name]:.4f}" in row, row
+    assert "<b>The gate</b>" in page
+    # the classifier's OOF ROC AUC, pooled and per fold, as sklearn computes it
+    auc = pd.read_csv(out / "classifier_auc.csv").set_index("images")
+    p_abnormal = pd.read_csv(run / "classifier" / "oof.csv", dtype={"image_id": str}).set_index("image_id")
+    p_abnormal = p_abnormal["p_abnormal"]
+    abnormal = set(gt.loc[gt["class_id"] != 14, "image_id"])
+    folds = pd.read_csv(common[3], dtype={"image_id": str})
+    per_fold = [(f"fold {k}", f["image_id"]) for k, f in folds.groupby("fold")]
+    subsets = [("all folds, pooled", folds["image_id"]), *per_fold]
+    for name, ids in subsets:
+        expected = roc_auc_score([i in abnormal for i in ids], p_abnormal.loc[ids])
+        assert auc.loc[name, "roc_auc"] == pytest.approx(expected)
+        assert f"{expected:.4f}" in page
+    assert "Classifier classifier: OOF ROC AUC" in page
+    # the test score (synth data has test_labels.csv): cxr evaluate's figure, labelled as test
+    scores_json = json.loads((run / "ensemble" / SET_A / "scores.json").read_text())
+    labels = data.root / "test_labels.csv"
+    assert scores_json["test_map"] == pytest.approx(evaluate_json(labels, tmp_path / "submissions" / "t.csv"))
+    assert scores_json["test_map_ungated"] is not None and scores_json["nested"] == params["nested_map"]
+    assert scores_json["oof"] == params["oof_map"]
+    assert "test mAP@0.4 (test labels, never tuned on)" in page and f"{scores_json['test_map']:.4f}" in page
+    assert scores.loc["ensemble_gated", "test_map"] == pytest.approx(scores_json["test_map"])
+
+
+def evaluate_json(labels: Path, submission: Path) -> float:
+    """``cxr evaluate --json``'s mAP of a submission (what make evaluate prints)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cxr_main(["evaluate", "--labels", str(labels), "--submission", str(submission), "--json"])
+    return json.loads(buf.getvalue())["map"]
+
+
+def test_report_with_the_gate_off_says_nothing_gated_and_names_weak_members(cli_run, tmp_path, capsys):  # noqa: F811
+    """A classifier that knows nothing (P(abnormal) 0.5 everywhere) loses to no gate: no gated row, curve or word
+    in the report, the submission is the ensemble; a member with only No-finding rows is named in a warning block;
+    the AUC table and the test score are there, scores.json has no ungated figure."""
+    data, gt, good, *_, run, common = cli_run
+    folds = pd.read_csv(common[3], dtype={"image_id": str})
+    write_table(pd.DataFrame({"image_id": folds["image_id"], "p_abnormal": 0.5}), run / "classifier" / "oof.csv")
+    ids = good["image_id"].unique()
+    write_predictions(table([[i, 14, 0.5, 0, 0, 1, 1] for i in ids]), run / "detectron" / "oof.csv", data.train_sizes)
+    main(["tune", *common, "--models", "yolo,detectron"])
+    main(["submit", *common, "--models", "yolo,detectron", "--name", "off"])
+    out = capsys.readouterr().out
+    kind = "detectron-yolo+classifier"
+    params = json.loads((run / "ensemble" / kind / "params.json").read_text())
+    assert params["gate"]["rule"] == "none"
+    reports = tmp_path / "reports" / "off"
+    pages = [folder / name for folder in (reports, reports / kind) for name in ("index.md", "index.html")]
+    for page in pages:
+        text = page.read_text()
+        assert "gated" not in text.lower(), page
+        assert "Weak ensemble members" in text and "member detectron has no finding boxes" in text
+        assert "ensemble (submitted)" in text and "OOF ROC AUC" in text
+    assert "warning: member detectron has no finding boxes" in out
+    scores = pd.read_csv(reports / kind / "scores.csv")
+    assert "ensemble_gated" not in set(scores["predictions"]) and "ensemble" in set(scores["predictions"])
+    assert "ensemble_gated" not in json.loads((reports / kind / "summary.json").read_text())
+    assert "ensemble_gated" not in json.loads((reports / kind / "nested.json").read_text())["nested_map"]
+    assert pd.read_csv(reports / kind / "classifier_auc.csv")["roc_auc"].tolist() == pytest.approx([0.5] * 5)
+    scores_json = json.loads((run / "ensemble" / kind / "scores.json").read_text())
+    assert scores_json["test_map_ungated"] is None
+    assert "ensemble_gated" not in {*scores_json["nested"], *scores_json["oof"]}
+    assert scores_json["nested"]["ensemble"] == params["nested_map"]["ensemble"]
+    labels = data.root / "test_labels.csv"
+    assert scores_json["test_map"] == pytest.approx(evaluate_json(labels, tmp_path / "submissions" / "off.csv"))
+    assert f"{scores_json['test_map']:.4f}" in (reports / "index.md").read_text()
 
 
 @pytest.mark.slow
