@@ -26,8 +26,9 @@ from cxr.synth import SynthConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 # Files that train models, longest first (see pytest_collection_modifyitems).
-LONG_FILES = ["test_every_class.py", "test_demo_quality.py", "test_detectron.py", "test_yolo.py", "test_effdet.py",
-              "test_classifier.py", "test_scheduler.py", "test_distributed.py", "test_predict_images.py"]
+LONG_FILES = ["test_every_class.py", "test_demo_quality.py", "test_experiments.py", "test_detectron.py", "test_yolo.py",
+              "test_effdet.py", "test_classifier.py", "test_gpu_check.py", "test_scheduler.py", "test_distributed.py",
+              "test_predict_images.py"]
 ONE_UNIT_EACH = {"test_every_class.py", "test_demo_quality.py"}
 TRAIN_FOLDS = "vindr-cxr-train-annotations/nhtlongcs/data/folds"
 TRAIN_INFO = "vindr-cxr-train-annotations/nhtlongcs/datasets/train_info.csv"
