@@ -215,16 +215,15 @@ def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dic
     return stale
 
 
-def check(model: str, member: Member, cfg: Any, data: DataFolder, folds_path: Path, folds: pd.DataFrame,
-          run: Path, only: list[int] | None, force: bool) -> None:
+def check(model: str, member: Member, cfg: Any, inputs: dict[int, dict], run: Path, ks: list[int],
+          force: bool) -> None:
     """Before make reuses a member's folds: every trained fold's saved config and inputs must be what is asked
     now. A difference stops here, before any work, with the keys (``epochs: trained 2, asked 3``) and the
     ways on; with ``force`` the folds concerned are cleared so make redoes them (the weights of a fold whose
     training settings still hold are kept: only its predictions are redone)."""
     folder = member.folder(run)
-    ks = only if only is not None else sorted(int(k) for k in folds["fold"].unique())
     adapter = import_adapter(model)
-    stale = stale_folds(adapter, cfg, folder, ks, {k: fold_inputs(data.root, folds_path, folds, k) for k in ks})
+    stale = stale_folds(adapter, cfg, folder, ks, inputs)
     if not stale:
         return
     retrain = sorted(k for k, (what, _) in stale.items() if what == "train")
@@ -442,10 +441,11 @@ def main(argv: list[str] | None = None) -> None:
             ks = sorted(int(k) for k in folds["fold"].unique()) if a.fold is None else [a.fold]
             if not any((folder / f"fold{k}" / "config.yaml").is_file() for k in ks):
                 return  # nothing trained yet: nothing could be reused
-            if same_as_asked(folder, ks, key, {k: fold_inputs(data.root, Path(a.folds), folds, k) for k in ks}):
+            inputs = {k: fold_inputs(data.root, Path(a.folds), folds, k) for k in ks}  # hashed once, used twice
+            if same_as_asked(folder, ks, key, inputs):
                 return  # made with exactly what is asked (no framework import needed to know it)
             cfg = load(import_adapter(a.model).Config, profile_path(a.model, a.profile), overrides)
-            check(a.model, member, cfg, data, Path(a.folds), folds, run, ks, a.force)
+            check(a.model, member, cfg, inputs, run, ks, a.force)
             return
         adapter = import_adapter(a.model)
         cfg = load(adapter.Config, profile_path(a.model, a.profile), overrides)
