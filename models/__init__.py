@@ -16,8 +16,9 @@ import os
 from types import ModuleType
 from typing import Literal
 
-for _key, _value in {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "NO_ALBUMENTATIONS_UPDATE": "1",
-                     "HF_HUB_OFFLINE": "1"}.items():
+# the Makefile exports the same; the scheduler hands them to every job on every node (Ray's runtime_env)
+OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 Kind = Literal["detector", "classifier"]

@@ -41,10 +41,13 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import math
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -57,16 +60,25 @@ import pandas as pd
 
 from cxr.args import Parser, positive_int
 from cxr.data import read_folds
-from cxr.io import DataError, one_line_errors, read_table, write_table
-from models import MODELS
+from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
+from models import MODELS, OFFLINE_ENV
 from models.members import Member, parse_member
 
-JOB_COLUMNS = ["model", "fold", "verb", "cards", "host", "start", "end", "exit_code", "log"]
+JOB_COLUMNS = ["model", "fold", "verb", "attempt", "cards", "host", "node", "start", "end", "exit_code", "log"]
+LOST, INTERRUPTED = -1, 130  # exit_code of a verb whose node or Ray worker died / that Ctrl-C stopped
 # The local Ray instance stays on this machine: loopback as its address (without it Ray asks a
 # public DNS address for its own IP), no usage report, no auth token to set up, and no memory
 # monitor killing a large training job (memory is the kernel's business, as without the scheduler).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_AUTH_MODE": "disabled", "RAY_memory_monitor_refresh_ms": "0"}
+# What every job gets from this (the driver's) environment on every node, through Ray's runtime_env: a
+# node's own environment is whatever its `ray start` had. The offline switches (their defaults when unset),
+# thread, cache and NCCL settings, and any CXR_* variable. OMP_NUM_THREADS travels as run_job's argument
+# (Ray's workers set it to 1 themselves).
+JOB_ENV = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_HOME", "HF_HOME", "YOLO_CONFIG_DIR",
+           "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
+JOB_ENV_PREFIXES = ("CXR_", "NCCL_", "GLOO_")
+RETRIES = 2  # attempts after the first of a job whose node or Ray worker died (--retries)
 PROGRESS_EVERY = 60.0  # seconds between progress lines while no job finishes
 TAIL_LINES = 15  # of a failed job's log, printed with its path
 
@@ -75,48 +87,106 @@ def now() -> str:
     return datetime.now().isoformat(sep=" ", timespec="milliseconds")
 
 
-def run_step(verb: str, argv: list[str], log: str, cwd: str, env: dict | None = None, cards: str = "",
-             where: str = "") -> dict:
+def job_env() -> dict[str, str]:
+    """The variables each job gets on every node (see JOB_ENV)."""
+    env = {k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}
+    env.update({k: v for k, v in os.environ.items() if k in JOB_ENV or k.startswith(JOB_ENV_PREFIXES)})
+    return env
+
+
+def _child_setup(cores: list[int] | None) -> Callable[[], None]:
+    """The job process's start (subprocess ``preexec_fn``): its cards' cores, and death with its Ray worker
+    (Linux PR_SET_PDEATHSIG), so a lost worker leaves no training behind to write into the fold a retry owns.
+    libc is looked up here, in the parent, so the child only makes two system calls."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if cores:
+            os.sched_setaffinity(0, cores)
+    return setup
+
+
+def run_step(argv: list[str], log: str, cwd: str, env: dict | None = None, where: str = "",
+             cores: list[int] | None = None) -> int:
     """Run one verb's command in ``cwd`` with its output in ``cwd/log`` (``where``: the header's note on
-    cards and cores); return its jobs.csv row (without model and fold)."""
-    path, host, start = Path(cwd, log), socket.gethostname(), now()
+    cards and cores, ``cores``: the CPU cores it may use); return its exit code."""
+    path = Path(cwd, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        f.write(f"# {start} on {host}{where}: {shlex.join(argv)}\n")
+        f.write(f"# {now()} on {socket.gethostname()}{where}: {shlex.join(argv)}\n")
         f.flush()
-        code = subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-    return {"verb": verb, "cards": cards, "host": host, "start": start, "end": now(), "exit_code": code, "log": log}
+        return subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False,
+                              preexec_fn=_child_setup(cores)).returncode
 
 
-def run_job(steps: list[tuple[str, list[str], str]], cwd: str, card_names: list[str] | None,
-            card_cores: list[list[int]] | None, threads: str | None) -> tuple[list[dict], float]:
-    """One job inside its Ray task: run each ``(verb, argv, log)`` in turn on this task's cards, stop
-    at the first failure. Returns one jobs.csv row per verb run and the job's seconds.
+def attempt_record(cwd: str | Path, base: str, n: int) -> Path:
+    """``RUN/logs/MODEL_foldK.N.json`` (``base`` = ``RUN/logs/MODEL_foldK``, under ``cwd``): where attempt N of a
+    job ran and its verbs (jobs.csv's evidence)."""
+    return Path(cwd, f"{base}.{n}.json")
 
-    Local: ``card_names[i]`` is the card of Ray's logical GPU i and ``card_cores[i]`` its CPU cores;
-    the job runs on its cards' cores, with OMP_NUM_THREADS = their number. Cluster (None): Ray's ids
-    are the node's cards, no pinning. ``threads``: the user's OMP_NUM_THREADS, which wins.
+
+def node_cards() -> int:
+    """GPUs of the Ray node this task runs on (the cluster's table of nodes)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    return next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == me), 0)
+
+
+def run_job(steps: list[tuple[str, list[str]]], base: str, first: int, cwd: str, card_names: list[str] | None,
+            threads: str | None) -> dict:
+    """One attempt of one job inside its Ray task: run each ``(verb, argv)`` in turn on this task's cards,
+    stop at the first failure; return the attempt's record.
+
+    The attempt is the first free number N from ``first``: its verbs log to ``BASE_VERB.N.log`` and its record
+    ``BASE.N.json`` (host, node, cards, each verb's start, end and exit code) is written before each verb and
+    after it, on the shared run dir, so an attempt whose node dies still says where it ran and since when.
+    CPU share: the cores of this process (its node's) split evenly over the node's cards (``card_names``
+    locally; Ray's table of nodes on a cluster); the job runs on its cards' share with OMP_NUM_THREADS =
+    its size, which the adapters' loader workers follow too. ``threads``: the user's OMP_NUM_THREADS, which wins.
     """
     import ray
 
-    ids = [int(i) if card_names else i for i in ray.get_runtime_context().get_accelerator_ids()["GPU"]]
-    cards = ",".join(card_names[i] for i in ids) if card_names else ",".join(ids)
+    ctx = ray.get_runtime_context()
+    ids = ctx.get_accelerator_ids()["GPU"]
+    cards = ",".join(card_names[int(i)] for i in ids) if card_names else ",".join(ids)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": cards}
     env.pop("OMP_NUM_THREADS", None)  # Ray's worker sets 1, which would starve a CPU job
-    where = f", CUDA_VISIBLE_DEVICES={cards}"
-    if card_cores and hasattr(os, "sched_setaffinity"):
-        cores = sorted({c for i in ids for c in card_cores[i]})
-        os.sched_setaffinity(0, cores)  # this thread's mask, which the job's processes inherit
+    where, cores = f", CUDA_VISIBLE_DEVICES={cards}", None
+    n_cards = len(card_names) if card_names else node_cards()
+    shares = split_cores(max(n_cards, 1))
+    if shares is not None:
+        slot = [int(i) % len(shares) if str(i).isdigit() else 0 for i in ids]
+        cores = sorted({c for i in slot for c in shares[i]})
         env["OMP_NUM_THREADS"] = str(len(cores))
-        where += f", cores {','.join(map(str, cores))}"
+        where += (f", cores {','.join(map(str, cores))} (its share of this node's {len(os.sched_getaffinity(0))} "
+                  f"core(s) over {n_cards} card(s))")
     if threads:
         env["OMP_NUM_THREADS"] = threads
-    rows, started = [], time.time()
-    for verb, argv, log in steps:
-        rows.append(run_step(verb, argv, log, cwd, env, cards, where))
-        if rows[-1]["exit_code"]:
+    n = first
+    while True:  # exclusive creation: an attempt never takes an earlier one's number, logs or record
+        try:
+            attempt_record(cwd, base, n).parent.mkdir(parents=True, exist_ok=True)
+            attempt_record(cwd, base, n).open("x").close()
             break
-    return rows, time.time() - started
+        except FileExistsError:
+            n += 1
+    record = {"attempt": n, "cards": cards, "host": socket.gethostname(), "node": ctx.get_node_id()[:8], "verbs": []}
+    for verb, argv in steps:
+        log = f"{base}_{verb}.{n}.log"
+        record["verbs"].append({"verb": verb, "start": now(), "end": "", "exit_code": "", "log": log})
+        write_json(record, attempt_record(cwd, base, n))
+        code = run_step(argv, log, cwd, env, where, cores)
+        record["verbs"][-1].update(end=now(), exit_code=code)
+        write_json(record, attempt_record(cwd, base, n))
+        if code:
+            break
+    return record
 
 
 def split_cores(n_cards: int) -> list[list[int]] | None:
@@ -177,11 +247,31 @@ def parse_cards(devices: str | None, gpus: int | None, per_job: int, cluster: bo
     return cards
 
 
+def ray_messages_to(log: Path) -> None:
+    """Ray's driver prints the cluster's error messages (a lost node's state dump: some 40 lines per job)
+    straight to the console, whatever ``log_to_driver`` says; they go to ``log`` instead, and the scheduler
+    prints its own line per lost attempt. (Ray has no switch for this: its printing function is replaced;
+    where a Ray version has none of that name the messages stay in the console.)"""
+    import ray._private.worker as ray_worker
+
+    if not hasattr(ray_worker, "print_to_stdstream"):
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        with open(log, "a") as f:
+            f.write(f"# {now()}\n" + "".join(f"{line}\n" for line in data.get("lines", [])))
+    ray_worker.print_to_stdstream = to_log
+
+
 def start_ray(cards: list[str] | None, address: str | None, gpus: int | None, per_job: int) -> int:
     """Start the local Ray instance (``cards``) or join the cluster at ``address``; return how many
-    jobs can run at once."""
+    jobs can run at once. Every job of this driver gets :func:`job_env` (Ray's job-level runtime_env).
+    A cluster with fewer cards than ``gpus`` (a node lost since the last run) runs on what it has, with a
+    warning; one without ``per_job`` cards on any count stops with one line."""
     import ray
 
+    runtime_env = {"env_vars": job_env()}
     if address is None:
         os.environ.update(LOCAL_RAY_ENV)
         # Ray's logical GPU i must be cards[i], not the i-th id of an inherited list.
@@ -190,15 +280,18 @@ def start_ray(cards: list[str] | None, address: str | None, gpus: int | None, pe
         # address="local": a new instance, never the cluster of RAY_ADDRESS or of an earlier `ray start`.
         # num_cpus: one worker process per running job (the jobs ask for cards only).
         ray.init(address="local", num_cpus=slots, num_gpus=len(cards), include_dashboard=False,
-                 object_store_memory=100 * 2**20, logging_level=logging.WARNING, log_to_driver=False)
+                 object_store_memory=100 * 2**20, logging_level=logging.ERROR, log_to_driver=False,
+                 runtime_env=runtime_env)
         return slots
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
     total = int(ray.cluster_resources().get("GPU", 0))
-    if total < max(per_job, gpus or 0):
+    if total < per_job:
         ray.shutdown()
-        raise DataError("RAY_ADDRESS", f"the cluster at {address} has {total} GPU(s), fewer than "
-                                       f"{'GPUS=' + str(gpus) if gpus else 'GPUS_PER_JOB=' + str(per_job)}")
-    return (gpus or total) // per_job
+        raise DataError("RAY_ADDRESS", f"the cluster at {address} has {total} GPU(s), fewer than GPUS_PER_JOB={per_job}")
+    if gpus and total < gpus:
+        print(f"warning: the cluster at {address} has {total} GPU(s), fewer than GPUS={gpus}: the jobs run on "
+              f"those {total}", file=sys.stderr, flush=True)
+    return min(gpus or total, total) // per_job
 
 
 def fold_oof(run: Path, model: str, fold: int) -> Path:
@@ -225,21 +318,60 @@ def needs_merge(run: Path, model: str, folds: list[int]) -> bool:
 
 
 def report_failure(row: dict, model: str, fold: int | str, cwd: Path) -> None:
-    log = cwd / row["log"]
-    lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log.is_file() else []
-    print(f"FAILED {model} fold {fold} {row['verb']} (exit {row['exit_code']}) on {row['host']} "
-          f"cards {row['cards'] or '-'}: log {row['log']}", *(f"  | {line}" for line in lines), sep="\n", flush=True)
+    log = cwd / row["log"] if row["log"] else None
+    lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log and log.is_file() else []
+    print(f"FAILED {model} fold {fold} {row['verb']} (exit {row['exit_code']}) on {row['host'] or '-'} "
+          f"cards {row['cards'] or '-'}: log {row['log'] or '-'}", *(f"  | {line}" for line in lines), sep="\n",
+          flush=True)
 
 
-def progress(done: int, running: int, waiting: int, failed: int, seconds: list[float], slots: int) -> str:
+def progress(done: int, failed: int, running: int, waiting: int, seconds: list[float], slots: int) -> str:
     """One progress line; the ETA assumes the jobs left take the mean time of the jobs done."""
-    line = f"jobs: {done} done, {running} running, {waiting} waiting" + (f", {failed} failed" if failed else "")
+    line = f"jobs: {done} done, {failed} failed, {running} running, {waiting} waiting"
     if not running + waiting:
         return line
     if not seconds:
         return f"{line}; ETA after the first job"
     eta = sum(seconds) / len(seconds) * math.ceil((running + waiting) / slots)
     return f"{line}; ETA {eta:.0f} s" if eta < 120 else f"{line}; ETA {eta / 60:.0f} min"
+
+
+def read_attempts(cwd: Path, base: str, first: int) -> list[dict]:
+    """The records of a job's attempts from number ``first`` on (this run's), in order; an attempt that has
+    only just taken its number (an empty record) is ``{"attempt": N}``."""
+    found = []
+    for path in Path(cwd, base).parent.glob(f"{Path(base).name}.*.json"):
+        n = path.name.removesuffix(".json").rpartition(".")[2]
+        if n.isdigit() and int(n) >= first:
+            try:
+                found.append(json.loads(path.read_text()))
+            except (ValueError, OSError):
+                found.append({"attempt": int(n)})
+    return sorted(found, key=lambda r: r["attempt"])
+
+
+def attempt_rows(model: str, fold: int, attempts: list[dict], unfinished: int) -> list[dict]:
+    """jobs.csv rows of ``attempts``: one per verb started; a verb without an end gets the time now and
+    exit code ``unfinished`` (LOST, or INTERRUPTED after Ctrl-C)."""
+    return [{"model": model, "fold": fold, "verb": v["verb"], "attempt": r["attempt"], "cards": r["cards"],
+             "host": r["host"], "node": r["node"], "start": v["start"], "end": v["end"] or now(),
+             "exit_code": unfinished if v["exit_code"] == "" else v["exit_code"], "log": v["log"]}
+            for r in attempts for v in r.get("verbs", [])]
+
+
+def tell_retries(model: str, fold: int, attempts: list[dict], told: set) -> None:
+    """One line for each attempt after the first (Ray's retry of a lost one) not told yet."""
+    for before, r in itertools.pairwise(attempts):
+        if "node" in r and (model, fold, r["attempt"]) not in told:
+            told.add((model, fold, r["attempt"]))
+            print(f"{model} fold {fold}: attempt {before['attempt']} on {before.get('host', '?')} (node "
+                  f"{before.get('node', '?')}) lost; retried as attempt {r['attempt']} on {r['host']} (node "
+                  f"{r['node']}, cards {r['cards']})", flush=True)
+
+
+def seconds_of(record: dict) -> float:
+    verbs = record["verbs"]
+    return (datetime.fromisoformat(verbs[-1]["end"]) - datetime.fromisoformat(verbs[0]["start"])).total_seconds()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,14 +391,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus-per-job", type=positive_int, help="cards each job holds (GPUS_PER_JOB; default: SET's gpus, or 1)")
     p.add_argument("--address", help="host:port of an existing Ray cluster (RAY_ADDRESS); default: local")
     p.add_argument("--force", action="store_true", help="redo the folds made with other settings (FORCE=1)")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"attempts after the first of a job whose node or Ray worker died (RETRIES; default {RETRIES})")
     p.add_argument("--adapter", default=f"{shlex.quote(sys.executable)} -m models",
                    help="command that runs one verb (default: this Python's -m models; the tests give a stand-in)")
     a = p.parse_args(argv)
     try:
         with one_line_errors():
             code = schedule(a)
-    except KeyboardInterrupt:  # ray.shutdown has stopped the running jobs (Ray ends their processes)
-        print("interrupted: running jobs stopped; a re-run skips the finished folds", file=sys.stderr)
+    except KeyboardInterrupt:  # ray.shutdown has stopped the running jobs (their processes die with their workers)
+        print("interrupted: running jobs stopped (their rows in jobs.csv: exit 130); a re-run skips the finished "
+              "folds and resumes the others from their last checkpoint", file=sys.stderr)
         code = 130
     sys.exit(code)
 
@@ -277,6 +412,8 @@ def schedule(a: argparse.Namespace) -> int:
     borrowed = [str(m) for m in members if m.run]
     if borrowed:
         raise DataError("--models", f"{', '.join(borrowed)}: borrowed members are trained in their own run, not here")
+    if a.retries < 0:
+        raise DataError("RETRIES", f"must be 0 or more, got {a.retries}")
     a.gpus_per_job, sets = cards_per_job(a.gpus_per_job, a.set)
     cards = parse_cards(a.devices, a.gpus, a.gpus_per_job, cluster=a.address is not None)
     cwd, run, folds_file = Path.cwd(), Path(a.run_dir), Path(a.folds)
@@ -291,27 +428,42 @@ def schedule(a: argparse.Namespace) -> int:
 
     def record(new: list[dict]) -> None:
         rows.extend(new)
-        write_table(pd.DataFrame(rows, columns=JOB_COLUMNS), jobs_csv)
+        write_table(pd.DataFrame(rows, columns=JOB_COLUMNS).fillna(""), jobs_csv)
 
     todo = [(m, k) for m in models for k in folds if not finished(run, m, k, folds_file)]
     skipped = [f"{m} fold {k}" for m in models for k in folds if (m, k) not in todo]
     if skipped:
         print(f"skipped (finished): {', '.join(skipped)}", flush=True)
-    failed = run_jobs(todo, a, cards, adapter, common, cwd, record) if todo else set()
+    failed, succeeded = run_jobs(todo, a, cards, adapter, common, cwd, record) if todo else (set(), {})
+    here = socket.gethostname()
+    for (m, k), attempt in succeeded.items():  # what the merge reads must be here, whoever wrote it
+        if m not in failed and not finished(run, m, k, folds_file):
+            oof = fold_oof(run, m, k)
+            state = "missing" if not oof.is_file() else f"older than the fold file {folds_file}"
+            print(f"MISSING {m} fold {k}: its job exited 0 on {attempt['host']} (node {attempt['node']}, attempt "
+                  f"{attempt['attempt']}) but {oof} is {state} here on {here}: is {run} on a filesystem every node "
+                  f"shares, and are the nodes' clocks in step?", flush=True)
+            failed.add(m)
     for m in models:
         if m in failed:
-            print(f"not merged: {m} (a fold failed)", flush=True)
+            print(f"not merged: {m} (a fold failed or its output is missing)", flush=True)
         elif all(finished(run, m, k, folds_file) for k in folds) and needs_merge(run, m, folds):
             argv = [*adapter, *member_args(m), "merge", *common, *(["--fold-fusion", *a.fold_fusion] if a.fold_fusion else [])]
-            row = {"model": m, "fold": "", **run_step("merge", argv, str(run / "logs" / f"{m}_merge.log"), str(cwd))}
+            log, start = str(run / "logs" / f"{m}_merge.log"), now()
+            row = {"model": m, "fold": "", "verb": "merge", "attempt": "", "cards": "", "host": here, "node": "",
+                   "start": start, "exit_code": run_step(argv, log, str(cwd)), "end": now(), "log": log}
             record([row])
             if row["exit_code"]:
                 failed.add(m)
                 report_failure(row, m, "-", cwd)
+            elif needs_merge(run, m, folds):
+                print(f"MISSING {m}: merge exited 0 but {run / m / 'oof.csv'} is missing or older than its folds' "
+                      f"(log {log})", flush=True)
+                failed.add(m)
             else:
                 print(f"merged {m}: {run / m / 'oof.csv'}", flush=True)
     if failed:
-        print(f"failed: {', '.join(sorted(failed))} (see the logs above); finished folds are skipped on a re-run",
+        print(f"failed: {', '.join(sorted(failed))} (see the lines above); finished folds are skipped on a re-run",
               flush=True)
     return 1 if failed else 0
 
@@ -331,53 +483,75 @@ def stale_check(models: list[str], adapter: list[str], common: list[str], force:
 
 
 def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str] | None, adapter: list[str],
-             common: list[str], cwd: Path, record: Callable[[list[dict]], None]) -> set[str]:
-    """Submit every (model, fold) job of ``todo`` to Ray at once, record each as it ends, print
-    progress; return the models with a failed job."""
+             common: list[str], cwd: Path, record: Callable[[list[dict]], None]) -> tuple[set[str], dict]:
+    """Submit every (model, fold) job of ``todo`` to Ray at once, record each attempt as its job ends,
+    print progress; return the models with a failed job and ``{(model, fold): last attempt's record}`` of
+    the jobs that succeeded.
+
+    A job whose node or Ray worker dies is retried by Ray (``a.retries`` times, on any free cards); its
+    ``train`` resumes from the fold's last checkpoint on the shared run dir. A job whose verb exits non-zero
+    is not retried: the same input would fail the same way."""
     import ray
 
     run = Path(a.run_dir)
+    ray_messages_to(run / "logs" / "ray.log")
     slots = start_ray(cards, a.address, a.gpus, a.gpus_per_job)
     where = f"cards {','.join(cards)}" if cards else f"the Ray cluster at {a.address}"
-    print(f"{len(todo)} job(s) on {where}, {a.gpus_per_job} card(s) per job, {slots} at once; "
-          f"jobs in {run / 'jobs.csv'}, logs in {run / 'logs'}", flush=True)
-    card_cores = split_cores(len(cards)) if cards else None
-    task = ray.remote(run_job).options(num_gpus=a.gpus_per_job, num_cpus=0, max_retries=0)
-    pending = {}
+    print(f"{len(todo)} job(s) on {where}, {a.gpus_per_job} card(s) per job, {slots} at once, up to {a.retries} "
+          f"retries of a lost job; jobs in {run / 'jobs.csv'}, logs in {run / 'logs'}", flush=True)
+    task = ray.remote(run_job).options(num_gpus=a.gpus_per_job, num_cpus=0, max_retries=a.retries,
+                                       retry_exceptions=False)
+    pending: dict = {}
     for m, k in todo:
-        steps = [(verb, [*adapter, *member_args(m), verb, *common, "--fold", str(k)], str(run / "logs" / f"{m}_fold{k}_{verb}.log"))
-                 for verb in ("train", "predict")]
-        for _, _, log in steps:  # a job is running once its train log exists (progress lines)
-            (cwd / log).unlink(missing_ok=True)
-        pending[task.remote(steps, str(cwd), cards, card_cores, os.environ.get("OMP_NUM_THREADS"))] = (m, k, steps[0][2])
+        base = str(run / "logs" / f"{m}_fold{k}")
+        first = 1 + max((r["attempt"] for r in read_attempts(cwd, base, 1)), default=0)
+        steps = [(verb, [*adapter, *member_args(m), verb, *common, "--fold", str(k)]) for verb in ("train", "predict")]
+        pending[task.remote(steps, base, first, str(cwd), cards, os.environ.get("OMP_NUM_THREADS"))] = (m, k, base, first)
     failed: set[str] = set()
+    succeeded: dict = {}
     seconds: list[float] = []
-    n_failed, last = 0, time.time()
+    n_failed, last, told = 0, time.time(), set()
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(PROGRESS_EVERY, 5.0))
             for ref in ready:
-                m, k, log = pending.pop(ref)
+                m, k, base, first = pending.pop(ref)
                 try:
-                    rows, took = ray.get(ref)
-                    seconds.append(took)
-                except ray.exceptions.RayError as e:  # the task itself died (node lost, worker killed)
-                    rows = [{"verb": "train", "cards": "", "host": "", "start": "", "end": now(), "exit_code": -1,
-                             "log": log}]
-                    print(f"{m} fold {k}: Ray task failed: {str(e).strip().splitlines()[0]}", flush=True)
-                record([{"model": m, "fold": k, **row} for row in rows])
-                if rows[-1]["exit_code"]:
+                    final = ray.get(ref)
+                    earlier = [r for r in read_attempts(cwd, base, first) if r["attempt"] != final["attempt"]]
+                    tell_retries(m, k, [*earlier, final], told)
+                    rows = attempt_rows(m, k, [*earlier, final], LOST)
+                    ok = final["verbs"][-1]["exit_code"] == 0 and len(final["verbs"]) == 2
+                    if ok:
+                        succeeded[m, k] = final
+                        seconds.append(seconds_of(final))
+                except ray.exceptions.RayError as e:  # lost every time: its node or worker died
+                    rows = attempt_rows(m, k, read_attempts(cwd, base, first), LOST) or [
+                        {"model": m, "fold": k, "verb": "train", "attempt": "", "cards": "", "host": "", "node": "",
+                         "start": "", "end": now(), "exit_code": LOST, "log": ""}]
+                    print(f"{m} fold {k}: lost {1 + a.retries} time(s), not retried again: "
+                          f"{str(e).strip().splitlines()[0]}", flush=True)
+                    ok = False
+                record(rows)
+                if not ok:
                     failed.add(m)
                     n_failed += 1
                     report_failure(rows[-1], m, k, cwd)
+            running = 0
+            for m, k, base, first in pending.values():
+                attempts = read_attempts(cwd, base, first)
+                running += bool(attempts)
+                tell_retries(m, k, attempts, told)
             if ready or time.time() - last >= PROGRESS_EVERY:
-                running = sum((cwd / log).is_file() for _, _, log in pending.values())
-                print(progress(len(todo) - len(pending), running, len(pending) - running, n_failed, seconds, slots),
-                      flush=True)
+                print(progress(len(succeeded), n_failed, running, len(pending) - running, seconds, slots), flush=True)
                 last = time.time()
+    except KeyboardInterrupt:
+        for m, k, base, first in pending.values():
+            record(attempt_rows(m, k, read_attempts(cwd, base, first), INTERRUPTED))
+        raise
     finally:
         ray.shutdown()
-    return failed
+    return failed, succeeded
 
 
 if __name__ == "__main__":

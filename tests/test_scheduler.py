@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +27,14 @@ from cxr.data import DataFolder
 from cxr.folds import make_folds
 from cxr.io import write_table
 from cxr.synth import SynthConfig, generate
-from models.scheduler import JOB_COLUMNS, LOCAL_RAY_ENV, main
+from models.scheduler import JOB_COLUMNS, LOCAL_RAY_ENV, job_env, main
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The adapter's command line (python -m models MODEL VERB --run-dir R [--set K=V ...] [--fold K]):
-# train sleeps SLEEP x 1, 2 or 3 by fold and model and fails for --set fail=MODEL:FOLD; predict
-# writes the fold's oof.csv, merge the model's; each run appends its cards, threads and CPU cores to RUN/trace.txt.
+# train sleeps SLEEP x 1, 2 or 3 by fold and model in checkpointed 0.25 s steps (RUN/steps.txt) and fails for
+# --set fail=MODEL:FOLD; predict writes the fold's oof.csv (not for --set nooof=MODEL:FOLD), merge the model's;
+# each run appends its cards, threads and CPU cores to RUN/trace.txt and the probed variables to RUN/env.txt.
 STAND_IN = '''
 import os, sys, time
 from pathlib import Path
@@ -45,12 +48,25 @@ for item in args[args.index("--set") + 1:] if "--set" in args else []:
 run, fold = Path(opt("--run-dir")), int(opt("--fold")) if "--fold" in args else -1
 if verb == "check":  # the real check compares saved settings; the stand-in has none
     sys.exit(0)
-start = time.time()
-if verb == "train":
-    time.sleep(float(sets.get("sleep", "0.2")) * (1 + (fold + len(model)) % 3))
+node = os.environ.get("TEST_NODE_NAME", "")  # set by the multi-node test's `ray start` of each node
+with open(run / "env.txt", "a") as f:
+    f.write("|".join([model, str(fold), verb, node] + [os.environ.get(k, "") for k in ENV_PROBES]) + "\\n")
+if verb == "train":  # 0.25 s steps, each one checkpointed: a retried job resumes from the last
+    ckpt = run / model / f"fold{fold}" / "ckpt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    step = int(ckpt.read_text()) if ckpt.is_file() else 0
+    if step:
+        print(f"resuming from step {step}", flush=True)
+    steps = round(float(sets.get("sleep", "0.2")) * (1 + (fold + len(model)) % 3) / 0.25)
+    while step < steps:
+        time.sleep(0.25)
+        step += 1
+        ckpt.write_text(str(step))
+        with open(run / "steps.txt", "a") as f:
+            f.write(f"{model}|{fold}|{node}|{step}|{time.time()}\\n")
     if sets.get("fail") == f"{model}:{fold}":
         sys.exit(f"{model} fold {fold}: stand-in failure")
-elif verb == "predict":
+elif verb == "predict" and sets.get("nooof") != f"{model}:{fold}":  # nooof: exit 0 and write nothing
     (run / model / f"fold{fold}").mkdir(parents=True, exist_ok=True)
     (run / model / f"fold{fold}" / "oof.csv").write_text("image_id\\n")
 elif verb == "merge":
@@ -60,6 +76,7 @@ cores = " ".join(map(str, sorted(os.sched_getaffinity(0))))
 with open(run / "trace.txt", "a") as f:
     f.write(f"{model}|{fold}|{verb}|{os.environ.get('CUDA_VISIBLE_DEVICES')}|{os.environ.get('OMP_NUM_THREADS')}|{cores}\\n")
 '''
+ENV_PROBES = ["YOLO_OFFLINE", "HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "CXR_PROBE"]
 
 
 def schedule(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -73,13 +90,13 @@ def schedule(cwd: Path, *args: str, env: dict | None = None, timeout: float = 60
 @pytest.fixture
 def stand_in(tmp_path: Path) -> list[str]:
     """Scheduler arguments for the stand-in adapter on a 3-fold file, run dir ``tmp_path/run``."""
-    (tmp_path / "adapter.py").write_text(STAND_IN)
+    (tmp_path / "adapter.py").write_text(f"ENV_PROBES = {ENV_PROBES!r}\n" + STAND_IN)
     (tmp_path / "folds.csv").write_text("image_id,fold\na,0\nb,1\nc,2\n")
     return ["--data", "data", "--folds", "folds.csv", "--run-dir", "run", "--adapter", f"{sys.executable} adapter.py"]
 
 
 def jobs_table(run: Path) -> pd.DataFrame:
-    jobs = pd.read_csv(run / "jobs.csv", dtype={"cards": str, "fold": str}, keep_default_na=False)
+    jobs = pd.read_csv(run / "jobs.csv", dtype={"cards": str, "fold": str, "attempt": str}, keep_default_na=False)
     assert list(jobs.columns) == JOB_COLUMNS
     return jobs.assign(start=pd.to_datetime(jobs["start"]), end=pd.to_datetime(jobs["end"]))
 
@@ -134,9 +151,10 @@ def test_cards_never_shared_failure_reported_rerun_skips(tmp_path: Path, stand_i
                      "--set", "sleep=1.5", "fail=yolo:1", env={"OMP_NUM_THREADS": "3"})
     assert first.returncode == 1, first.stdout + first.stderr
     out = first.stdout
-    assert "FAILED yolo fold 1 train (exit 1)" in out and "log run/logs/yolo_fold1_train.log" in out
+    assert "FAILED yolo fold 1 train (exit 1)" in out and "log run/logs/yolo_fold1_train.1.log" in out
     assert "yolo fold 1: stand-in failure" in out  # the log's last lines
-    assert "merged classifier" in out and "not merged: yolo" in out and "jobs: 6 done, 0 running, 0 waiting" in out
+    assert "merged classifier" in out and "not merged: yolo" in out
+    assert "jobs: 5 done, 1 failed, 0 running, 0 waiting" in out, out
 
     jobs = jobs_table(run)
     assert len(jobs) == 6 + 5 + 1  # 6 trains, 5 predicts (not after the failed train), classifier's merge
@@ -169,6 +187,9 @@ def test_cards_never_shared_failure_reported_rerun_skips(tmp_path: Path, stand_i
     new = jobs_table(run).iloc[len(jobs):]
     assert new[["model", "fold", "verb", "exit_code"]].values.tolist() == [
         ["yolo", "1", "train", 0], ["yolo", "1", "predict", 0], ["yolo", "", "merge", 0]]
+    # the retry is attempt 2 of yolo fold 1, in its own logs; attempt 1's log still shows the failure
+    assert new["attempt"].tolist()[:2] == ["2", "2"] and new["log"].iloc[0] == "run/logs/yolo_fold1_train.2.log"
+    assert "stand-in failure" in (run / "logs" / "yolo_fold1_train.1.log").read_text()
     assert (run / "yolo" / "oof.csv").is_file()
 
     done = schedule(tmp_path, *stand_in, "--models", "classifier", "yolo", "--devices", "3,5")
@@ -193,39 +214,167 @@ def test_several_cards_per_job(tmp_path: Path, stand_in: list[str]) -> None:
     assert (work["threads"] == work["cores"].str.split().str.len().astype(str)).all(), work
 
 
-def test_existing_cluster(tmp_path: Path, stand_in: list[str]) -> None:
-    """RAY_ADDRESS: the jobs run on a Ray cluster started with `ray start` (here one node on loopback
-    with 2 logical GPUs; its own temp dir, so no other Ray user sees it)."""
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, **LOCAL_RAY_ENV}
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--num-gpus=2", "--num-cpus=2", "--include-dashboard=false",
-                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+def test_two_nodes_lost_node_retried_same_environment_no_silent_success(tmp_path: Path, stand_in: list[str]) -> None:
+    """A Ray cluster of two nodes on this machine, made with the README's commands (`ray start --head`, then
+    `ray start --address` as a second node), each with 2 logical GPUs and an environment WITHOUT the offline
+    switches. 6 jobs spread over both nodes and see the driver's variables (Ray's runtime_env). The second
+    node is killed mid-run (its process group, SIGKILL): its jobs are retried on the head, resume from their
+    checkpoints, and every fold is trained and merged without a re-run; the lost attempts are jobs.csv rows
+    with host, node, cards and start; no training goes on on the dead node; Ray's state dumps stay out of
+    the console. Then on the one node left, GPUS=4 runs with a warning, and a fold whose job exits 0 without
+    its oof.csv is named, exit 1."""
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths <= 107 bytes
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    base = {k: v for k, v in os.environ.items() if k not in {*ENV_PROBES, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}}
+    # a lost node is noticed in ~4 s instead of ~15-30 (the head's health checks)
+    base.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_memory_monitor_refresh_ms": "0",
+                 "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+                 "RAY_health_check_failure_threshold": "8", "RAY_health_check_initial_delay_ms": "0"})
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-gpus=2", "--num-cpus=2", "--disable-usage-stats"]
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                             f"--temp-dir={temp}", *common], env={**base, "TEST_NODE_NAME": "head"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while not Path(temp, "ray_current_cluster").is_file():  # written once the head is up
             assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
             time.sleep(0.2)
-        result = schedule(tmp_path, *stand_in, "--models", "classifier", "--address", f"127.0.0.1:{port}",
-                          "--gpus", "2", "--set", "sleep=0.3")
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "3 job(s) on the Ray cluster at 127.0.0.1" in result.stdout
-        jobs = jobs_table(tmp_path / "run")
-        assert (jobs["exit_code"] == 0).all() and set(jobs["host"]) == {socket.gethostname()}
-        assert set(jobs.loc[jobs["verb"] != "merge", "cards"]) <= {"0", "1"}
-        assert_one_job_per_card(jobs)
-        too_many = schedule(tmp_path, *stand_in, "--models", "yolo", "--address", f"127.0.0.1:{port}", "--gpus", "3")
-        assert too_many.returncode == 2 and "has 2 GPU(s), fewer than GPUS=3" in too_many.stderr, too_many.stderr
+        second = subprocess.Popen([ray_bin, "start", f"--address={address}", *common],
+                                  env={**base, "TEST_NODE_NAME": "second"}, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-c", "import ray, time; ray.init(address='" + address + "', "
+                        "logging_level='ERROR'); [time.sleep(0.2) for _ in range(600) "
+                        "if ray.cluster_resources().get('GPU', 0) < 4]"], env=base, timeout=150, check=True)
+
+        env = {"YOLO_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "CXR_PROBE": "probe"}
+        driver = subprocess.Popen([sys.executable, "-m", "models.scheduler", *stand_in, "--models", "classifier", "yolo",
+                                   "--address", address, "--gpus", "4", "--set", "sleep=1.5"], cwd=tmp_path,
+                                  env={**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+                                       **LOCAL_RAY_ENV, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        steps = tmp_path / "run" / "steps.txt"
+        deadline = time.time() + 120
+        while not (steps.is_file() and any(line.split("|")[2] == "second" and int(line.split("|")[3]) >= 2
+                                           for line in steps.read_text().splitlines())):
+            assert driver.poll() is None and time.time() < deadline, "no job reached step 2 on the second node"
+            time.sleep(0.1)
+        killed = kill_node(second.pid)
+        out, err = driver.communicate(timeout=300)
+        check_lost_node_run(tmp_path, out, err, driver.returncode, env, killed)
+
+        # One node left: GPUS=4 goes on with a warning; a job that exits 0 without its oof.csv fails the run.
+        missing = schedule(tmp_path, *stand_in[:5], "run2", *stand_in[6:], "--models", "classifier",
+                           "--address", address, "--gpus", "4", "--set", "sleep=0.1", "nooof=classifier:1")
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops its own processes
-        head.wait(timeout=120)
+        for node in (second, head):
+            if node is not None and node.poll() is None:
+                node.send_signal(signal.SIGTERM)  # --block: the node stops its own processes
+                node.wait(timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "has 2 GPU(s), fewer than GPUS=4: the jobs run on those 2" in missing.stderr, missing.stderr
+    assert f"MISSING classifier fold 1: its job exited 0 on {socket.gethostname()}" in missing.stdout, missing.stdout
+    assert "not merged: classifier" in missing.stdout and not (tmp_path / "run2" / "classifier" / "oof.csv").exists()
+
+
+def kill_node(session: int) -> float:
+    """SIGKILL every process of the Ray node started as session leader ``session`` (``ray start``, its
+    raylet, its Ray workers: they run in process groups of their own) except the jobs' own processes, which
+    must die with their worker; return the time."""
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            if proc.name.isdigit() and int(stat.rpartition(")")[2].split()[3]) == session \
+                    and b"adapter.py" not in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):  # gone meanwhile
+            pass
+    return time.time()
+
+
+def check_lost_node_run(tmp_path: Path, out: str, err: str, code: int, env: dict, killed: float) -> None:
+    """The two-node run whose second node was killed at ``killed`` (see the test above)."""
+    assert code == 0, out + err
+    run = tmp_path / "run"
+    assert (run / "classifier" / "oof.csv").is_file() and (run / "yolo" / "oof.csv").is_file()
+    jobs = jobs_table(run)
+    lost = jobs[jobs["exit_code"] == -1]
+    assert len(lost) >= 1 and (lost["verb"] == "train").all(), jobs
+    assert (lost["host"] != "").all() and (lost["node"] != "").all() and (lost["cards"] != "").all(), lost
+    assert lost["start"].notna().all()
+    assert jobs["node"].replace("", None).dropna().nunique() == 2, jobs  # both nodes ran jobs
+    for _, row in lost.iterrows():  # the retry: a later attempt of the same job, on the other node, resumed
+        retry = jobs[(jobs["model"] == row["model"]) & (jobs["fold"] == row["fold"]) & (jobs["verb"] == "train")
+                     & (pd.to_numeric(jobs["attempt"]) > int(row["attempt"]))]
+        assert len(retry) == 1 and retry["exit_code"].iloc[0] == 0 and retry["node"].iloc[0] != row["node"], jobs
+        assert "resuming from step" in (tmp_path / retry["log"].iloc[0]).read_text()
+        assert f"{row['model']} fold {row['fold']}: attempt {row['attempt']} on" in out, out
+    # nothing trained on on the dead node once the retry began (a job's processes die with their Ray worker)
+    retried = jobs[(jobs["node"] != "") & (jobs["verb"] == "train") & (pd.to_numeric(jobs["attempt"]) > 1)]
+    first_retry = retried["start"].min().timestamp()
+    last_step = max(float(line.split("|")[4]) for line in (run / "steps.txt").read_text().splitlines()
+                    if line.split("|")[2] == "second")
+    assert last_step < min(first_retry, killed + 1), f"the dead node trained on {last_step - killed:.1f} s after the kill"
+    probes = pd.read_csv(run / "env.txt", sep="|", names=["model", "fold", "verb", "node", *ENV_PROBES], dtype=str,
+                         keep_default_na=False)
+    jobs_env = probes[probes["verb"] != "merge"]
+    assert set(jobs_env["node"]) == {"head", "second"}, probes
+    assert (jobs_env[ENV_PROBES] == pd.Series(env)).all().all(), jobs_env
+    assert "(raylet)" not in out + err and "marked dead" not in out + err, out + err
+    assert "marked dead" in (run / "logs" / "ray.log").read_text()  # Ray's own account, kept
+    # CPU share on a cluster node: the node's cores over its 2 cards, as many threads, said in the log header
+    trace = pd.read_csv(run / "trace.txt", sep="|", names=["model", "fold", "verb", "cards", "threads", "cores"], dtype=str)
+    work = trace[trace["verb"] != "merge"]
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert (work["cores"].str.split().str.len() == share).all() and (work["threads"] == str(share)).all(), work
+    header = (tmp_path / jobs.loc[jobs["verb"] == "train", "log"].iloc[0]).read_text().splitlines()[0]
+    assert "its share of this node's" in header and "over 2 card(s)" in header, header
+    assert "jobs: 6 done, 0 failed, 0 running, 0 waiting" in out, out
+
+
+def test_interrupted_run_keeps_its_rows(tmp_path: Path, stand_in: list[str]) -> None:
+    """Ctrl-C while jobs run: exit 130, and each stopped job is a jobs.csv row (exit 130, host, cards, start, its
+    log); a re-run resumes them from their checkpoints as attempt 2."""
+    driver = subprocess.Popen([sys.executable, "-m", "models.scheduler", *stand_in, "--models", "effdet",
+                               "--devices", "0,1", "--set", "sleep=1"], cwd=tmp_path,
+                              env={**os.environ, **LOCAL_RAY_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps, deadline = tmp_path / "run" / "steps.txt", time.time() + 120
+    while not (steps.is_file() and len(steps.read_text().splitlines()) >= 2):
+        assert driver.poll() is None and time.time() < deadline, "no job started"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "interrupted: running jobs stopped" in err, out + err
+    jobs = jobs_table(tmp_path / "run")
+    stopped = jobs[jobs["exit_code"] == 130]
+    assert len(stopped) >= 1 and (stopped["host"] == socket.gethostname()).all() and (stopped["cards"] != "").all()
+    assert all((tmp_path / log).is_file() for log in stopped["log"]), stopped
+    again = schedule(tmp_path, *stand_in, "--models", "effdet", "--devices", "0,1", "--set", "sleep=1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = jobs_table(tmp_path / "run").iloc[len(jobs):]
+    for _, row in stopped.iterrows():
+        train = resumed[(resumed["fold"] == row["fold"]) & (resumed["verb"] == "train")]
+        assert train["attempt"].tolist() == ["2"] and "resuming from step" in (tmp_path / train["log"].iloc[0]).read_text()
+
+
+def test_jobs_get_what_the_makefile_exports() -> None:
+    """Every variable the Makefile exports reaches the jobs on every node (the scheduler's runtime_env), even
+    where the driver's environment lacks it (the offline defaults)."""
+    exported = re.findall(r"^export (\w+)", (REPO / "Makefile").read_text(), flags=re.M)
+    assert exported
+    saved = {k: os.environ.pop(k) for k in exported if k in os.environ}
+    try:
+        assert set(exported) <= set(job_env()), set(exported) - set(job_env())
+    finally:
+        os.environ.update(saved)
 
 
 def test_make_routes_oof_and_all_oof_through_the_scheduler() -> None:
