@@ -52,6 +52,8 @@ DEVICES ?=
 GPUS    ?=
 GPUS_PER_JOB ?=
 RAY_ADDRESS  ?=
+# RETRIES=N: further attempts of a scheduler job whose node or Ray worker died (default 2)
+RETRIES ?=
 SCHEDULE = $(or $(DEVICES),$(GPUS),$(RAY_ADDRESS))
 # SET="epochs=5 imgsz=512" overrides profile fields (python -m models ... --set)
 SET     ?=
@@ -69,7 +71,7 @@ ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --d
 SCHEDULER = $(strip $(PY) -m models.scheduler --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN) \
   $(if $(SETS),--set $(SETS)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
   $(if $(GPUS),--gpus $(GPUS)) $(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) \
-  $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(if $(FORCE),--force) --models)
+  $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(if $(RETRIES),--retries $(RETRIES)) $(if $(FORCE),--force) --models)
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
 # allows: proof that nothing downloads. Elsewhere they run as they are.
 OFFLINE := $(shell unshare -n ip link set lo up 2>/dev/null && echo yes)
@@ -105,6 +107,7 @@ help: ## list the targets and the variables
 	  "MODELS=" "members of the ensemble: yolo yolo@s640 demo:detectron (default all detectors); EXCLUDE=, EXTRA=name=path" \
 	  "DEVICE=" "card(s) of train / predict / oof: 1, or 0,1,2,3 (one job, 4 cards), or cpu" \
 	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
+	  "RETRIES=" "scheduler: further attempts of a job whose node or Ray worker died (default 2)" \
 	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)" \
 	  "RUNS_ARGS=" "make runs: --sort COLUMN, --json, --diff RUN_A RUN_B"
 

@@ -64,7 +64,7 @@ DESCENDING = (*FIGURES, "date")  # best / longest / newest first
 NOT_MEMBERS = frozenset({"ensemble", "logs", "prior_boxes"})
 # Where a job runs, not what it trains (the same keys models.__main__.WHERE_IT_RUNS frees; not imported
 # from there because that module pulls in the adapters' shared code): never a "setting" here.
-WHERE_IT_RUNS = frozenset({"device", "gpus", "workers"})
+WHERE_IT_RUNS = frozenset({"device", "gpus", "workers", "checkpoint_minutes"})
 INPUT_KEYS = ("data", "labels_sha256", "folds", "folds_sha256", "split_sha256")  # inputs.json keys the diff compares
 HONEST = ("fold_mean is the figure to trust: each fold's images scored alone by the model that did not train on "
           "them, then averaged (for an ensemble set: nested OOF mAP, tuned without fold k and scored on fold k); "
@@ -470,7 +470,7 @@ def diff_runs(runs_dir: Path, a: str, b: str, rows: list[dict]) -> list[dict]:
 
 def diff_text(a: str, b: str, lines: list[dict]) -> str:
     head = (f"diff {a} vs {b}: settings from each member's first fold config.yaml and inputs.json (only keys that "
-            f"differ; device, gpus, workers left out), ensemble sets' fusion and gate; figures side by side")
+            f"differ; device, gpus, workers, checkpoint_minutes left out), ensemble sets' fusion and gate; figures side by side")
     if not lines:
         return head + "\n(neither run has a member)"
     cells = [[line["member"], line["what"], _short(line["a"], 40), _short(line["b"], 40)] for line in lines]

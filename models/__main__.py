@@ -261,7 +261,7 @@ def config_text(model: str, cfg: object) -> str:
         lines.append(f"# {passthrough}")
     only = sorted(getattr(adapter, "PREDICT_ONLY", ()))
     if only:
-        lines.append(f"# may change at predict time: {', '.join(only)} (and device, gpus, workers)")
+        lines.append(f"# may change at predict time: {', '.join(only)} (and {', '.join(sorted(WHERE_IT_RUNS))})")
     for key, type_, meaning in describe(adapter.Config, VOCABULARY):
         value = yaml.safe_dump({key: values[key]}, default_flow_style=True, width=10**6, sort_keys=False).strip()[1:-1]
         lines.append(f"{value}  # {type_}" + (f"; {meaning}" if meaning else ""))

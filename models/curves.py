@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -92,13 +92,18 @@ class Progress:
         self.started = self.shown = 0.0
         self.epoch = 0
         self.loss_sum, self.n = 0.0, 0
+        self.on_step: Callable[[int], None] | None = None  # called with the steps done (a mid-epoch checkpoint)
 
-    def start(self, epoch: int) -> None:
+    def start(self, epoch: int, steps: int | None = None) -> None:
+        """A new epoch (``steps``: its micro-batches, fewer in an epoch resumed in the middle)."""
         self.epoch, self.loss_sum, self.n = epoch, 0.0, 0
+        self.steps = max(1, steps) if steps is not None else self.steps
         self.started = self.shown = time.perf_counter()
 
     def step(self, loss: float) -> None:
         self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+        if self.on_step is not None:
+            self.on_step(self.n)
         now = time.perf_counter()
         if self.enabled and (now - self.shown >= self.every_s or self.n == self.steps):
             self.shown = now

@@ -12,7 +12,7 @@ Files a member keeps beside its fold folders (each written atomically; the other
 
 ``member.yaml``
     ``{family, variant, profile, set}``: the settings that make this member, beyond its profile (``set``
-    never holds where a job runs: device, gpus, workers). Later commands without ``SET`` use them, so
+    never holds where or how a job runs: device, gpus, workers, checkpoint_minutes). Later commands without ``SET`` use them, so
     ``make submission`` rebuilds a variant as it was made; a ``SET`` changes the keys it names.
 ``fold<k>/inputs.json``
     What fold k was trained on: the data folder, a hash of its labels, its image size, the fold file and
@@ -45,9 +45,10 @@ INPUTS_FILE = "inputs.json"
 SCORES_FILE = "scores.json"
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # cxr.args.PLAIN_NAME_RE: no '/', no '..' at the start, no spaces
 MEMBER_RE = re.compile(rf"(?:(?P<run>{_NAME}):)?(?P<family>[A-Za-z0-9_]+)(?:@(?P<variant>{_NAME}))?")
-# Keys that say where a job runs, not what it trains: a fold may resume on another machine or card count
-# (the LR rule keeps the nominal batch across card counts, models.common.scale_for_gpus).
-WHERE_IT_RUNS = frozenset({"device", "gpus", "workers"})
+# Keys that say where and how a job runs, not what it trains: a fold may resume on another machine or card
+# count (the LR rule keeps the nominal batch across card counts, models.common.scale_for_gpus), with
+# checkpoints written more or less often.
+WHERE_IT_RUNS = frozenset({"device", "gpus", "workers", "checkpoint_minutes"})
 
 
 @dataclass(frozen=True)

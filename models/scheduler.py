@@ -5,7 +5,7 @@ What ``make oof``, ``make all-oof`` and ``make pipeline`` run when ``DEVICES``, 
 
     python -m models.scheduler --models yolo classifier --data D --folds F --run-dir R [--profile P]
         [--set K=V ...] [--fold-fusion K=V ...] [--devices 0,1,2,3 | --gpus N] [--gpus-per-job G]
-        [--address host:port]
+        [--address host:port] [--retries N]
 
 Contract:
 
@@ -19,11 +19,14 @@ Contract:
 - Local (no ``--address``): a private Ray instance on loopback (nothing leaves the machine) with one
   logical GPU per card of ``--devices`` (``--gpus N``: cards 0..N-1); Ray's logical GPU i is the
   i-th card of that list. On a machine without GPUs the cards are just slots, which is how the tests
-  run it. Each card has an equal share of the CPU cores: a job runs pinned to its cards' cores, with
-  ``OMP_NUM_THREADS`` = their number unless it is set.
+  run it.
 - ``--address host:port``: the same jobs on an existing Ray cluster (``ray start`` on every node).
   Every node needs the repo checkout at the same path, the same venv, and DATA, the fold file and the
-  run dir on a shared filesystem. ``--gpus N`` there checks that the cluster has N cards.
+  run dir on a shared filesystem. A cluster with fewer cards than ``--gpus`` runs on what it has, with
+  a warning.
+- Every job gets this process's settings on every node (Ray's runtime_env: ``JOB_ENV``), and runs on
+  its cards' share of its node's CPU cores (the node's cores split evenly over its cards) with
+  ``OMP_NUM_THREADS`` = their number unless it is set.
 - ``--models`` takes members (``yolo``, ``yolo@s640``: ``models/members.py``); a variant's jobs get
   ``--variant``. Before any job, each member's ``check`` verb compares its trained folds' saved
   settings and inputs with what is asked (``--force``: clears the ones that differ), as ``make oof``
@@ -31,12 +34,17 @@ Contract:
 - A fold whose ``oof.csv`` exists and is not older than the fold file is finished and skipped; a
   model is merged when all its folds are finished and its ``oof.csv`` is missing or older than one
   of theirs (the Makefile's rules).
-- Each verb of a job logs to ``RUN/logs/MODEL_foldK_VERB.log`` (``MODEL_merge.log``) and is one row
-  of ``RUN/jobs.csv`` (model, fold, verb, cards, host, start, end, exit_code, log), written atomically
-  after every job; the rows of earlier runs are kept. Progress lines show jobs done / running /
-  waiting with an ETA from the mean job time.
-- A failed job is reported with its log (path and last lines) and the other jobs go on; a model with
-  a failed fold is not merged; the exit code is then 1. Bad input is one ``error: ...`` line, exit 2.
+- Faults: a job whose node or Ray worker dies is retried by Ray (``--retries``, default 2) on any free
+  cards and resumes from the fold's last checkpoint; its processes die with their worker. A job whose
+  verb exits non-zero is reported with its log (path and last lines) and not retried; the other jobs go
+  on; a model with a failed fold is not merged, and the exit code is then 1. After the jobs, every
+  fold output the merge needs must be visible here: a missing or stale one is named with the host that
+  ran it, exit 1. Bad input is one ``error: ...`` line, exit 2.
+- Evidence: attempt N of a job logs each verb to ``RUN/logs/MODEL_foldK_VERB.N.log`` and is rows of
+  ``RUN/jobs.csv`` (``JOB_COLUMNS``), written atomically as each job ends; a lost attempt's rows have
+  exit code -1 and where it ran, Ctrl-C's 130; the rows of earlier runs are kept. Ray's own messages go to
+  ``RUN/logs/ray.log``. Progress lines show jobs done / failed / running / waiting with an ETA from
+  the mean job time.
 """
 from __future__ import annotations
 

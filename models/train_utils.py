@@ -123,19 +123,32 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """A ``DistributedSampler`` on every world size (one rank too): each epoch's order is a function of the
+    seed and the epoch alone (``set_epoch``), so a run resumed in the middle of an epoch sees that epoch's
+    order again and ``skip`` (samples of this rank, for the resumed epoch only) leaves out what it had done."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 def train_loader(ds: torch.utils.data.Dataset, batch: int, workers: int, seed: int, dev: str,
                  collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
-    """The training loader of one rank. Several ranks: a ``DistributedSampler`` gives each a disjoint
-    shard, reshuffled every epoch (``set_epoch``); the tail that does not divide is dropped, so shards
-    never overlap. The loader's generator (``seed + rank``) draws the shuffle and the workers' seeds
+    """The training loader of one rank. An :class:`EpochSampler` shuffles every epoch from the seed and
+    the epoch; with several ranks each gets a disjoint shard and the tail that does not divide is dropped,
+    so shards never overlap. The loader's generator (``seed + rank``) draws the workers' seeds
     (:func:`seed_worker`), so ranks augment differently and a run repeats. ``ds.transform`` is an
     albumentations pipeline (seeded here for ``workers=0``)."""
     rank, world = rank_world()
-    sampler = (torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                                   drop_last=True) if world > 1 else None)
+    sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=world > 1)
     ds.transform.set_random_seed(seed + rank)  # without workers; with workers seed_worker reseeds each copy
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        ds, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         drop_last=len(ds) // world > batch, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + rank),
         pin_memory=dev.startswith("cuda"), persistent_workers=workers > 0)
 
@@ -219,6 +232,11 @@ class Stepper:
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
+    @property
+    def between_updates(self) -> bool:
+        """No micro-batch waits for its update: a checkpoint here loses nothing."""
+        return self._pending == 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "updates": self.updates}
@@ -247,24 +265,31 @@ def seed_worker(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, stepper: Stepper, epoch: int, best: float, log: list[dict]) -> None:
-    """``last.pt``: everything :func:`resume` needs, written atomically (a kill never leaves half a file)."""
+def save_checkpoint(path: Path, model: torch.nn.Module, stepper: Stepper, epoch: int, best: float, log: list[dict],
+                    step: int = 0) -> None:
+    """``last.pt``: everything :func:`resume` needs, written atomically (a kill never leaves half a file).
+    ``epoch``: the last epoch done (0-based; -1: none); ``step``: micro-batches of this rank done in the
+    next epoch (a mid-epoch checkpoint, :class:`MidEpochCheckpoints`)."""
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), **stepper.state_dict(), "epoch": epoch, "best": best, "log": log}, tmp)
+        torch.save({"model": model.state_dict(), **stepper.state_dict(), "epoch": epoch, "best": best, "log": log,
+                    "step": step}, tmp)
 
 
-def resume(path: Path, model: torch.nn.Module, stepper: Stepper, device: str) -> tuple[int, float, list[dict]]:
-    """(first epoch to run, best score so far, log) from ``path``; (0, -inf, []) when there is none."""
+def resume(path: Path, model: torch.nn.Module, stepper: Stepper, device: str) -> tuple[int, float, list[dict], int]:
+    """(first epoch to run, best score so far, log, micro-batches of that epoch already done) from ``path``;
+    (0, -inf, [], 0) when there is none."""
     if not path.exists():
-        return 0, -math.inf, []
+        return 0, -math.inf, [], 0
     ckpt = torch.load(path, map_location=device, weights_only=False)
     if "updates" not in ckpt:
         raise DataError(path, "checkpoint written by an older version of this loop: delete it (or the fold folder) "
                               "to train this fold again")
     model.load_state_dict(ckpt["model"])
     stepper.load_state_dict(ckpt)
-    print(f"resuming from epoch {ckpt['epoch'] + 1} ({path}, {stepper.updates} updates done)")
-    return ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
+    step = ckpt.get("step", 0)
+    where = f"in epoch {ckpt['epoch'] + 2} after step {step}" if step else f"after epoch {ckpt['epoch'] + 1}"
+    print(f"resuming {where} ({path}, {stepper.updates} updates done)")
+    return ckpt["epoch"] + 1, ckpt["best"], ckpt["log"], step
 
 
 def augmentations(cfg: Any) -> list[A.BasicTransform]:
@@ -285,24 +310,42 @@ def validates(cfg: Any, epoch: int) -> bool:
 def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoader, network: torch.nn.Module,
                stepper: Stepper, train_epoch: Callable[[int, Progress], float],
                validate: Callable[[torch.nn.Module], tuple[float, float]],
-               resumed: tuple[int, float, list[dict]]) -> None:
+               resumed: tuple[int, float, list[dict], int]) -> None:
     """The epoch loop of a hand-written loop, on every rank, from :func:`resume`'s ``resumed``.
 
     ``train_epoch(epoch, progress)`` trains one epoch of this rank's shard (calling ``progress.step``
     per micro-batch) and returns the mean loss over every rank; ``validate(model)`` returns
     (validation loss, ``score``) of the final-weights model (the EMA where there is one), the same on
     every rank. Rank 0 alone writes: the curves (``metrics.csv``; ``seconds``: the epoch's training and
-    validation, as the other models count it), ``best.pt when ``score`` beats the best so far, ``last.pt``, and
-    at the end ``weights.pt`` (the final weights)."""
+    validation, as the other models count it), ``best.pt when ``score`` beats the best so far, ``last.pt`` at
+    every epoch's end and, with ``cfg.checkpoint_minutes``, within an epoch every that many minutes (at an
+    optimizer update's boundary), and at the end ``weights.pt`` (the final weights). A run resumed within an
+    epoch does that epoch's remaining micro-batches in the same order (:class:`EpochSampler`); its
+    ``train_loss`` is their mean."""
     rank, world = rank_world()
-    start, best, log = resumed
+    start, best, log, step = resumed
     curves = Curves(out, log) if rank == 0 else None
     progress = Progress(cfg.epochs, len(loader), cfg.batch * world, enabled=rank == 0)
+    every = 60.0 * getattr(cfg, "checkpoint_minutes", 0.0)
+    saved = time.perf_counter()
+
+    def mid_epoch(epoch: int, skip: int, n: int) -> None:
+        """After micro-batch ``n`` of this session's part of ``epoch`` (the epoch's last: its own save follows)."""
+        nonlocal saved
+        if (curves is not None and every and n < progress.steps and stepper.between_updates
+                and time.perf_counter() - saved >= every):
+            done = skip + n
+            save_checkpoint(out / "last.pt", network, stepper, epoch - 1, best, curves.log, step=done)
+            saved = time.perf_counter()
+            print(f"checkpoint: epoch {epoch + 1} after step {done} ({out / 'last.pt'})", flush=True)
+
     try:
         for epoch in range(start, cfg.epochs):
-            if world > 1:
-                loader.sampler.set_epoch(epoch)
-            progress.start(epoch)
+            skip = step if epoch == start else 0
+            loader.sampler.skip = skip * cfg.batch
+            loader.sampler.set_epoch(epoch)
+            progress.start(epoch, len(loader))
+            progress.on_step = lambda n, epoch=epoch, skip=skip: mid_epoch(epoch, skip, n)
             started = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_epoch(epoch, progress), "val_loss": None,
                                    score: None, "lr": stepper.lr(), "seconds": None}
@@ -314,6 +357,8 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
                     best = save_if_best(out, stepper.final_model(), row[score], best)
                 curves.add(row)
                 save_checkpoint(out / "last.pt", network, stepper, epoch, best, curves.log)
+                saved = time.perf_counter()
+            loader.sampler.skip = 0
         if rank == 0:
             finish(out, stepper.final_model())
     finally:

@@ -96,7 +96,7 @@ def test_resume_after_kill(tiny_folds, tmp_path, capsys):
     before = pd.read_csv(out / "metrics.csv")
     capsys.readouterr()
     main(argv)
-    assert "resuming from epoch" in capsys.readouterr().out
+    assert "resuming after epoch" in capsys.readouterr().out
     after = pd.read_csv(out / "metrics.csv")
     assert after["epoch"].tolist() == [1, 2, 3] and after.iloc[:len(before)].equals(before)
 

@@ -185,26 +185,28 @@ def test_opts_reach_detectron2_and_are_checked(tiny, tmp_path, capsys):
 
 
 def test_resume_after_kill(tiny, tmp_path):
-    """Kill once a checkpoint is complete (detectron2 names it in last_checkpoint after writing it, at the
-    first epoch's end); the rerun continues from that checkpoint and ends after the last epoch, with one
-    metrics.csv row per epoch. Its console: the epoch lines without `nan` (epoch 2 does not validate), and
-    the network's printout in model.txt, not on the console."""
-    argv = args("train", tiny, "--set", *FAST, "epochs=3", "validate_every=3", run=tmp_path)
+    """checkpoint_minutes ~ 0: a timed checkpoint after every iteration, also within an epoch (detectron2's own
+    checkpointer counts iterations). Kill once one is complete (detectron2 names it in last_checkpoint after
+    writing it); the rerun continues from that checkpoint and ends after the last epoch, with one metrics.csv
+    row per epoch and no timed checkpoint left. Its console: the epoch lines without `nan` (epoch 2 does not
+    validate), and the network's printout in model.txt, not on the console."""
+    argv = args("train", tiny, "--set", *FAST, "epochs=3", "validate_every=3", "checkpoint_minutes=0.00001", run=tmp_path)
     out = tmp_path / "detectron" / "fold0"
     pointer = out / "train" / "last_checkpoint"
     kill_when(argv, pointer.exists)
     checkpoint = pointer.read_text().strip()
-    assert checkpoint.startswith("model_0") and not (out / "weights.pth").exists()
+    assert checkpoint == "model_timed.pth" and not (out / "weights.pth").exists()
     done = subprocess.run([sys.executable, "-m", "models", *argv], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
     assert "Loading from" in log and checkpoint in log, log[-3000:]  # resumed from that checkpoint
-    assert (out / "weights.pth").exists()
+    assert (out / "weights.pth").exists() and not (out / "train" / "model_timed.pth").exists()
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
-    assert [line.split()[1] for line in epoch_lines] == ["2", "3"] and "val_map" in epoch_lines[1], epoch_lines
+    assert [line.split()[1] for line in epoch_lines][-2:] == ["2", "3"] and "val_map" in epoch_lines[-1], epoch_lines
     assert not any("nan" in line for line in epoch_lines), epoch_lines
     assert "Model:" not in log and f"layers in {out / 'model.txt'}" in done.stdout
+    assert "and every 1e-05 min" in done.stdout
     assert "Warning" not in done.stderr, done.stderr[-3000:]  # pkg_resources, torch.jit.script, torch.meshgrid
 
 

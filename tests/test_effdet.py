@@ -182,7 +182,7 @@ def test_resume_after_kill(tiny_folds, tmp_path, capsys):
     capsys.readouterr()
     main(argv)
     printed = capsys.readouterr().out
-    assert "resuming from epoch 1" in printed and "epoch 1 train_loss" not in printed
+    assert "resuming after epoch 1" in printed and "epoch 1 train_loss" not in printed
     after = pd.read_csv(out / "metrics.csv")
     assert after["epoch"].tolist() == [1, 2] and after.iloc[:1].equals(before)
 

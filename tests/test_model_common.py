@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +17,8 @@ from cxr.data import DataFolder
 from cxr.io import DataError
 from cxr.wbf import flip_boxes, fuse_predictions
 from models.common import load_efficientnet_lite0, predict_split, read_state_dict, validation_map
-from models.train_utils import Stepper, cosine_schedule, make_optimizer, resume, save_checkpoint
+from models.train_utils import (Stepper, cosine_schedule, make_optimizer, microbatches, resume, run_epochs, save_checkpoint,
+                                train_loader)
 
 B = ["x_min", "y_min", "x_max", "y_max"]
 
@@ -142,8 +145,8 @@ def test_resume_restores_model_ema_optimizer_schedule_and_scaler(tmp_path):
     save_checkpoint(tmp_path / "last.pt", model, st, epoch=0, best=0.5, log=[{"epoch": 1}])
 
     fresh, st2 = _stepper(amp=True, name="adamw", lr=0.01)
-    assert resume(tmp_path / "missing.pt", fresh, st2, "cpu") == (0, -math.inf, [])
-    assert resume(tmp_path / "last.pt", fresh, st2, "cpu") == (1, 0.5, [{"epoch": 1}])
+    assert resume(tmp_path / "missing.pt", fresh, st2, "cpu") == (0, -math.inf, [], 0)
+    assert resume(tmp_path / "last.pt", fresh, st2, "cpu") == (1, 0.5, [{"epoch": 1}], 0)
     assert st2.updates == 3 and st2.scaler.get_scale() == 1024.0
     assert st2.sched.state_dict() == st.sched.state_dict()
     for a, b in zip(st.ema.module.state_dict().values(), st2.ema.module.state_dict().values()):
@@ -157,6 +160,68 @@ def test_resume_restores_model_ema_optimizer_schedule_and_scaler(tmp_path):
     assert st2.lr() == st.lr() > 0
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+class _Points(torch.utils.data.Dataset):
+    """24 fixed (x, y) pairs with the albumentations ``transform`` the training loader seeds."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y, self.transform = torch.randn(24, 3, generator=g), torch.randn(24, generator=g), A.Compose([])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train(out: Path, stop_at: tuple[int, int] | None = None) -> list[int]:
+    """3 epochs of 6 micro-batches (accumulate 2, EMA) through run_epochs with a checkpoint at every update
+    boundary (checkpoint_minutes ~ 0); ``stop_at=(epoch, step)``: raise after that micro-batch, as a kill would.
+    Returns the samples trained on, in order."""
+    cfg = argparse.Namespace(epochs=3, batch=4, validate_every=1, checkpoint_minutes=1e-9)
+    model, st = _stepper(accumulate=2, ema=0.9)
+    st.sched = cosine_schedule(st.opt, epochs=3, updates=3, warmup_epochs=0.5)
+    ds = _Points()
+    loader = train_loader(ds, cfg.batch, 0, seed=0, dev="cpu")
+    seen: list[int] = []
+
+    def epoch_fn(epoch, progress):
+        model.train()
+        for i, ((x, y), last) in enumerate(microbatches(loader)):
+            seen.extend(int((ds.x == row).all(1).nonzero()) for row in x)
+            st.step(_loss(model, x, y), last, epoch)
+            progress.step(0.0)
+            if stop_at == (epoch, i + 1):
+                raise _Stop
+        return 0.0
+
+    run_epochs(cfg, out, "val_map", loader, model, st, epoch_fn, lambda m: (0.0, 0.0), resume(out / "last.pt", model, st, "cpu"))
+    return seen
+
+
+def test_a_job_killed_mid_epoch_resumes_to_the_weights_of_one_never_stopped(tmp_path, capsys):
+    """checkpoint_minutes: last.pt within an epoch, only between optimizer updates (accumulate 2); a run
+    stopped in epoch 2 after micro-batch 3 resumes after micro-batch 2 (the last update), does the rest of
+    that epoch in the same order, and ends with the same weights and EMA as a run never stopped."""
+    whole = _train(tmp_path / "whole")
+    with pytest.raises(_Stop):
+        _train(tmp_path / "cut", stop_at=(1, 3))
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["updates"]) == (0, 2, 4)  # epoch 1 done, 2 micro-batches of epoch 2
+    capsys.readouterr()
+    rest = _train(tmp_path / "cut")
+    assert "resuming in epoch 2 after step 2" in capsys.readouterr().out
+    assert rest == whole[6 * 4 + 2 * 4:]  # the same samples in the same order from micro-batch 3 of epoch 2 on
+    for name in ("weights.pt", "last.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=False)["model"] for run in ("whole", "cut"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], msg=f"{name} {key}")
 
 
 def test_ema_follows_the_weights():

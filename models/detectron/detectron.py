@@ -123,6 +123,7 @@ class Config:
         default_factory=lambda: [0.7, 0.9])  # LR x 0.1 at these fractions of the run's iterations
     validate_every: Count = 1
     checkpoint: Literal["last", "best"] = "last"
+    checkpoint_minutes: NonNegativeFloat = 30.0  # also a last.pt within an epoch every N minutes of training (0: off)
     anchor_sizes: list[Count] = field(
         default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side (network px) per FPN level P2..P6
     fpn_channels: Count = 256  # FPN output channels
@@ -437,12 +438,30 @@ class ValidationHook(HookBase):
         return float(sums[0] / max(sums[1], 1)), float(m)
 
 
+class TimedCheckpointer(HookBase):
+    """A checkpoint every ``minutes`` of training, also within an epoch (detectron2's own checkpointer counts
+    iterations only): ``train/model_timed.pth``, overwritten each time, with ``train/last_checkpoint``
+    pointing at it, so a killed job resumes from it (``resume_or_load``: the model, optimizer, schedule,
+    iteration and the validation hook's rows). Its data loader restarts its seeded stream on resume."""
+
+    def __init__(self, checkpointer: Any, minutes: float):
+        self.checkpointer, self.every, self.saved = checkpointer, 60.0 * minutes, time.perf_counter()
+
+    def after_step(self) -> None:
+        it = self.trainer.iter
+        if time.perf_counter() - self.saved >= self.every and it + 1 < self.trainer.max_iter:
+            self.checkpointer.save("model_timed", iteration=it)
+            self.saved = time.perf_counter()
+
+
 class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer`` fed with our records and :class:`Mapper`, with our hooks."""
 
-    def __init__(self, d2: CfgNode, train_records: list[dict], mapper: Mapper, validation: ValidationHook | None):
+    def __init__(self, d2: CfgNode, train_records: list[dict], mapper: Mapper, validation: ValidationHook | None,
+                 checkpoint_minutes: float = 0.0):
         # read by build_train_loader / build_hooks, which DefaultTrainer.__init__ calls
         self.train_records, self.mapper, self.validation = train_records, mapper, validation
+        self.checkpoint_minutes = checkpoint_minutes
         super().__init__(d2)
 
     @classmethod
@@ -466,14 +485,16 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self) -> list[HookBase]:
         """Timer, LR schedule, validation (and the epoch's curves row), the latest epoch checkpoint only
-        (+ model_final), writers. Validation runs before the checkpoint, so the checkpoint holds the epoch's
-        row and best score (a run resumed from it neither loses nor repeats an epoch's row), and before the
-        writers, so its scalars reach metrics.json and TensorBoard."""
+        (+ model_final), a timed one within epochs (:class:`TimedCheckpointer`), writers. Validation runs
+        before the checkpoint, so the checkpoint holds the epoch's row and best score (a run resumed from it
+        neither loses nor repeats an epoch's row), and before the writers, so its scalars reach metrics.json
+        and TensorBoard."""
         main = comm.is_main_process()
         keep_last = hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=1)
+        timed = [TimedCheckpointer(self.checkpointer, self.checkpoint_minutes)] if main and self.checkpoint_minutes else []
         writer = hooks.PeriodicWriter(self.build_writers(), period=20)
         return [hooks.IterationTimer(), hooks.LRScheduler(), *([self.validation] if self.validation is not None else []),
-                *([keep_last] if main else []), *([writer] if main else [])]
+                *([keep_last] if main else []), *timed, *([writer] if main else [])]
 
     def build_writers(self):
         """Console, ``train/metrics.json`` and detectron2's TensorBoard events (every loss term) in ``train/``."""
@@ -500,7 +521,7 @@ def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int,
         torch.backends.cudnn.benchmark = True  # every image is imgsz x imgsz: tune the kernels once
     seed_all_rng(cfg.seed + comm.get_rank())  # what detectron2's default_setup would do with SEED: same init, same run
     validation = ValidationHook(cfg, data, val_ids, per_epoch, out, decode_workers(cfg.workers, d2.MODEL.DEVICE))
-    trainer = Trainer(d2, train_records, Mapper(cfg, train=True), validation)
+    trainer = Trainer(d2, train_records, Mapper(cfg, train=True), validation, cfg.checkpoint_minutes)
     trainer.resume_or_load(resume=True)  # continues from train/last_checkpoint after a kill
     if trainer.start_iter == 0 and cfg.weights:  # a fresh run starts from the profile's checkpoint
         load_weights(trainer.checkpointer.model, cfg.weights, log=print if main else lambda _: None)
@@ -510,7 +531,8 @@ def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int,
               f"{world} = {s.BASE_LR:g} (linear scaling rule); {len(train_records)} training images = {per_epoch} "
               f"iterations per epoch x {cfg.epochs} epochs = {s.MAX_ITER} iterations; warmup {s.WARMUP_ITERS}, "
               f"LR x 0.1 at {list(s.STEPS)}; validation every {cfg.validate_every} epoch(s) and at the end, a "
-              f"checkpoint every epoch; {d2.DATALOADER.NUM_WORKERS} loader workers per rank", flush=True)
+              f"checkpoint every epoch{f' and every {cfg.checkpoint_minutes:g} min' if cfg.checkpoint_minutes else ''}; "
+              f"{d2.DATALOADER.NUM_WORKERS} loader workers per rank", flush=True)
         save(cfg, out / "config.yaml")  # only now that training really starts
         with atomic_path(out / "detectron2.yaml") as tmp:
             tmp.write_text(d2.dump())
@@ -538,8 +560,8 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
     model = torch.load(train_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     with atomic_path(final) as tmp:
         torch.save({"model": model}, tmp)
-    for periodic in train_dir.glob("model_[0-9]*.pth"):  # model_final.pth is the last checkpoint now
-        periodic.unlink()
+    for periodic in [*train_dir.glob("model_[0-9]*.pth"), *train_dir.glob("model_timed.pth")]:
+        periodic.unlink()  # model_final.pth is the last checkpoint now
     return final
 
 
