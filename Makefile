@@ -15,6 +15,12 @@ NAME    ?= demo
 ifneq ($(shell printf '%s' '$(subst ','_,$(NAME))' | grep -xE '[A-Za-z0-9_][A-Za-z0-9_.-]*'),$(if $(NAME),$(NAME),-))
 $(error NAME='$(NAME)' is not a plain name: letters, digits, '_', '-', '.', not starting with '.' or '-' (no '/', '..' or spaces))
 endif
+# A lower-case variable on the command line is a profile key written the ultralytics way (make train epochs=2):
+# make would ignore it silently, so it stops here and names SET
+LOWER_VARS := $(shell printf '%s\n' $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))) | grep '^[a-z]')
+ifneq ($(LOWER_VARS),)
+$(error $(firstword $(LOWER_VARS))=$($(firstword $(LOWER_VARS))) is not a make variable: profile settings go in SET, e.g. SET="$(foreach v,$(LOWER_VARS),$(v)=$($(v)))" (make config MODEL=... SET=... shows the result))
+endif
 # N_FOLDS: folds of a NEW fold file (default: 3 for the synthetic demo data, to fit 2 CPU cores, else 5; cxr
 # folds decides from the data, never from NAME). Every target reads the fold ids from the fold file itself.
 N_FOLDS ?=
@@ -64,12 +70,17 @@ DEVICE_CARDS = $(filter-out cpu,$(DEVICE))
 DEVICE_N = $(words $(subst $(comma), ,$(DEVICE_CARDS)))
 # one --set list (a second --set would replace the first): SET, then what DEVICE implies
 SETS = $(strip $(SET) $(if $(filter cpu,$(DEVICE)),device=cpu,$(if $(filter-out 0 1,$(DEVICE_N)),gpus=$(DEVICE_N))))
+# a SET word with shell syntax in it (a YAML flow value, written without spaces: train_args={"mixup":0.1},
+# opts=[MODEL.RPN.NMS_THRESH,"0.6"]) reaches python as written: single-quoted for the recipe's shell
+SHELL_CHARS := { } [ ] " * ? ; & < > | ! ~
+QUOTE_WORDS = $(foreach w,$(1),$(if $(strip $(foreach c,$(SHELL_CHARS),$(findstring $(c),$(w)))),'$(w)',$(w)))
+SET_ARGS = $(call QUOTE_WORDS,$(SETS))
 # $(call ADAPTER,verb[,cards]): one verb of MODEL's adapter
 ADAPTER = $(if $(2),CUDA_VISIBLE_DEVICES=$(2) )$(PY) -m models $(MODEL) $(1) --data $(DATA) --folds $(FOLDS) \
-  --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SETS), --set $(SETS))
+  --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SETS), --set $(SET_ARGS))
 # $(SCHEDULER) MODEL...: every fold of these models as Ray jobs, then merge (runs/NAME/jobs.csv, runs/NAME/logs/)
 SCHEDULER = $(strip $(PY) -m models.scheduler --data $(DATA) --folds $(FOLDS) --profile $(PROFILE) --run-dir $(RUN) \
-  $(if $(SETS),--set $(SETS)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
+  $(if $(SETS),--set $(SET_ARGS)) $(if $(FOLD_FUSION),--fold-fusion $(FOLD_FUSION)) $(if $(DEVICES),--devices $(DEVICES)) \
   $(if $(GPUS),--gpus $(GPUS)) $(if $(GPUS_PER_JOB),--gpus-per-job $(GPUS_PER_JOB)) \
   $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(if $(RETRIES),--retries $(RETRIES)) $(if $(FORCE),--force) --models)
 # Run the tests in a network namespace with only loopback (torchrun needs it) where the kernel
@@ -94,7 +105,7 @@ help: ## list the targets and the variables
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$(\([A-Z_]*\))/\1/g' | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 	@echo "Variables (now):"
-	@printf '  %-15s %s\n' \
+	@printf '  %-17s %s\n' \
 	  "DATA=$(DATA)" "data folder in Kaggle's resized-PNG layout (make data writes one)" \
 	  "NAME=$(NAME)" "names folds/NAME.csv, runs/NAME/, submissions/NAME.csv, reports/NAME/" \
 	  "PROFILE=$(PROFILE)" "model profile: demo on data/demo, full (GPU) on any other DATA" \
@@ -108,8 +119,14 @@ help: ## list the targets and the variables
 	  "DEVICE=" "card(s) of train / predict / oof: 1, or 0,1,2,3 (one job, 4 cards), or cpu" \
 	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
 	  "RETRIES=" "scheduler: further attempts of a job whose node or Ray worker died (default 2)" \
+	  "FOLD_FUSION=" "WBF of the folds' test tables at merge: FOLD_FUSION=\"iou_thr=0.4 conf_type=max\"" \
 	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)" \
-	  "RUNS_ARGS=" "make runs: --sort COLUMN, --json, --diff RUN_A RUN_B"
+	  "LABELS=, SAMPLE=" "make data: a labels CSV (train.csv or PhysioNet test labels), SAMPLE=N images only" \
+	  "THRESHOLD=, META=" "predict-images: lowest score drawn (0.3), a meta.csv of original sizes" \
+	  "SUBS=, WEIGHTS=" "make blend: submissions and their weights; GROUPS=, GATE=, BLEND=yaml, BLEND_ARGS=, LABELS=" \
+	  "RUNS_ARGS=" "make runs: --sort COLUMN, --json, --diff RUN_A RUN_B" \
+	  "PORT=" "make tensorboard: its port on 127.0.0.1 (6006)" \
+	  "PYTEST_ARGS=" "make test: extra pytest arguments, e.g. PYTEST_ARGS=\"-k scheduler\""
 
 # An unknown target: one line with the closest known one, before any work
 .DEFAULT:
@@ -251,7 +268,7 @@ predict-images: $(STAMP) ## the tuned ensemble of NAME on new studies: make pred
 	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META))
 
 config: $(STAMP) ## print MODEL's resolved profile: every key, its value, type and meaning (PROFILE, the member's settings, SET apply)
-	@$(PY) -m models $(MODEL) config --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SET), --set $(SET))
+	@$(PY) -m models $(MODEL) config --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SET), --set $(call QUOTE_WORDS,$(SET)))
 
 # Every fold's curves: metrics.csv's columns under one name for all models (<fold>/tensorboard) and the
 # frameworks' own events (ultralytics, detectron2: <fold>/train); loopback only, PORT=6006

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import datetime
 import os
 import shlex
@@ -502,8 +503,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def profile_path(model: str, profile: str) -> Path:
-    """``demo``/``full`` -> ``models/MODEL/PROFILE.yaml``; a ``.yaml`` path as given."""
-    return Path(profile) if profile.endswith(".yaml") else HERE / model / f"{profile}.yaml"
+    """``demo``/``full`` -> ``models/MODEL/PROFILE.yaml``; a ``.yaml`` path as given. An unknown name is a
+    DataError naming the model's profiles (and the closest one)."""
+    if profile.endswith(".yaml"):
+        return Path(profile)
+    path = HERE / model / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (HERE / model).glob("*.yaml"))
+        close = difflib.get_close_matches(profile, known, 1)
+        raise DataError("PROFILE", f"{profile!r} is not a profile of {model}: {', '.join(known)}"
+                                   f"{f' (did you mean {close[0]!r}?)' if close else ''}, or a .yaml file")
+    return path
 
 
 if __name__ == "__main__":
