@@ -81,6 +81,7 @@ def read_train_labels(
     """
     df = read_table(path, dtype={"image_id": str, "rad_id": str, "class_name": str})
     require_columns(df, TRAIN_COLUMNS, path)
+    _not_empty(df, path)
     _check_ids(df, path)
     _no_repeated_rows(df, TRAIN_COLUMNS, path)
     rad = df["rad_id"].fillna("").astype(str).str.strip()
@@ -131,6 +132,7 @@ def read_physionet_labels(path: str | os.PathLike, warn: Warn = _warn) -> pd.Dat
     """
     df = read_table(path, dtype={"image_id": str, "class_name": str})
     require_columns(df, PHYSIONET_COLUMNS, path)
+    _not_empty(df, path)
     _check_ids(df, path)
     _no_repeated_rows(df, PHYSIONET_COLUMNS, path)
     given = df["class_name"].fillna("").astype(str)
@@ -165,6 +167,11 @@ def read_labels(path: str | os.PathLike, sizes: pd.DataFrame | None = None, warn
         raise DataError(path, f"not a label file: expected Kaggle train columns {TRAIN_COLUMNS} or PhysioNet "
                               f"columns {PHYSIONET_COLUMNS}; found {list(header.columns)}")
     return read_physionet_labels(path, warn)
+
+
+def _not_empty(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    if df.empty:  # a header alone: every later step would have nothing to split, train on or score
+        raise DataError(path, "has a header but no rows: a label file needs at least one labelled image")
 
 
 def _loose(names: pd.Series) -> pd.Series:

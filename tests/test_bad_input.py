@@ -275,6 +275,29 @@ def test_evaluate_refuses_duplicates_and_bad_folds(tmp_path, physionet, capsys):
     assert result["ap"]["8"] == 1.0 and result["ap"]["14"] == 1.0
 
 
+@pytest.mark.parametrize("header", ["image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max",
+                                    "image_id,class_name,x_min,y_min,x_max,y_max"], ids=["kaggle", "physionet"])
+def test_a_label_file_with_no_rows_is_one_line_in_every_command(header, tmp_path, capsys):
+    """A header and no rows: every command that reads labels stops with one line naming the file, exit 2,
+    nothing written (it used to end in a pandas traceback)."""
+    labels, sizes, out = tmp_path / "labels.csv", tmp_path / "sizes.csv", tmp_path / "out.csv"
+    labels.write_text(header + "\n")
+    sizes.write_text("image_id,width,height\na,100,100\n")
+    submission = tmp_path / "sub.csv"
+    submission.write_text("image_id,PredictionString\na,14 1 0 0 1 1\n")
+    commands = [["folds", "--labels", labels, "--out", out], ["fuse", "--labels", labels, "--out", out],
+                ["evaluate", "--labels", labels, "--submission", submission],
+                ["baseline", "--labels", labels, "--train-sizes", sizes, "--sizes", sizes, "--out", out],
+                ["stats", "--labels", labels, "--sizes", sizes, "--out", tmp_path / "stats.json"]]
+    for argv in commands if "rad_id" in header else commands[2:3]:  # PhysioNet labels: test labels, scored only
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err == f"error: {labels}: has a header but no rows: a label file needs at least " \
+            "one labelled image", (argv[0], err)
+        assert not out.exists() and not (tmp_path / "stats.json").exists()
+
+
 def test_boxes_kaggle_accepts_are_scored_with_a_warning(tmp_path, physionet, capsys):
     rows = [["n1", "14 1 0 0 1 1"], ["n2", "14 0.9 0 0 2 2"],  # IoU 0.25 with 0 0 1 1: a false positive
             ["f1", "8 0.9 -3 100 200 200"]]  # IoU 0.97 with the nodule: a hit, as Kaggle scores it
