@@ -212,14 +212,22 @@ def read_submission(
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
         raise DataError(path, f"image_id {show(df['image_id'].iloc[i])} appears more than once", csv_row(i))
-    parsed = parse_strings(df["PredictionString"])
+    preds, lines = submission_boxes(df, path)
+    return validate(preds, path, sizes, warn, lines=lines)
+
+
+def submission_boxes(df: pd.DataFrame, path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
+    """The boxes of a submission table (``image_id,PredictionString``), unchecked beyond parsing, and the
+    CSV line of each (one line holds many boxes); a malformed PredictionString is a DataError at its line.
+    The one parser of submissions: :func:`read_submission` (evaluate, submit) and ``ensemble.blend``."""
+    parsed = parse_strings(df["PredictionString"])  # an empty string: no box on this image
     if parsed.problems:
         i = int(parsed.bad_rows[0])
         raise DataError(path, f"PredictionString of {df['image_id'].iloc[i]}: {parsed.problems[0]}", csv_row(i))
     preds = pd.DataFrame(parsed.values, columns=["score", *BOX_COLUMNS])
     preds.insert(0, "image_id", df["image_id"].to_numpy()[parsed.row])
     preds.insert(1, "class_id", parsed.cls)
-    return validate(preds, path, sizes, warn, lines=parsed.row + csv_row(0))  # the CSV line of each box
+    return preds, parsed.row + csv_row(0)
 
 
 def read_sample_ids(sample: str | os.PathLike | Sequence[str]) -> pd.Series:

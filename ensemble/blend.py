@@ -49,7 +49,7 @@ from cxr.io import DataError, csv_row, one_line_errors, read_table, show, show_v
 from cxr.labels import read_labels, read_sizes
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import NORMALIZED, normalized_boxes, validate
-from cxr.submission import parse_strings, write_submission
+from cxr.submission import submission_boxes, write_submission
 from cxr.wbf import CONF_TYPES, WBF, fuse_group
 from ensemble.ensemble import GateParams, gate
 
@@ -158,14 +158,8 @@ def read_input(path: str | Path, test_ids: Sequence[str], sizes: pd.DataFrame) -
     missing = sorted(set(test_ids) - set(df["image_id"]))
     if missing:
         raise DataError(path, f"{len(missing)} test image(s) missing, e.g. {missing[:3]}")
-    parsed = parse_strings(df["PredictionString"])  # an empty string: no box on this image (cxr.submission)
-    if parsed.problems:
-        i = int(parsed.bad_rows[0])
-        raise DataError(path, f"PredictionString of {df['image_id'].iloc[i]}: {parsed.problems[0]}", csv_row(i))
-    preds = pd.DataFrame(parsed.values, columns=["score", *BOX_COLUMNS])
-    preds.insert(0, "image_id", df["image_id"].to_numpy()[parsed.row])
-    preds.insert(1, "class_id", parsed.cls)
-    _check_values(preds, parsed.row + csv_row(0), sizes, path)  # the CSV line of each box
+    preds, lines = submission_boxes(df, path)
+    _check_values(preds, lines, sizes, path)
     return validate(preds, path, sizes)  # canonical dtypes; every check already passed above
 
 
