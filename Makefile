@@ -58,6 +58,9 @@ DEVICES ?=
 GPUS    ?=
 GPUS_PER_JOB ?=
 RAY_ADDRESS  ?=
+# TORCH_CUDA=12.6: make install takes torch's CUDA 12.6 build (drivers R525+, P100/V100) instead of PyPI's CUDA 13.0
+# one (drivers R580+, compute capability 7.5+); tools/check_driver.py checks the machine's driver and cards first
+TORCH_CUDA ?=
 # RETRIES=N: further attempts of a scheduler job whose node or Ray worker died (default 2)
 RETRIES ?=
 SCHEDULE = $(or $(DEVICES),$(GPUS),$(RAY_ADDRESS))
@@ -97,7 +100,7 @@ export HF_HUB_OFFLINE := 1
 # it runs on 3.10+ once renamed py3 (its compiled _C ops are not needed for Faster R-CNN).
 D2_WHEEL := sal_detectron2-0.7.2-py3-none-any.whl
 
-.PHONY: weights help install test demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images config tensorboard runs
+.PHONY: weights help install test test-heavy demo demo-data folds baseline evaluate data prepare clean train predict oof all-oof ensemble submission pipeline blend predict-images config tensorboard runs
 
 TARGETS = $(shell grep -oE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | cut -d: -f1)
 
@@ -118,11 +121,12 @@ help: ## list the targets and the variables
 	  "MODELS=" "members of the ensemble: yolo yolo@s640 demo:detectron (default all detectors); EXCLUDE=, EXTRA=name=path" \
 	  "DEVICE=" "card(s) of train / predict / oof: 1, or 0,1,2,3 (one job, 4 cards), or cpu" \
 	  "DEVICES=, GPUS=" "cards for the Ray scheduler (oof, all-oof, pipeline); GPUS_PER_JOB=, RAY_ADDRESS=" \
+	  "TORCH_CUDA=" "make install: 12.6 for drivers older than R580 or P100/V100 cards (default: PyPI's CUDA 13.0 build)" \
 	  "RETRIES=" "scheduler: further attempts of a job whose node or Ray worker died (default 2)" \
 	  "FOLD_FUSION=" "WBF of the folds' test tables at merge: FOLD_FUSION=\"iou_thr=0.4 conf_type=max\"" \
 	  "SRC=, OUT=" "folders of data, prepare, predict-images; SIZE=1024, EXACT=1 (full JPEG 2000 decode)" \
 	  "LABELS=, SAMPLE=" "make data: a labels CSV (train.csv or PhysioNet test labels), SAMPLE=N images only" \
-	  "THRESHOLD=, META=" "predict-images: lowest score drawn (0.3), a meta.csv of original sizes" \
+	  "THRESHOLD=, META=" "predict-images: lowest score drawn (0.3), a meta.csv of original sizes; LABELS= ground truth drawn beside" \
 	  "SUBS=, WEIGHTS=" "make blend: submissions and their weights; GROUPS=, GATE=, BLEND=yaml, BLEND_ARGS=, LABELS=" \
 	  "RUNS_ARGS=" "make runs: --sort COLUMN, --json, --diff RUN_A RUN_B" \
 	  "PORT=" "make tensorboard: its port on 127.0.0.1 (6006)" \
@@ -137,7 +141,10 @@ help: ## list the targets and the variables
 install: $(STAMP) ## create .venv with the pinned stack (torch, ultralytics, detectron2, effdet, ...); no-op when done
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
+	@python3 tools/check_driver.py $(if $(TORCH_CUDA),--cuda $(TORCH_CUDA))
 	@test -x $(PY) || python3 -m venv $(VENV)
+	$(if $(filter 12.6,$(TORCH_CUDA)),$(PY) -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 \
+	  --index-url https://download.pytorch.org/whl/cu126)
 	$(PY) -m pip install -q --no-compile -r requirements.txt -c constraints.txt
 	@mkdir -p $(VENV)/wheels
 	@test -f $(VENV)/wheels/$(D2_WHEEL) || { \
@@ -160,8 +167,14 @@ weights: $(STAMP) ## download the full profiles' public checkpoints into weights
 # (a file, or the full profiles) and gives each worker's torch its share of the cores.
 PYTEST := $(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder
 
-test: install ## run the test suite (real-data tests read ../shared/data), offline where unshare works
-	$(if $(OFFLINE),unshare -n sh -c 'ip link set lo up && exec $(PYTEST) $(PYTEST_ARGS)',$(PYTEST) $(PYTEST_ARGS))
+# $(call RUN_TESTS,marker expression)
+RUN_TESTS = $(if $(OFFLINE),unshare -n sh -c 'ip link set lo up && exec $(PYTEST) -m "$(1)" $(PYTEST_ARGS)',$(PYTEST) -m "$(1)" $(PYTEST_ARGS))
+
+test: install ## the test suite but the heavy tests (real-data tests read ../shared/data), offline where unshare works
+	$(call RUN_TESTS,not heavy)
+
+test-heavy: install ## the heavy tests: quality trainings and full profiles at their real size (CI runs them after make test)
+	$(call RUN_TESTS,heavy)
 
 demo-data: $(DATA)/train.csv ## generate the synthetic benchmark in data/demo (Kaggle layout, 128 px for CPU)
 
@@ -265,7 +278,8 @@ blend: ## fuse submissions: make blend SUBS="a.csv b.csv" [WEIGHTS="2 1"] [GROUP
 predict-images: $(STAMP) ## the tuned ensemble of NAME on new studies: make predict-images SRC=<folder> OUT=<folder> [THRESHOLD=0.3]
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make predict-images SRC=<DICOM/PNG/JPEG folder> OUT=<folder> [NAME=run] [THRESHOLD=0.3] [SIZE=px] [META=meta.csv]" >&2; exit 2; }
 	$(PY) -m ensemble.predict_images --src $(SRC) --out $(OUT) --run-dir $(RUN) $(if $(SIZE),--size $(SIZE),--data $(DATA)) \
-	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META))
+	  $(if $(wildcard $(FOLDS)),--folds $(FOLDS)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(META),--meta $(META)) \
+	  $(if $(LABELS),--labels $(LABELS))
 
 config: $(STAMP) ## print MODEL's resolved profile: every key, its value, type and meaning (PROFILE, the member's settings, SET apply)
 	@$(PY) -m models $(MODEL) config --profile $(PROFILE) --run-dir $(RUN)$(if $(VARIANT), --variant $(VARIANT))$(if $(SET), --set $(call QUOTE_WORDS,$(SET)))

@@ -195,13 +195,14 @@ def scan_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = N
     returned: a dangling link, a link loop, not a regular file, an unsafe id (ids name files
     and CSV cells downstream). Hidden files and folders (temp files of a killed run, ``._*``
     resource forks) and the folder ``exclude`` (an output folder inside the source) are ignored.
-    The same id in two files is a :class:`DataError`.
+    The same id in two or more files: none of them is used (which one is meant is unknown), each is
+    listed naming the others, and the rest goes on.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "not a folder")
     skip = os.path.realpath(exclude) if exclude is not None else None
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     failed: list[tuple[str, str]] = []
     seen = {os.path.realpath(folder)}
 
@@ -231,10 +232,12 @@ def scan_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = N
             if reason:
                 failed.append((str(path), reason))
                 continue
-            if path.stem in found:
-                raise DataError(path, f"image_id {path.stem!r} also at {found[path.stem]}")
-            found[path.stem] = path
-    return dict(sorted(found.items())), failed
+            found.setdefault(path.stem, []).append(path)
+    for image_id, paths in found.items():
+        if len(paths) > 1:
+            failed.extend((str(p), f"image_id {image_id!r} is also at {', '.join(str(q) for q in paths if q != p)}: "
+                                   "neither is used (rename one)") for p in paths)
+    return {i: paths[0] for i, paths in sorted(found.items()) if len(paths) == 1}, failed
 
 
 def _unusable(path: Path) -> str:

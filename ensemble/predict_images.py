@@ -70,13 +70,14 @@ from cxr.data import DataFolder, read_folds
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING, NO_FINDING_BOX, PREDICTION_COLUMNS
 from cxr.images import fit, read_image, scan_images, squash, writing
 from cxr.images import load as load_image
-from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
-from cxr.labels import read_sizes
+from cxr.io import DataError, one_line_errors, read_table, sha256, write_json, write_table
+from cxr.fusion import fuse_readers
+from cxr.labels import read_labels, read_sizes
 from cxr.predictions import write_predictions
 from cxr.submission import write_submission
 from cxr.wbf import FOLD_MERGE, WBF, fuse_group
 from ensemble.ensemble import Params, apply, params_from_dict
-from ensemble.overlays import display_size, draw, findings_text, thumbnail, write_image, write_index
+from ensemble.overlays import display_size, draw, findings_text, side_by_side, thumbnail, write_image, write_index
 from ensemble.provenance import ensemble_rows, load_params, profile_summary, training_data
 import models as model_table
 from models.__main__ import fold_fusion
@@ -390,14 +391,22 @@ def describe_run(run: Path, data: Path | None, classifier: str | None) -> tuple[
     return rows, trained.warning(), columns
 
 
-def write_pictures(batch: list[Decoded], preds: pd.DataFrame, out: Path, threshold: float, mark: str = "") -> None:
-    """Overlay and thumbnail of each image; ``mark`` ends every banner (e.g. that the models are demo ones)."""
+def write_pictures(batch: list[Decoded], preds: pd.DataFrame, out: Path, threshold: float, mark: str = "",
+                   truth: pd.DataFrame | None = None) -> None:
+    """Overlay and thumbnail of each image; ``mark`` ends every banner (e.g. that the models are demo ones).
+    An image that ``truth`` covers gets its ground truth drawn beside the predictions."""
     by_image = dict(tuple(preds.groupby("image_id")))
     empty = pd.DataFrame(columns=PREDICTION_COLUMNS)
+    true_by_image = dict(tuple(truth.groupby("image_id"))) if truth is not None else {}
     p = p_abnormal(preds, [d.image_id for d in batch])
     for d in batch:
         title = f"{d.image_id}  P(abnormal) {p[d.image_id]:.2f}{mark}"
         overlay = draw(d.view, by_image.get(d.image_id, empty), (d.width, d.height), threshold, title)
+        if d.image_id in true_by_image:
+            rows = true_by_image[d.image_id]
+            normal = (rows["class_id"] == NO_FINDING).all()
+            overlay = side_by_side(overlay, draw(d.view, rows, (d.width, d.height), threshold,
+                                                 f"ground truth{': No finding' if normal else ''}", scores=False))
         write_image(overlay, out / "overlays" / f"{d.image_id}.png")
         write_image(thumbnail(overlay), out / "thumbs" / f"{d.image_id}.jpg")
 
@@ -427,10 +436,14 @@ def predict_folder(
     overlay_px: int = 1024,
     classifier: str = "classifier",
     data: Path | None = None,
+    labels: str | None = None,
 ) -> dict:
     """Run the tuned ensemble of ``run`` on every image under ``src``; write OUT (see module docstring).
 
-    Returns a summary: images predicted, skipped as already done, failed, findings above threshold.
+    Returns a summary: images predicted, skipped as already done, failed, findings above threshold, the
+    best finding score (what THRESHOLD would have to be for one finding to show), the training-data
+    warning. ``labels`` (Kaggle train.csv or PhysioNet annotations): ground truth drawn beside the
+    predictions of the images it covers (Kaggle's readers fused as for training, cxr.fusion.DEFAULT).
     Files that cannot be used (unreadable, dangling links, unsafe names) are listed in
     OUT/failed.csv and skipped. A second run on the same OUT while this one runs stops at once.
     ``data``: the folder the models were trained on, when known (the page names it, and warns when
@@ -440,12 +453,21 @@ def predict_folder(
         raise DataError(src, "not a folder")
     if out.resolve().is_relative_to(src.resolve()):
         raise DataError(out, f"must not lie inside SRC {src} (its overlays would be read as new images)")
+    truth = ground_truth(labels) if labels else None  # a bad file stops here, before any work
     with writing(out):
-        return _predict_folder(src, run, out, size, meta, folds, threshold, batch, workers, overlay_px, classifier, data)
+        return _predict_folder(src, run, out, size, meta, folds, threshold, batch, workers, overlay_px, classifier, data,
+                               truth, labels)
+
+
+def ground_truth(labels: str) -> pd.DataFrame:
+    """The boxes to draw as ground truth: PhysioNet's consensus as it is, Kaggle's readers fused."""
+    table = read_labels(labels)
+    return fuse_readers(table) if table["rad_id"].nunique() > 1 else table
 
 
 def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None, folds: str | None, threshold: float,
-                    batch: int, workers: int, overlay_px: int, classifier: str, data: Path | None = None) -> dict:
+                    batch: int, workers: int, overlay_px: int, classifier: str, data: Path | None = None,
+                    truth: pd.DataFrame | None = None, labels: str | None = None) -> dict:
     files, unusable = scan_images(src)
     if not files and not unusable:
         raise DataError(src, "no DICOM/PNG/JPEG files found")
@@ -458,7 +480,8 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
     ens = load_ensemble(run, classifier, fold_ids)  # before decoding anything: a bad run fails in seconds
     # the banner of every overlay says so too: an overlay is often looked at without the page
     mark = "  (DEMO MODELS: synthetic training data)" if training_data(run, data).synthetic else ""
-    parts = Parts(out / ".parts", {**_key(run, size, meta, threshold, overlay_px, classifier), "mark": mark})
+    parts = Parts(out / ".parts", {**_key(run, size, meta, threshold, overlay_px, classifier), "mark": mark,
+                                   "labels": sha256(labels) if labels else None})
     done = set(parts.info()["image_id"])
     order = list(files)
     if sizes is not None:  # the meta file's row order: a test set then batches exactly as in make submission
@@ -490,7 +513,7 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
                 if good:
                     view = write_view(Path(tmp) / f"batch{k}", good)
                     preds = predict_view(ens, view, [d.image_id for d in good])
-                    write_pictures(good, preds, out, threshold, mark)
+                    write_pictures(good, preds, out, threshold, mark, truth)
                     info = pd.DataFrame([(d.image_id, d.file, d.width, d.height) for d in good], columns=INFO_COLUMNS)
                     parts.add(preds, info)
                     shutil.rmtree(view.root)
@@ -499,11 +522,12 @@ def _predict_folder(src: Path, run: Path, out: Path, size: int, meta: str | None
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return _write_outputs(parts, files, failed, out, run, threshold, len(done & set(files)), data, classifier)
+    return _write_outputs(parts, files, failed, out, run, threshold, len(done & set(files)), data, classifier, truth)
 
 
 def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out: Path, run: Path, threshold: float,
-                   skipped: int, data: Path | None = None, classifier: str | None = "classifier") -> dict:
+                   skipped: int, data: Path | None = None, classifier: str | None = "classifier",
+                   truth: pd.DataFrame | None = None) -> dict:
     info = parts.info()
     info = info[info["image_id"].isin(set(files))].sort_values("image_id").reset_index(drop=True)
     ids = info["image_id"].tolist()
@@ -529,11 +553,36 @@ def _write_outputs(parts: Parts, files: dict[str, Path], failed: list[dict], out
         "overlay": [f"overlays/{i}.png" for i in ids], "thumb": [f"thumbs/{i}.jpg" for i in ids],
     })
     n_found = int((findings["class_id"].notna() & (findings["class_id"] != NO_FINDING)).sum())
+    best = best_finding(preds)
+    nothing = "" if n_found else no_finding_note(best, threshold)
+    covered = sorted(set(ids) & set(truth["image_id"])) if truth is not None else []
     write_index(cards, out / "index.html", f"{len(ids)} images: ensemble of run {run.name}",
                 f"Findings with score >= {threshold:g}, sorted by P(abnormal); {len(failed)} file(s) failed "
-                f"(failed.csv); click a picture for its overlay. findings.csv and run.json say the same.",
+                f"(failed.csv); click a picture for its overlay. findings.csv and run.json say the same."
+                + (f" Ground truth (LABELS) drawn beside the predictions of {len(covered)} image(s)." if truth is not None
+                   else "") + (f" {nothing}" if nothing else ""),
                 about=about, warning=warning)
-    return {"images": len(ids), "skipped_done": skipped, "failed": len(failed), "findings": n_found, "out": str(out)}
+    return {"images": len(ids), "skipped_done": skipped, "failed": len(failed), "findings": n_found,
+            "best_finding_score": None if best is None else round(best[0], 4), "ground_truth_images": len(covered),
+            "no_findings": nothing, "warning": warning, "out": str(out)}
+
+
+def best_finding(preds: pd.DataFrame) -> tuple[float, str, str] | None:
+    """(score, class name, image id) of the most confident finding box, or None without one."""
+    findings = preds[preds["class_id"] != NO_FINDING]
+    if findings.empty:
+        return None
+    top = findings.loc[findings["score"].idxmax()]
+    return float(top["score"]), CLASS_NAMES[int(top["class_id"])], str(top["image_id"])
+
+
+def no_finding_note(best: tuple[float, str, str] | None, threshold: float) -> str:
+    """Why every overlay is blank: no finding reaches THRESHOLD, and the best score (to lower it to)."""
+    if best is None:
+        return "No finding box at all was predicted on these images."
+    score, name, image_id = best
+    return (f"No finding reaches THRESHOLD={threshold:g}: the best is {name} {score:.3f} on {image_id} "
+            f"(THRESHOLD={max(0.0, score - 0.0005):.3f} or lower would show it).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,13 +603,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="decoding processes (0: in process)")
     p.add_argument("--overlay-px", type=int_at_least(64), default=1024, help="long side of the overlay pictures")
+    p.add_argument("--labels", help="ground truth to draw beside the predictions (Kaggle train.csv or PhysioNet "
+                                    "annotations) for the images it covers")
     a = p.parse_args(argv)  # every value checked by its type: one line and exit 2 before anything is read
     with one_line_errors():
         size_px = a.size if a.size is not None else data_image_size(Path(a.data))
         summary = predict_folder(Path(a.src), Path(a.run_dir), Path(a.out), size_px, a.meta, a.folds, a.threshold,
-                                 a.batch, a.workers, a.overlay_px, a.classifier, Path(a.data) if a.data else None)
+                                 a.batch, a.workers, a.overlay_px, a.classifier, Path(a.data) if a.data else None,
+                                 a.labels)
     if summary["failed"]:
-        print(f"warning: {summary['failed']} file(s) could not be read: {Path(a.out) / 'failed.csv'}", file=sys.stderr)
+        print(f"warning: {summary['failed']} file(s) could not be used: {Path(a.out) / 'failed.csv'}", file=sys.stderr)
+    if summary["warning"]:  # the page and every overlay say so too, but the console is what is read first
+        print(f"warning: {summary['warning']}", file=sys.stderr)
+    if summary["no_findings"]:
+        print(summary["no_findings"], file=sys.stderr)
     print(json.dumps(summary))
     print(f"open {Path(a.out) / 'index.html'}")
 

@@ -26,8 +26,8 @@ run, member, family, variant, profile, settings (those that differ from the prof
 device/gpus/workers, is never one), folds (folds with an oof.csv / the run's fold count), metric
 (mAP@0.4, or ROC AUC for a classifier), pooled (every OOF image scored at once), fold_mean (each fold
 scored alone, then averaged: the honest single-model figure; for an ensemble set its nested OOF mAP,
-tuned without fold k and scored on fold k), test, train_time (seconds, summed over folds), date (the
-member's newest file) and from (where the figures come from: scores.json, params.json, or "computed now"
+tuned without fold k and scored on fold k), test, train_time (seconds, summed over folds), disk (bytes of the
+member's folder: weights, logs, tables; each run's total follows the table), date (the member's newest file) and from (where the figures come from: scores.json, params.json, or "computed now"
 from oof.csv with the real metric).
 
 Figures computed now need the data folder's labels: the folder recorded by the run (a fold's
@@ -58,8 +58,8 @@ from ensemble.ensemble import params_from_dict
 from ensemble.provenance import MODELS_DIR, PROFILES, training_data
 
 COLUMNS = ("run", "member", "family", "variant", "profile", "settings", "folds", "metric", "pooled", "fold_mean",
-           "test", "train_time", "date", "from")
-FIGURES = ("pooled", "fold_mean", "test", "train_time")  # numbers: sorted numerically
+           "test", "train_time", "disk", "date", "from")
+FIGURES = ("pooled", "fold_mean", "test", "train_time", "disk")  # numbers: sorted numerically
 DESCENDING = (*FIGURES, "date")  # best / longest / newest first
 NOT_MEMBERS = frozenset({"ensemble", "logs", "prior_boxes"})
 # Where a job runs, not what it trains (the same keys models.__main__.WHERE_IT_RUNS frees; not imported
@@ -313,7 +313,7 @@ def member_row(run: Path, name: str, scorer: Scorer) -> dict:
         "settings": settings, "folds": f"{done}/{total if total is not None else '?'}", "metric": metric,
         "pooled": pooled, "fold_mean": fold_mean, "test": test,
         "train_time": sum(s for s in seconds if s is not None) if any(s is not None for s in seconds) else None,
-        "date": _newest(folder), "from": source, "notes": notes,
+        "disk": disk_bytes(folder), "date": _newest(folder), "from": source, "notes": notes,
     }
 
 
@@ -347,7 +347,8 @@ def _set_row(run: Path, folder: Path, settings: dict, pooled: float | None, nest
              test: float | None, notes: list[str]) -> dict:
     return {"run": run.name, "member": folder.name, "family": "ensemble", "variant": None, "profile": None,
             "settings": settings, "folds": "-", "metric": "mAP@0.4", "pooled": pooled, "fold_mean": nested,
-            "test": test, "train_time": None, "date": _newest(folder), "from": "params.json", "notes": notes}
+            "test": test, "train_time": None, "disk": disk_bytes(folder), "date": _newest(folder),
+            "from": "params.json", "notes": notes}
 
 
 def collect(runs_dir: Path, data: Path | None = None) -> list[dict]:
@@ -373,6 +374,26 @@ def sort_rows(rows: list[dict], column: str | None) -> list[dict]:
     return sorted(known, key=key, reverse=column in DESCENDING) + missing
 
 
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (links not followed: a borrowed member is counted in its own run)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        except OSError:  # removed meanwhile
+            pass
+    return total
+
+
+def size_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -393,6 +414,8 @@ def cell(row: dict, column: str) -> str:
         return ", ".join(f"{k}={_value(x)}" for k, x in v.items())
     if column == "train_time":
         return _duration(v)
+    if column == "disk":
+        return size_text(v)
     if column in FIGURES:
         return f"{v:.4f}"
     return str(v)
@@ -572,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"no runs in {runs_dir}/")
         else:
             print(table_text(rows))
+            print("disk: " + ", ".join(f"{name} {size_text(disk_bytes(runs_dir / name))}"
+                                       for name in dict.fromkeys(r["run"] for r in rows)))
             print(f"* {HONEST}")
             for r in rows:
                 for n in r.get("notes", []):

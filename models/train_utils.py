@@ -17,8 +17,8 @@ cannot drift apart again:
 * :func:`run_epochs`: the epoch loop both share: training with an in-epoch progress line
   (:class:`models.curves.Progress`), validation every ``validate_every`` epochs and at the last one,
   the curves (:class:`models.curves.Curves`: ``metrics.csv``, TensorBoard events, one line per epoch),
-  ``best.pt`` (the best validation epoch's weights), ``last.pt``, and at the end ``weights.pt`` = the
-  FINAL weights (the EMA where there is one), which marks a finished run. :func:`trained_checkpoint`:
+  ``best.pt`` (the best validation epoch's weights), ``last.pt`` while training, and at the end ``weights.pt`` =
+  the FINAL weights (the EMA where there is one), which marks a finished run (``last.pt`` is then deleted). :func:`trained_checkpoint`:
   the file ``predict`` loads, ``best.pt`` or ``weights.pt`` as the config's ``checkpoint`` says.
 * :func:`augmentations`: the albumentations training augmentation of both (flip, affine, brightness
   and contrast) from the shared augmentation keys.
@@ -361,6 +361,7 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
             loader.sampler.skip = 0
         if rank == 0:
             finish(out, stepper.final_model())
+            (out / "last.pt").unlink(missing_ok=True)  # weights.pt marks the fold finished: nothing to resume
     finally:
         if curves is not None:
             curves.close()

@@ -48,6 +48,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -1 if item.get_closest_marker("full_profile") else rank.get(item.path.name, len(rank)))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(work_unit(item)))
+        if item.get_closest_marker("full_profile") or item.path.name in ONE_UNIT_EACH:
+            # minutes of CPU each, 20 of the suite's 42 worker-minutes: `make test-heavy` (CI runs both), so
+            # `make test` stays within its 12 minutes on 2 cores
+            item.add_marker(pytest.mark.heavy)
 
 
 def work_unit(item: pytest.Item) -> str:

@@ -134,7 +134,7 @@ def test_two_ranks_split_the_fold_agree_and_write_once(model, overrides, small_f
     once = Counter(r0["writes"])
     assert once["config.yaml"] == once["labels.csv"] == once["weights.pt"] == once["metrics.csv"] == 1, once
     out = tmp_path / "run" / model / "fold0"
-    assert {"config.yaml", "labels.csv", "last.pt", "best.pt", "weights.pt", "metrics.csv"} <= {p.name for p in out.iterdir()}
+    assert {"config.yaml", "labels.csv", "best.pt", "weights.pt", "metrics.csv"} <= {p.name for p in out.iterdir()}
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     figures(f"{model} under torchrun, 2 gloo ranks, {len(train_ids)} + {len(val_ids)} images, 1 epoch: {wall:.0f} s")
 

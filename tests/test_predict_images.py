@@ -211,25 +211,44 @@ def test_a_killed_run_resumes_batch_by_batch(trained: dict, tmp_path: Path, caps
 
 @pytest.mark.slow
 def test_bad_files_are_listed_and_the_rest_predicted(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Unreadable files and an id found twice (both files, each naming the other) go to failed.csv and the rest
+    is predicted. THRESHOLD=1: the console and page say no finding reaches it and give the best score; the
+    console repeats the synthetic-data warning; LABELS draws the ground truth beside the image it covers."""
     src = tmp_path / "src"
     (src / "nested").mkdir(parents=True)
-    good = sorted((trained["data"] / "test").glob("*.png"))[:3]
+    (src / "again").mkdir()
+    good = sorted((trained["data"] / "test").glob("*.png"))[:4]
     for p in good:
         shutil.copy(p, src / "nested" / p.name)
+    shutil.copy(good[3], src / "again" / good[3].name)  # the same id in two folders: which one is meant?
     (src / "empty.png").write_bytes(b"")
     (src / "notes.dcm").write_text("not a DICOM file\n")
+    labels = tmp_path / "annotations_test.csv"
+    labels.write_text(f"image_id,class_name,x_min,y_min,x_max,y_max\n{good[1].stem},Nodule/Mass,20,30,60,70\n")
     out = tmp_path / "out"
     code, summary, err = run_cli(["--src", str(src), "--run-dir", str(trained["run"]), "--out", str(out), "--size", "128",
-                                  "--batch", "2", "--workers", "2"], capsys)
+                                  "--batch", "2", "--workers", "2", "--threshold", "1", "--labels", str(labels)], capsys)
     assert code == 0
-    assert summary["images"] == 3 and summary["failed"] == 2
+    assert summary["images"] == 3 and summary["failed"] == 4
     failed = pd.read_csv(out / "failed.csv")
-    assert sorted(Path(f).name for f in failed["file"]) == ["empty.png", "notes.dcm"]
+    assert sorted(Path(f).name for f in failed["file"]) == sorted(["empty.png", "notes.dcm", good[3].name, good[3].name])
+    twice = failed[failed["file"].str.endswith(good[3].name)]
+    assert {Path(f).parent.name for f in twice["file"]} == {"nested", "again"}
+    assert all(f"is also at {other}" in reason for other, reason in zip(twice["file"][::-1], twice["reason"]))
     assert failed["reason"].str.len().gt(0).all()
     assert "skipped" in err and "notes.dcm" in err
     preds = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
-    assert sorted(preds["image_id"].unique()) == sorted(p.stem for p in good)
+    assert sorted(preds["image_id"].unique()) == sorted(p.stem for p in good[:3])
     assert preds.loc[preds["class_id"] != NO_FINDING, "x_max"].max() <= 128 + 1, "no meta: the files' own size"
+    # nothing reaches THRESHOLD=1: said, with the best score, in the console and on the page
+    best = preds.loc[preds["class_id"] != NO_FINDING, "score"].max()
+    assert summary["findings"] == 0 and summary["best_finding_score"] == pytest.approx(best, abs=1e-4)
+    assert "No finding reaches THRESHOLD=1: the best is" in err and f"{best:.3f}" in err, err
+    assert "No finding reaches THRESHOLD=1" in (out / "index.html").read_text()
+    assert "warning: These models were trained on SYNTHETIC" in err, err  # demo models: said in the console too
+    # ground truth beside the predictions of the one image LABELS covers
+    widths = {p.stem: cv2.imread(str(out / "overlays" / f"{p.stem}.png")).shape[1] for p in good[:3]}
+    assert summary["ground_truth_images"] == 1 and widths[good[1].stem] > 1.9 * widths[good[0].stem], widths
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ publishing the images, and overlays are images), the README's make commands pars
 `make help` names every variable the Makefile reads from its command line."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -73,3 +74,69 @@ def test_make_passes_yaml_values_and_refuses_settings_as_make_variables() -> Non
     typo = make("config", "MODEL=yolo", "PROFILE=ful", "-o", ".venv/.installed")
     assert typo.returncode == 2 and "PROFILE: 'ful' is not a profile of yolo: demo, full (did you mean 'full'?)" \
         in typo.stderr, typo.stderr
+
+
+def stand_in_nvidia_smi(folder: Path, rows: list[str]) -> dict:
+    """An environment whose PATH starts with an `nvidia-smi` that prints ``rows`` (name, driver, compute cap)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(rows) + "\nEOF\n")
+    smi.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("rows, cuda, code, says", [
+    (["NVIDIA H100 80GB HBM3, 580.82.07, 9.0"], None, 0, "the CUDA 13.0 build of torch runs here"),
+    (["Tesla T4, 535.104.05, 7.5", "Tesla T4, 535.104.05, 7.5"], None, 2,
+     "driver 535.104.05 is older than R580 (580.65.6), which the CUDA 13.0 build of torch needs: make install "
+     "TORCH_CUDA=12.6"),
+    (["Tesla T4, 535.104.05, 7.5"], "12.6", 0, "the CUDA 12.6 build of torch runs here"),
+    (["Tesla P100-PCIE-16GB, 590.10.01, 6.0"], None, 2,
+     "Tesla P100-PCIE-16GB (compute capability 6.0) is outside the CUDA 13.0 build's 7.5-12.0: make install TORCH_CUDA=12.6"),
+    (["Tesla K80, 470.82.01, 3.7"], "12.6", 2, "older than R525 (525.60.13), which the CUDA 12.6 build of torch "
+                                                "needs: make install a newer NVIDIA driver"),
+])
+def test_driver_check_with_a_stand_in_nvidia_smi(rows: list[str], cuda: str | None, code: int, says: str,
+                                                 tmp_path: Path) -> None:
+    env = stand_in_nvidia_smi(tmp_path / "bin", rows)
+    done = subprocess.run(["python3", "tools/check_driver.py", *(["--cuda", cuda] if cuda else [])], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == code and says in done.stdout + done.stderr, done.stdout + done.stderr
+    if code:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # one line, however many cards
+
+
+def test_make_install_checks_the_driver_before_downloading_anything(tmp_path: Path) -> None:
+    """An old driver stops `make install` at its first step (the stamp made stale with -W, so the recipe runs)."""
+    env = stand_in_nvidia_smi(tmp_path / "bin", ["Tesla T4, 535.104.05, 7.5"])
+    done = subprocess.run(["make", "install", "-W", "requirements.txt"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "TORCH_CUDA=12.6" in done.stderr, done.stdout + done.stderr
+    assert "pip" not in done.stdout, done.stdout  # nothing was installed
+    dry = make("-n", "-W", "requirements.txt", "install", "TORCH_CUDA=12.6").stdout
+    assert dry.index("check_driver.py --cuda 12.6") < dry.index("download.pytorch.org/whl/cu126") \
+        < dry.index("-r requirements.txt"), dry
+
+
+def test_readme_cost_estimates_are_the_scripts() -> None:
+    """The README's estimate table is what bench/cost_estimate.py derives (for A100 and T4), so the sources it
+    names and the figures shown cannot drift apart."""
+    import sys
+    rows = {}
+    for card in ("A100", "T4"):
+        out = subprocess.run([sys.executable, "bench/cost_estimate.py", "--card", card], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        assert "ESTIMATES" in out
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[1] == "full":
+                rows.setdefault(parts[0], []).append((float(parts[2]), float(parts[3])))
+            if line.startswith("4 x 5 folds"):
+                rows.setdefault("all", []).append((None, float(parts[4])))
+    table = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:5]]
+             for line in README.splitlines() if line.startswith(("| yolo full (", "| detectron full (", "| effdet full (",
+                                                                  "| classifier full (", "| all four"))}
+    for name, ((ips, a100), (_, t4)) in rows.items():
+        shown = table["all" if name == "all" else name]
+        assert shown[1:] == [f"{a100:.1f}", f"{t4:.1f}"], (name, shown)
+        assert name == "all" or shown[0] == f"{ips:.1f}", (name, shown)

@@ -169,6 +169,8 @@ def test_both_runs_list_their_members_settings_and_figures(tree: dict, capsys: p
     odd = got[ODD, "yolo"]
     assert (odd["folds"], odd["pooled"], odd["fold_mean"], odd["test"], odd["from"]) == ("0/?", None, None, None, "-")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d", got["base", "yolo"]["date"])
+    member = tree["runs"] / "base" / "yolo"
+    assert got["base", "yolo"]["disk"] == sum(f.stat().st_size for f in member.rglob("*") if f.is_file()) > 0
 
     text, _ = run(tree, capsys)
     lines = text.splitlines()
@@ -176,6 +178,7 @@ def test_both_runs_list_their_members_settings_and_figures(tree: dict, capsys: p
     s640_line = next(l for l in lines if l.startswith("big ") and " yolo@s640 " in l)
     assert "imgsz=640" in s640_line and "0.4500" in s640_line and "0.4100" in s640_line
     assert "fold_mean is the figure to trust" in text
+    assert re.search(r"^disk: base [\d.]+ [kMG]?B, ", text, flags=re.M), text
     assert next(l for l in lines if l.startswith(ODD)).split()[8:11] == ["-", "-", "-"]
     assert lines[-1] == f"page: {tree['root'] / 'reports' / 'index.html'}"
 

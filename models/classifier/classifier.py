@@ -91,7 +91,7 @@ class Config:
     tta: bool = False
     validate_every: Count = 1
     checkpoint: Literal["last", "best"] = "last"
-    checkpoint_minutes: NonNegativeFloat = 30.0  # also a last.pt within an epoch every N minutes of training (0: off)
+    checkpoint_minutes: NonNegativeFloat = 30.0  # also checkpoint within an epoch every N minutes of training (0: off)
 
 
 class Images(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ Contract: see models/README.md. detectron2 specifics, top to bottom:
 * :func:`train`: trains (``gpus: N``: one process per GPU through detectron2's ``launch`` on a free
   local port), writing ``config.yaml`` (ours), ``detectron2.yaml`` (detectron2's resolved config)
   and ``model.txt`` (the network, kept off the console) once training starts, then ``weights.pth``
-  (the final model; it marks a finished run); of the checkpoints only ``train/model_final.pth`` stays.
+  (the final model; it marks a finished run); detectron2's own checkpoints are then deleted.
   ``load_infer`` loads ``weights.pth``, or ``best.pth`` with ``checkpoint: best``.
 
 Epochs: detectron2 counts iterations over an endless sampler; an epoch here is
@@ -123,7 +123,7 @@ class Config:
         default_factory=lambda: [0.7, 0.9])  # LR x 0.1 at these fractions of the run's iterations
     validate_every: Count = 1
     checkpoint: Literal["last", "best"] = "last"
-    checkpoint_minutes: NonNegativeFloat = 30.0  # also a last.pt within an epoch every N minutes of training (0: off)
+    checkpoint_minutes: NonNegativeFloat = 30.0  # also checkpoint within an epoch every N minutes of training (0: off)
     anchor_sizes: list[Count] = field(
         default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side (network px) per FPN level P2..P6
     fpn_channels: Count = 256  # FPN output channels
@@ -560,8 +560,10 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
     model = torch.load(train_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     with atomic_path(final) as tmp:
         torch.save({"model": model}, tmp)
-    for periodic in [*train_dir.glob("model_[0-9]*.pth"), *train_dir.glob("model_timed.pth")]:
-        periodic.unlink()  # model_final.pth is the last checkpoint now
+    # a finished fold keeps one final (weights.pth) and one best (best.pth) file: detectron2's checkpoints, with
+    # the optimizer state (model_final.pth: 2x the weights) go; weights.pth marks the fold finished, so none is needed
+    for checkpoint in [*train_dir.glob("model_*.pth"), train_dir / "last_checkpoint"]:
+        checkpoint.unlink(missing_ok=True)
     return final
 
 

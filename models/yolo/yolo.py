@@ -14,7 +14,7 @@ Contract (same as every model folder, see models/README.md):
   ``metrics.csv`` + ``tensorboard/`` (:class:`models.curves.Curves`, the columns every model writes),
   ``train/results.csv`` + ``train/args.yaml`` + ultralytics' own TensorBoard events in ``train/`` (its plots
   there too with ``plots: true``), ``config.yaml`` (ours), ``weights.pt`` = ultralytics' final ``last.pt``
-  (the EMA weights of the last epoch; marks a finished run) and ``best.pt`` = its ``best.pt`` (the best
+  (the EMA weights of the last epoch, moved out of ``train/weights/``; marks a finished run) and ``best.pt`` = its ``best.pt`` (the best
   mAP@0.4 epoch). A killed run resumes from ``train/weights/last.pt``; a finished one is left alone.
 * ``predict``: ``oof.csv`` for fold k's images and ``test.csv`` for the test set in the
   shared prediction format, original pixels, low score threshold, optional flip TTA, from
@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -415,12 +414,11 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
         model.train(trainer=trainer, **kwargs)
     elif model.ckpt.get("optimizer") is not None:  # else ultralytics' final strip ran: only the copies below were left
         model.train(trainer=trainer, resume=True)
+    # moved, not copied: one file each (a killed move is finished by the next call: last.pt is still there)
     best = weights / "best.pt"
     if best.exists():
-        with atomic_path(out / "best.pt") as tmp:
-            shutil.copyfile(best, tmp)
-    with atomic_path(final) as tmp:  # last: it marks a finished run
-        shutil.copyfile(last, tmp)
+        os.replace(best, out / "best.pt")
+    os.replace(last, final)  # last: it marks a finished run
     return final
 
 
