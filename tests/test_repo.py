@@ -140,3 +140,10 @@ def test_readme_cost_estimates_are_the_scripts() -> None:
         shown = table["all" if name == "all" else name]
         assert shown[1:] == [f"{a100:.1f}", f"{t4:.1f}"], (name, shown)
         assert name == "all" or shown[0] == f"{ips:.1f}", (name, shown)
+
+
+def test_readme_names_the_tensorboard_tags_the_curves_write() -> None:
+    from models.curves import TAGS
+    said = re.search(r"under the same tags for all models: (.*?)\), `train/`", README.replace("\n", " "), flags=re.S)
+    assert said, "the README's fold-files paragraph names the TensorBoard tags"
+    assert set(re.findall(r"`([^`]+)`", said.group(1))) == set(TAGS.values()), said.group(1)
