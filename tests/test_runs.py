@@ -213,7 +213,7 @@ def test_sort_by_a_figure(tree: dict, capsys: pytest.CaptureFixture, column: str
     assert values == known + [None] * (len(values) - len(known))  # missing figures last
     if column == "pooled":  # the console table follows the same order
         text, _ = run(tree, capsys, "--sort", column)
-        body = [l for l in text.splitlines()[2:] if not l.startswith(("*", "note:", "page:"))]
+        body = [l for l in text.splitlines()[2:] if not l.startswith(("*", "note:", "page:", "disk:"))]
         assert [l.split()[0] for l in body] == [r["run"] for r in table]
         assert all(r[column] is None or f"{r[column]:.4f}" in l for r, l in zip(table, body))
 
