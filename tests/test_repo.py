@@ -147,3 +147,11 @@ def test_readme_names_the_tensorboard_tags_the_curves_write() -> None:
     said = re.search(r"under the same tags for all models: (.*?)\), `train/`", README.replace("\n", " "), flags=re.S)
     assert said, "the README's fold-files paragraph names the TensorBoard tags"
     assert set(re.findall(r"`([^`]+)`", said.group(1))) == set(TAGS.values()), said.group(1)
+
+
+def test_demo_runs_its_folds_through_the_scheduler_one_slot_per_core() -> None:
+    slots = ",".join(str(i) for i in range(min(4, len(os.sched_getaffinity(0)))))  # nproc: the cores it may use
+    plan = make("-n", "demo", "-o", ".venv/.installed", "-o", "demo-data").stdout
+    assert f"pipeline evaluate DEVICES={slots}" in plan, plan
+    chosen = make("-n", "demo", "DEVICE=cpu", "-o", ".venv/.installed", "-o", "demo-data").stdout
+    assert "pipeline evaluate" in chosen and "DEVICES=" not in chosen, chosen  # the user's choice wins
