@@ -27,7 +27,8 @@ device/gpus/workers, is never one), folds (folds with an oof.csv / the run's fol
 (mAP@0.4, or ROC AUC for a classifier), pooled (every OOF image scored at once), fold_mean (each fold
 scored alone, then averaged: the honest single-model figure; for an ensemble set its nested OOF mAP,
 tuned without fold k and scored on fold k), test, train_time (seconds, summed over folds), disk (bytes of the
-member's folder: weights, logs, tables; each run's total follows the table), date (the member's newest file) and from (where the figures come from: scores.json, params.json, or "computed now"
+member's folder: weights, logs, tables; each run's total follows the table), date (the member's newest file)
+and from (where the figures come from: scores.json, params.json, or "computed now"
 from oof.csv with the real metric).
 
 Figures computed now need the data folder's labels: the folder recorded by the run (a fold's
@@ -56,15 +57,13 @@ from cxr.dataset import NO_FINDING
 from cxr.io import DataError, atomic_path, one_line_errors
 from ensemble.ensemble import params_from_dict
 from ensemble.provenance import MODELS_DIR, PROFILES, training_data
+from models.members import WHERE_IT_RUNS  # where and how a job runs: never a "setting" here
 
 COLUMNS = ("run", "member", "family", "variant", "profile", "settings", "folds", "metric", "pooled", "fold_mean",
            "test", "train_time", "disk", "date", "from")
 FIGURES = ("pooled", "fold_mean", "test", "train_time", "disk")  # numbers: sorted numerically
 DESCENDING = (*FIGURES, "date")  # best / longest / newest first
 NOT_MEMBERS = frozenset({"ensemble", "logs", "prior_boxes"})
-# Where a job runs, not what it trains (the same keys models.__main__.WHERE_IT_RUNS frees; not imported
-# from there because that module pulls in the adapters' shared code): never a "setting" here.
-WHERE_IT_RUNS = frozenset({"device", "gpus", "workers", "checkpoint_minutes"})
 INPUT_KEYS = ("data", "labels_sha256", "folds", "folds_sha256", "split_sha256")  # inputs.json keys the diff compares
 HONEST = ("fold_mean is the figure to trust: each fold's images scored alone by the model that did not train on "
           "them, then averaged (for an ensemble set: nested OOF mAP, tuned without fold k and scored on fold k); "

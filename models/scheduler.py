@@ -295,7 +295,8 @@ def start_ray(cards: list[str] | None, address: str | None, gpus: int | None, pe
     total = int(ray.cluster_resources().get("GPU", 0))
     if total < per_job:
         ray.shutdown()
-        raise DataError("RAY_ADDRESS", f"the cluster at {address} has {total} GPU(s), fewer than GPUS_PER_JOB={per_job}")
+        raise DataError("RAY_ADDRESS",
+                        f"the cluster at {address} has {total} GPU(s), fewer than GPUS_PER_JOB={per_job}")
     if gpus and total < gpus:
         print(f"warning: the cluster at {address} has {total} GPU(s), fewer than GPUS={gpus}: the jobs run on "
               f"those {total}", file=sys.stderr, flush=True)
@@ -344,18 +345,23 @@ def progress(done: int, failed: int, running: int, waiting: int, seconds: list[f
     return f"{line}; ETA {eta:.0f} s" if eta < 120 else f"{line}; ETA {eta / 60:.0f} min"
 
 
+def attempt_numbers(cwd: Path, base: str) -> list[int]:
+    """The numbers of a job's attempt records (every run's), from their file names, in order."""
+    records = Path(cwd, base).parent.glob(f"{Path(base).name}.*.json")
+    names = (p.name.removesuffix(".json").rpartition(".")[2] for p in records)
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 def read_attempts(cwd: Path, base: str, first: int) -> list[dict]:
     """The records of a job's attempts from number ``first`` on (this run's), in order; an attempt that has
     only just taken its number (an empty record) is ``{"attempt": N}``."""
     found = []
-    for path in Path(cwd, base).parent.glob(f"{Path(base).name}.*.json"):
-        n = path.name.removesuffix(".json").rpartition(".")[2]
-        if n.isdigit() and int(n) >= first:
-            try:
-                found.append(json.loads(path.read_text()))
-            except (ValueError, OSError):
-                found.append({"attempt": int(n)})
-    return sorted(found, key=lambda r: r["attempt"])
+    for n in (n for n in attempt_numbers(cwd, base) if n >= first):
+        try:
+            found.append(json.loads(attempt_record(cwd, base, n).read_text()))
+        except (ValueError, OSError):
+            found.append({"attempt": n})
+    return found
 
 
 def attempt_rows(model: str, fold: int, attempts: list[dict], unfinished: int) -> list[dict]:
@@ -512,7 +518,7 @@ def run_jobs(todo: list[tuple[str, int]], a: argparse.Namespace, cards: list[str
     pending: dict = {}
     for m, k in todo:
         base = str(run / "logs" / f"{m}_fold{k}")
-        first = 1 + max((r["attempt"] for r in read_attempts(cwd, base, 1)), default=0)
+        first = 1 + max(attempt_numbers(cwd, base), default=0)
         steps = [(verb, [*adapter, *member_args(m), verb, *common, "--fold", str(k)]) for verb in ("train", "predict")]
         pending[task.remote(steps, base, first, str(cwd), cards, os.environ.get("OMP_NUM_THREADS"))] = (m, k, base, first)
     failed: set[str] = set()

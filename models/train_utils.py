@@ -358,7 +358,6 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
                 curves.add(row)
                 save_checkpoint(out / "last.pt", network, stepper, epoch, best, curves.log)
                 saved = time.perf_counter()
-            loader.sampler.skip = 0
         if rank == 0:
             finish(out, stepper.final_model())
             (out / "last.pt").unlink(missing_ok=True)  # weights.pt marks the fold finished: nothing to resume

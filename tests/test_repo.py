@@ -93,6 +93,7 @@ def stand_in_nvidia_smi(folder: Path, rows: list[str]) -> dict:
     (["Tesla T4, 535.104.05, 7.5"], "12.6", 0, "the CUDA 12.6 build of torch runs here"),
     (["Tesla P100-PCIE-16GB, 590.10.01, 6.0"], None, 2,
      "Tesla P100-PCIE-16GB (compute capability 6.0) is outside the CUDA 13.0 build's 7.5-12.0: make install TORCH_CUDA=12.6"),
+    (["NVIDIA H100 80GB HBM3, 580.82.07, 9.0"], "11.8", 2, "error: TORCH_CUDA=11.8: one of 13.0, 12.6"),
     (["Tesla K80, 470.82.01, 3.7"], "12.6", 2, "older than R525 (525.60.13), which the CUDA 12.6 build of torch "
                                                 "needs: make install a newer NVIDIA driver"),
 ])

@@ -135,6 +135,7 @@ def assert_one_job_per_card(jobs: pd.DataFrame) -> dict[str, list[tuple]]:
     (["--models", "classifier", "--devices", "0,1", "--gpus-per-job", "2", "--set", "gpus=1"],
      "GPUS_PER_JOB: 2, but SET has gpus=1"),
     (["--models", "classifier", "--devices", "0,1", "--set", "gpus=two"], "SET: gpus=two is not a whole number"),
+    (["--models", "classifier", "--devices", "0", "--retries", "-1"], "RETRIES: must be 0 or more, got -1"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
