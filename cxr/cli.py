@@ -230,6 +230,11 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_stats(a: argparse.Namespace) -> None:
+    if a.readers:
+        print(synth.reader_table(synth.load_stats(a.out)))
+        return
+    if not (a.labels and a.sizes):
+        raise DataError("cxr stats", "give --labels and --sizes (or --readers to print the readers of --out)")
     sizes = labels_io.read_sizes(a.sizes)
     stats = synth.compute_stats(labels_io.read_train_labels(a.labels, sizes), sizes)
     write_json(stats, a.out)
@@ -338,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("stats", help="summary statistics of real train labels (feeds synth)")
-    s.add_argument("--labels", required=True)
-    s.add_argument("--sizes", required=True)
+    s.add_argument("--labels", help="Kaggle train.csv")
+    s.add_argument("--sizes", help="its original sizes (train_meta.csv or a table with width, height)")
     s.add_argument("--out", default=str(synth.STATS_PATH))
+    s.add_argument("--readers", action="store_true", help="print the per-reader table of --out instead")
     s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("data", help="Kaggle download (DICOMs) or a resized-PNG set -> checked DATA folder")

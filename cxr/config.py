@@ -120,11 +120,30 @@ def load(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None
         raise DataError(path, f"YAML syntax error at {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise DataError(path, "top level must be a mapping")
-    values = {**_values(cls, data, str(path)), **_values(cls, overrides or {}, overrides_from)}
+    values = {**_values(cls, data, str(path)), **_values(cls, nest(overrides or {}, data, cls), overrides_from)}
     try:
         return cls(**values)
     except TypeError as e:  # a required field is missing
         raise DataError(path, str(e)) from e
+
+
+def nest(overrides: dict[str, Any], base: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """Dotted override keys into the nested mapping they name, on top of ``base``'s (the profile's) values:
+    ``{"labels.select": "only"}`` -> ``{"labels": {**profile's labels, "select": "only"}}``, so one key of a
+    nested setting changes from the command line (make's SET is split at spaces: no YAML mapping fits it).
+    Only a key whose head is a field of ``cls`` holding a dataclass is nested; others stay as they are."""
+    nested = ({f.name for f in dataclasses.fields(cls)
+               if dataclasses.is_dataclass(typing.get_type_hints(cls).get(f.name))} if cls is not None else None)
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, dot, rest = key.partition(".")
+        if not dot or (nested is not None and head not in nested):
+            out[key] = value
+            continue
+        inner = out.get(head, base.get(head))
+        inner = dict(inner) if isinstance(inner, dict) else {}
+        out[head] = {**inner, **nest({rest: value}, inner)}
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

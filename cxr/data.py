@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.dataset import FOLD_COLUMNS, NO_FINDING, SUBMISSION_COLUMNS
-from cxr.fusion import DEFAULT, FusionConfig, fuse_readers
+from cxr.fusion import DEFAULT, FusionConfig, fuse_readers, selection_summary
 from cxr.images import png_size
 from cxr.io import DataError, check_ids, csv_row, read_table, require_columns, show
 from cxr.labels import read_sizes, read_train_labels
@@ -47,7 +47,15 @@ class DataFolder:
         return read_train_labels(self.root / "train.csv", self.train_sizes)
 
     def fused(self, cfg: FusionConfig = DEFAULT) -> pd.DataFrame:
+        """The labels fused by ``cfg``; a reader selection says what it kept (once per setting)."""
+        if cfg.selects() and cfg not in self._told:
+            self._told.add(cfg)
+            print(selection_summary(self.labels, cfg), flush=True)
         return fuse_readers(self.labels, cfg)
+
+    @cached_property
+    def _told(self) -> set:
+        return set()
 
     def image(self, split: str, image_id: str) -> Path:
         path = self.root / split / f"{image_id}.png"

@@ -10,6 +10,13 @@ Modes (per image and class, each reader treated as one "model" of ensemble-boxes
 ``drop_readers`` removes the named ``rad_id`` s first; an image that loses all its
 readers is removed from the labels (it has no opinion left), not turned into No finding.
 
+Reader selection works on whole images, by who read them: ``images_read_only_by`` names readers,
+and the images every one of whose readers is among them are dropped (``select: drop``) or are the
+only ones kept (``select: only``). ``normals_too: false`` (the default) leaves the images all their
+readers called normal where they are, so the selection moves abnormal images only: the 2nd place's
+rule is ``images_read_only_by: [R8, R9, R10]`` with ``select: drop``. A dropped image is gone from
+the labels (a trainer skips it), never a No-finding image.
+
 ensemble-boxes wants coordinates in [0, 1]. IoU is unchanged and box averages move
 along when each axis is scaled by a constant, so each image is divided by its own largest
 coordinate per axis and multiplied back: fusion needs no image sizes and is exact.
@@ -20,7 +27,7 @@ boxes the metric would treat as the same object become one box.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -28,16 +35,23 @@ import pandas as pd
 from ensemble_boxes import nms, weighted_boxes_fusion
 
 from cxr.config import IoU
-from cxr.dataset import BOX_COLUMNS, NO_FINDING
+from cxr.io import DataError
+from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, NO_FINDING
 
 Mode = Literal["keep_all", "nms", "wbf"]
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    mode: Mode = "wbf"
-    iou_thr: IoU = 0.4
-    drop_readers: tuple[str, ...] = field(default_factory=tuple)
+    mode: Mode = "wbf"  # keep_all: every reader's box; nms: one reader's box per overlap; wbf: their average
+    iou_thr: IoU = 0.4  # readers' boxes overlapping more than this are one object
+    drop_readers: tuple[str, ...] = field(default_factory=tuple)  # these readers' rows are removed first
+    images_read_only_by: tuple[str, ...] = field(default_factory=tuple)  # images all of whose readers are here ...
+    select: Literal["drop", "only"] = "drop"  # ... are dropped, or are the only ones kept
+    normals_too: bool = False  # false: images every reader called normal are never dropped by the selection
+
+    def selects(self) -> bool:
+        return bool(self.images_read_only_by)
 
 
 DEFAULT = FusionConfig()
@@ -51,7 +65,7 @@ def fuse_readers(labels: pd.DataFrame, cfg: FusionConfig = DEFAULT) -> pd.DataFr
     ``keep_all``); every image keeps at least one row: an image with no finding box
     gets a single No-finding row.
     """
-    labels = labels[~labels["rad_id"].isin(cfg.drop_readers)]
+    labels = select_images(labels[~labels["rad_id"].isin(cfg.drop_readers)], cfg)
     findings = labels[labels["class_id"] != NO_FINDING]
     parts = []
     if cfg.mode == "keep_all":
@@ -65,6 +79,49 @@ def fuse_readers(labels: pd.DataFrame, cfg: FusionConfig = DEFAULT) -> pd.DataFr
     out = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else normal
     out["class_id"] = out["class_id"].astype(int)
     return out[FUSED_COLUMNS].sort_values(["image_id", "class_id"], kind="stable").reset_index(drop=True)
+
+
+def selected_images(labels: pd.DataFrame, cfg: FusionConfig) -> pd.Index:
+    """The ids ``cfg``'s reader selection keeps (all ids when it selects nothing)."""
+    ids = pd.Index(labels["image_id"].unique())
+    if not cfg.selects():
+        return ids
+    only = labels.groupby("image_id", sort=False)["rad_id"].agg(lambda r: set(r) <= set(cfg.images_read_only_by))
+    normal = ~only.index.isin(labels.loc[labels["class_id"] != NO_FINDING, "image_id"])
+    chosen = only if cfg.select == "only" else ~only
+    if not cfg.normals_too:
+        chosen |= normal
+    return ids[ids.isin(chosen[chosen].index)]
+
+
+def select_images(labels: pd.DataFrame, cfg: FusionConfig) -> pd.DataFrame:
+    """The label rows of the images ``cfg``'s reader selection keeps."""
+    if not cfg.selects():
+        return labels
+    unknown = sorted(set(cfg.images_read_only_by) - set(labels["rad_id"]))
+    if unknown:  # a misspelt reader would select nothing without a word
+        raise DataError("labels", f"images_read_only_by: {', '.join(map(repr, unknown))} read no image here "
+                                  f"(readers: {', '.join(sorted(set(labels['rad_id'])))})")
+    return labels[labels["image_id"].isin(selected_images(labels, cfg))]
+
+
+def selection_summary(labels: pd.DataFrame, cfg: FusionConfig) -> str:
+    """What ``cfg``'s reader selection keeps, for a run's log: images (abnormal ones) and fused boxes per class,
+    each as kept/all."""
+    fused_all = fuse_readers(labels, replace(cfg, images_read_only_by=()))
+    fused = fuse_readers(labels, cfg)
+    rule = (f"images read only by {','.join(cfg.images_read_only_by)}"
+            f"{'' if cfg.normals_too else ' with a finding'}: {'dropped' if cfg.select == 'drop' else 'the only ones kept'}")
+
+    def counts(f: pd.DataFrame) -> tuple[int, int, pd.Series]:
+        finding = f[f["class_id"] != NO_FINDING]
+        return f["image_id"].nunique(), finding["image_id"].nunique(), finding["class_id"].value_counts()
+
+    n, ab, boxes = counts(fused)
+    n0, ab0, boxes0 = counts(fused_all)
+    per_class = ", ".join(f"{CLASS_NAMES[c]} {int(boxes.get(c, 0))}/{int(boxes0[c])}" for c in sorted(boxes0.index))
+    return (f"labels: {rule}; kept {n}/{n0} images ({ab}/{ab0} with a finding); boxes per class kept/all: "
+            f"{per_class}")
 
 
 def count_boxes(labels: pd.DataFrame, configs: dict[str, FusionConfig]) -> pd.DataFrame:

@@ -9,9 +9,11 @@ committed as ``cxr/vindr_stats.json``; :func:`generate` draws a data set from th
   per-class frequencies, boxes drawn from the real per-class quantiles;
 * each class painted with its own shape, texture and intensity (learnable, but with
   anatomy, noise, blur and random amplitude on top, not trivial);
-* every image read by 3 of 17 simulated readers who miss boxes (real per-class
-  agreement), jitter them (real per-class jitter) and add stray boxes, so reader fusion
-  matters;
+* every image read by 3 of 17 simulated readers, the set drawn as the real sets read normal and
+  abnormal images (R8, R9 and R10 read 94% of the abnormal ones), who miss boxes (real per-class
+  agreement times the reader's own), jitter them (real per-class jitter times the reader's own)
+  and add stray boxes (as often as the reader strays relative to the others), so reader fusion and
+  reader selection matter;
 * written exactly as Kaggle's resized set: ``train/``, ``test/`` (PNG, squashed to
   ``size``), ``train.csv`` (original pixels), ``train_meta.csv``/``test_meta.csv``
   (``dim0`` = original height, ``dim1`` = width, non-square), ``sample_submission.csv``,
@@ -50,7 +52,7 @@ class SynthConfig:
     size: int = 256
     seed: int = 0
     normal_share: float | None = None  # None: the real share from the stats (~0.70)
-    stray_boxes: float = 0.15  # mean stray boxes per reader per abnormal image
+    stray_boxes: float = 0.15  # mean stray boxes per reader per abnormal image (each reader's real factor on top)
     noise: float = 7.0  # pixel noise sigma (0..255 scale)
     # every class equally frequent (1-3 per abnormal image) with boxes at least this share of the
     # image side: the "all classes" variant, where a class-id mix-up in an adapter shows up as a
@@ -89,6 +91,7 @@ def compute_stats(labels: pd.DataFrame, sizes: pd.DataFrame) -> dict:
             "quantiles": {k: [round(float(v), 4) for v in g[k].quantile(QUANTILES)] for k in ("cx", "cy", "w", "h")},
         }
     reader_share = labels.drop_duplicates(["image_id", "rad_id"])["rad_id"].value_counts(normalize=True)
+    figures, triples = reader_stats(labels, fused)
     return {
         "source": "VinBigData train.csv (67,914 rows, 15,000 images), fused with cxr.fusion.DEFAULT",
         "n_images": int(len(images)),
@@ -96,6 +99,8 @@ def compute_stats(labels: pd.DataFrame, sizes: pd.DataFrame) -> dict:
         "readers": {k: round(float(v), 5) for k, v in reader_share.sort_index().items()},
         "sizes": {k: [int(v) for v in known.loc[images, k].quantile(QUANTILES)] for k in ("width", "height")},
         "classes": classes,
+        "reader_figures": figures,
+        "reader_triples": triples,
     }
 
 
@@ -105,23 +110,111 @@ def _jitter(readers: pd.DataFrame, fused: pd.DataFrame) -> float:
     Only fused boxes drawn by at least two readers count: a box one reader drew alone is
     its own fused box and would report zero jitter.
     """
-    fused = fused[fused["score"] > 0.34]
-    errors = []
-    fused_by_image = {k: g[BOX_COLUMNS].to_numpy(dtype=float) for k, g in fused.groupby("image_id")}
-    for image_id, g in readers.groupby("image_id"):
+    return _spread(_edge_errors(readers, fused))
+
+
+def _spread(e: np.ndarray) -> float:
+    e = e[np.isfinite(e)]
+    return float(np.median(np.abs(e - np.median(e))) * 1.4826) if len(e) else 0.0
+
+
+def _by_image(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """image id -> its rows' boxes, on numpy slices (a pandas groupby per call cost minutes at real scale)."""
+    frame = frame.sort_values("image_id", kind="stable")
+    ids, boxes = frame["image_id"].to_numpy(), frame[BOX_COLUMNS].to_numpy(dtype=float)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, dtype=int)
+    return {ids[a]: boxes[a:b] for a, b in zip(starts, [*starts[1:], len(ids)])}
+
+
+def _edge_errors(readers: pd.DataFrame, fused: pd.DataFrame) -> np.ndarray:
+    """Each reader box's edge offsets (rows of ``readers``, one class) from the fused box it belongs to, over
+    that box's size: shape (len(readers), 4), NaN for a box that belongs to no fused box of 2+ readers."""
+    fused_by_image = _by_image(fused[fused["score"] > 0.34])
+    ids, boxes = readers["image_id"].to_numpy(), readers[BOX_COLUMNS].to_numpy(dtype=float)
+    errors = np.full((len(readers), 4), np.nan)
+    for image_id in pd.unique(ids):
         f = fused_by_image.get(image_id)
         if f is None:
             continue
-        r = g[BOX_COLUMNS].to_numpy(dtype=float)
-        iou = iou_matrix(r, f)
+        rows = np.flatnonzero(ids == image_id)
+        iou = iou_matrix(boxes[rows], f)
         member = iou.max(axis=1) > 0.4
         best = f[iou.argmax(axis=1)][member]
         size = np.column_stack([best[:, 2] - best[:, 0], best[:, 3] - best[:, 1]] * 2)
-        errors.append(((r[member] - best) / size).ravel())
-    if not errors:
-        return 0.0
-    e = np.concatenate(errors)
-    return float(np.median(np.abs(e - np.median(e))) * 1.4826)
+        errors[rows[member]] = (boxes[rows][member] - best) / size
+    return errors
+
+
+def reader_stats(labels: pd.DataFrame, fused: pd.DataFrame) -> tuple[dict, dict]:
+    """Each reader as the labels show them, and who reads which images.
+
+    Returns ``(figures, triples)``. ``figures[R]``: ``images`` read, ``normal_share`` of them (every
+    reader of an image agrees on normal vs abnormal in VinDr), ``boxes_per_image`` on abnormal ones,
+    ``agreement`` per class as ``[marked, chances]`` (a chance: a co-reader of the same image marked the
+    class; marked: this reader did too), ``jitter`` (box-edge spread around the fused boxes, as the
+    class ``jitter``) and ``stray`` (boxes per abnormal image no co-reader's box of that class overlaps at
+    IoU > 0.4). ``triples``: the share of each set of readers among normal and among abnormal images.
+    """
+    finding = labels[labels["class_id"] != NO_FINDING]
+    abnormal = set(finding["image_id"])
+    reads = labels.drop_duplicates(["image_id", "rad_id"])
+    who = reads.groupby("image_id")["rad_id"].agg(lambda r: ",".join(sorted(r)))
+    is_abnormal = who.index.isin(list(abnormal))
+    triples = {kind: {k: round(float(v), 6) for k, v in who[mask].value_counts(normalize=True).sort_index().items()}
+               for kind, mask in (("normal", ~is_abnormal), ("abnormal", is_abnormal))}
+    marked = finding.groupby(["image_id", "class_id"])["rad_id"].agg(set)
+    readers_of = reads.groupby("image_id")["rad_id"].agg(list)
+    chances: dict[tuple[str, int], list[int]] = {}
+    for (image_id, c), drew in marked.items():
+        for r in readers_of[image_id]:
+            if drew - {r}:
+                tally = chances.setdefault((r, int(c)), [0, 0])
+                tally[0] += r in drew
+                tally[1] += 1
+    stray: dict[str, int] = {}
+    for _, g in finding.groupby("image_id"):
+        b, cls, rad = g[BOX_COLUMNS].to_numpy(dtype=float), g["class_id"].to_numpy(), g["rad_id"].to_numpy()
+        iou = iou_matrix(b, b)
+        for k in range(len(g)):
+            alone = not (iou[k][(rad != rad[k]) & (cls == cls[k])] > 0.4).any()
+            stray[rad[k]] = stray.get(rad[k], 0) + int(alone)
+    errors = np.full((len(finding), 4), np.nan)
+    classes = finding["class_id"].to_numpy()
+    for c in FINDING_CLASSES:
+        errors[classes == c] = _edge_errors(finding[classes == c], fused[fused["class_id"] == c])
+    figures = {}
+    for r, mine in reads.groupby("rad_id"):
+        ab_images = int(mine["image_id"].isin(list(abnormal)).sum())
+        boxes = (finding["rad_id"] == r).to_numpy()
+        figures[r] = {
+            "images": int(len(mine)),
+            "normal_share": round(1 - ab_images / len(mine), 5),
+            "boxes_per_image": round(int(boxes.sum()) / ab_images, 4) if ab_images else 0.0,
+            "agreement": {str(c): chances[(r, c)] for c in FINDING_CLASSES if (r, c) in chances},
+            "jitter": round(_spread(errors[boxes].ravel()), 4),
+            "stray": round(stray.get(r, 0) / ab_images, 4) if ab_images else 0.0,
+        }
+    return dict(sorted(figures.items(), key=lambda kv: int(kv[0].lstrip("R")) if kv[0][1:].isdigit() else 0)), triples
+
+
+def reader_table(stats: dict) -> str:
+    """The per-reader figures of ``stats`` as a Markdown table (the README's)."""
+    figures = stats["reader_figures"]
+    abnormal = stats["reader_triples"]["abnormal"]
+    lines = ["| reader | images read | called normal | abnormal images read | boxes per abnormal image | "
+             "agreement with co-readers (chances) | box jitter | stray boxes per abnormal image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r, f in figures.items():
+        hits = sum(v[0] for v in f["agreement"].values())
+        chances = sum(v[1] for v in f["agreement"].values())
+        ab = round(f["images"] * (1 - f["normal_share"]))
+        agree = f"{hits / chances:.2f} ({chances})" if chances else "-"
+        lines.append(f"| {r} | {f['images']} | {f['normal_share']:.2%} | {ab} | {f['boxes_per_image'] or '-'} | "
+                     f"{agree} | {f['jitter'] or '-'} | {f['stray'] or '-'} |")
+    top = max(abnormal, key=abnormal.get)
+    lines.append(f"\nAbnormal images read by {top.replace(',', ', ')} together: {abnormal[top]:.1%}; the sets of "
+                 f"readers: {len(abnormal)} for abnormal images, {len(stats['reader_triples']['normal'])} for normal ones.")
+    return "\n".join(lines)
 
 
 def load_stats(path: str | os.PathLike = STATS_PATH) -> dict:
@@ -204,21 +297,56 @@ def _paint(img: np.ndarray, rng: np.random.Generator, c: int, box: np.ndarray) -
 # ---------------------------------------------------------------------------- readers
 
 
-def _read(rng: np.random.Generator, true: list[tuple[int, np.ndarray]], stats: dict, stray: float) -> list[list]:
-    """Boxes each of 3 simulated readers draws: misses, jitter and stray boxes from the stats."""
-    readers = list(stats["readers"])
+SHRINK = 50  # a reader's agreement leans on the pooled one as if it had had this many more chances
+
+
+def reader_models(stats: dict) -> dict[str, dict[str, float]]:
+    """Each reader's ``recall``, ``jitter`` and ``stray`` factors (1 = the pooled reader), from
+    ``reader_figures``: agreement with the co-readers (shrunk towards the pool: R2 had one chance), box jitter
+    and stray boxes relative to the pool weighted by abnormal images read. Empty for stats without them."""
+    figures = stats.get("reader_figures", {})
+    hits = {r: sum(v[0] for v in f["agreement"].values()) for r, f in figures.items()}
+    chances = {r: sum(v[1] for v in f["agreement"].values()) for r, f in figures.items()}
+    pooled = sum(hits.values()) / max(sum(chances.values()), 1)
+    weight = {r: f["images"] * (1 - f["normal_share"]) for r, f in figures.items()}
+    total = max(sum(weight.values()), 1e-9)
+    mean = {k: sum(weight[r] * f[k] for r, f in figures.items()) / total for k in ("jitter", "stray")}
+    models = {}
+    for r, f in figures.items():
+        agreement = (hits[r] + SHRINK * pooled) / (chances[r] + SHRINK)
+        seen = weight[r] > 0.5  # a reader who never marked a finding has no figures of their own
+        models[r] = {"recall": agreement / pooled if pooled else 1.0,
+                     "jitter": f["jitter"] / mean["jitter"] if seen and mean["jitter"] else 1.0,
+                     "stray": f["stray"] / mean["stray"] if seen and mean["stray"] else 1.0}
+    return models
+
+
+def _readers(rng: np.random.Generator, stats: dict, abnormal: bool) -> list[str]:
+    """The 3 readers of an image: a set of readers drawn with its real share among normal or abnormal images
+    (VinDr's abnormal images are nearly all read by R8, R9 and R10 together), else 3 by share of reads."""
+    triples = stats.get("reader_triples", {}).get("abnormal" if abnormal else "normal")
+    if triples:
+        share = np.array(list(triples.values()))
+        return list(triples)[int(rng.choice(len(triples), p=share / share.sum()))].split(",")
     share = np.array(list(stats["readers"].values()))
-    chosen = rng.choice(readers, size=3, replace=False, p=share / share.sum())
+    return list(rng.choice(list(stats["readers"]), size=3, replace=False, p=share / share.sum()))
+
+
+def _read(rng: np.random.Generator, true: list[tuple[int, np.ndarray]], stats: dict, stray: float,
+          models: dict[str, dict[str, float]]) -> list[list]:
+    """Boxes each of an abnormal image's 3 simulated readers draws: misses (the class's agreement times the
+    reader's), jitter (the class's times the reader's) and stray boxes (``stray`` times the reader's factor)."""
     classes = stats["classes"]
     image_share = np.array([classes[str(c)]["image_share"] for c in FINDING_CLASSES])
     rows = []
-    for rad in chosen:
+    for rad in _readers(rng, stats, abnormal=True):
+        me = models.get(rad, {"recall": 1.0, "jitter": 1.0, "stray": 1.0})
         mine = []
         for c, box in true:
-            if rng.uniform() < np.clip(classes[str(c)]["reader_agreement"], 0.35, 0.95):
+            if rng.uniform() < np.clip(classes[str(c)]["reader_agreement"] * me["recall"], 0.35, 0.97):
                 size = np.array([box[2] - box[0], box[3] - box[1]] * 2)
-                mine.append((c, box + rng.normal(0, classes[str(c)]["jitter"], 4) * size))
-        for _ in range(rng.poisson(stray)):
+                mine.append((c, box + rng.normal(0, classes[str(c)]["jitter"] * me["jitter"], 4) * size))
+        for _ in range(rng.poisson(stray * me["stray"])):
             c = int(rng.choice(FINDING_CLASSES, p=image_share / image_share.sum()))
             mine.append((c, _draw_box(rng, classes[str(c)])))
         if not mine:  # VinDr readers agree on normal vs abnormal: an abnormal image gets a box from everyone
@@ -238,7 +366,8 @@ def _sorted_box(box: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- data set
 
 
-def _image(cfg: SynthConfig, stats: dict, split: str, index: int) -> tuple[dict, np.ndarray, list, list]:
+def _image(cfg: SynthConfig, stats: dict, split: str, index: int,
+           models: dict[str, dict[str, float]]) -> tuple[dict, np.ndarray, list, list]:
     rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
     image_id = rng.bytes(16).hex()
     width = int(_from_quantiles(rng, stats["sizes"]["width"]))
@@ -264,12 +393,12 @@ def _image(cfg: SynthConfig, stats: dict, split: str, index: int) -> tuple[dict,
     png = np.clip(img, 0, 255).astype(np.uint8)
     meta = {"image_id": image_id, "dim0": height, "dim1": width}
     square, orig = (1.0, 1.0), (width, height)
-    reads = _read(rng, true, stats, cfg.stray_boxes) if true else []
+    reads = _read(rng, true, stats, cfg.stray_boxes, models) if true else []
     reader_rows = [
         [image_id, CLASS_NAMES[c], c, rad, *to_original(_sorted_box(b), square, orig)[0]] for rad, c, b in reads
     ]
     if not true:
-        rads = rng.choice(list(stats["readers"]), size=3, replace=False)
+        rads = _readers(rng, stats, abnormal=False)
         reader_rows = [[image_id, CLASS_NAMES[NO_FINDING], NO_FINDING, rad, *[np.nan] * 4] for rad in rads]
     truth = [[image_id, CLASS_NAMES[c], *to_original(b, square, orig)[0]] for c, b in true]
     truth = truth or [[image_id, CLASS_NAMES[NO_FINDING], *[np.nan] * 4]]
@@ -300,13 +429,14 @@ def generate(cfg: SynthConfig, where: str = "SynthConfig") -> Path:
     :class:`DataError` naming ``where`` (see :func:`check`) before anything is written."""
     check(cfg, where)
     stats = load_stats(cfg.stats)
+    models = reader_models(stats)
     out = Path(cfg.out)
     train_cols = ["image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS]
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
         (out / split).mkdir(parents=True, exist_ok=True)
         metas, rows = [], []
         for i in tqdm(range(n), desc=f"synth {split}", leave=False):
-            meta, png, reader_rows, truth = _image(cfg, stats, split, i)
+            meta, png, reader_rows, truth = _image(cfg, stats, split, i, models)
             with atomic_path(out / split / f"{meta['image_id']}.png") as tmp:
                 ok, buf = cv2.imencode(".png", png)
                 tmp.write_bytes(buf.tobytes())

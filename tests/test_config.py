@@ -95,3 +95,19 @@ def test_exponent_floats_are_numbers(tmp_path):
     assert load(Run, path).lr == 3e-4
     assert load(Run, path, overrides=parse_overrides(["lr=1e-30"])).lr == 1e-30
     assert parse_overrides(["name=1e5x"]) == {"name": "1e5x"}
+
+
+def test_a_dotted_key_changes_one_key_of_a_nested_setting(tmp_path):
+    """``labels.select=only`` (make's SET cannot hold a YAML mapping with spaces) changes that key and keeps the
+    profile's others; a dotted key naming no field is the usual one-line error."""
+    from cxr.config import load
+    from models.effdet.effdet import Config
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("labels: {mode: nms, drop_readers: [R1]}\n")
+    cfg = load(Config, profile, {"labels.select": "only", "labels.images_read_only_by": ["R8", "R9"]})
+    assert (cfg.labels.mode, cfg.labels.drop_readers, cfg.labels.select, cfg.labels.images_read_only_by) == \
+        ("nms", ("R1",), "only", ("R8", "R9"))
+    assert load(Config, profile, {"tta_fusion.iou_thr": 0.6}).tta_fusion.iou_thr == 0.6
+    with pytest.raises(DataError, match="labels: unknown key"):
+        load(Config, profile, {"labels.nope": 1})

@@ -98,3 +98,59 @@ def test_fusion_settings_in_yaml_are_range_checked(cls, values, message):
 
     with pytest.raises(DataError, match=re.escape(f"x.yaml: {message}")):
         from_dict(getattr(fusion, cls, None) or getattr(wbf, cls), values, "x.yaml")
+
+
+# --- reader selection: whole images by who read them -------------------------------------------------
+
+SELECT = frame(
+    [
+        ["a", 3, "R8", 100, 100, 200, 200],  # abnormal, read only by R8-R10
+        ["a", 3, "R9", 105, 100, 200, 200],
+        ["a", 14, "R10", np.nan, np.nan, np.nan, np.nan],
+        ["b", 14, "R8", np.nan, np.nan, np.nan, np.nan],  # normal, read only by R8-R10
+        ["b", 14, "R9", np.nan, np.nan, np.nan, np.nan],
+        ["c", 5, "R8", 10, 10, 50, 50],  # abnormal, read by R8 and R11
+        ["c", 5, "R11", 12, 10, 50, 50],
+        ["d", 14, "R11", np.nan, np.nan, np.nan, np.nan],  # normal, read by others
+    ]
+)
+
+
+@pytest.mark.parametrize("select, normals_too, kept", [
+    ("drop", False, {"b", "c", "d"}),  # the 2nd place's rule: abnormal R8-R10 images go, normal ones stay
+    ("drop", True, {"c", "d"}),
+    ("only", False, {"a", "b", "d"}),
+    ("only", True, {"a", "b"}),
+])
+def test_images_read_only_by(select, normals_too, kept):
+    cfg = FusionConfig(images_read_only_by=("R8", "R9", "R10"), select=select, normals_too=normals_too)
+    fused = fuse_readers(SELECT, cfg)
+    assert set(fused["image_id"]) == kept
+    assert set(fuse_readers(SELECT)["image_id"]) == {"a", "b", "c", "d"}  # no selection: every image
+
+
+def test_a_misspelt_reader_is_an_error():
+    from cxr.io import DataError
+
+    with pytest.raises(DataError, match=r"images_read_only_by: 'R08' read no image here \(readers: R10, R11, R8, R9\)"):
+        fuse_readers(SELECT, FusionConfig(images_read_only_by=("R08", "R9")))
+
+
+def test_the_2nd_place_selection_on_the_real_labels(real_labels):
+    """Images and boxes kept by the 2nd place's rule, against a direct pandas computation on train.csv."""
+    from cxr.fusion import selection_summary
+
+    cfg = FusionConfig(images_read_only_by=("R8", "R9", "R10"))
+    readers = real_labels.groupby("image_id")["rad_id"].agg(frozenset)
+    abnormal = set(real_labels.loc[real_labels["class_id"] != 14, "image_id"])
+    dropped = {i for i, r in readers.items() if r <= {"R8", "R9", "R10"} and i in abnormal}
+    fused = fuse_readers(real_labels, cfg)
+    assert set(fused["image_id"]) == set(readers.index) - dropped
+    expected = fuse_readers(real_labels[~real_labels["image_id"].isin(dropped)])
+    pd.testing.assert_frame_equal(fused, expected)
+    line = selection_summary(real_labels, cfg)
+    n_abnormal = len(abnormal - dropped)
+    assert f"kept {15000 - len(dropped)}/15000 images ({n_abnormal}/{len(abnormal)} with a finding)" in line, line
+    cardiomegaly = (expected["class_id"] == 3).sum()
+    assert f"Cardiomegaly {cardiomegaly}/" in line, line
+    assert len(dropped) == 4146 and n_abnormal == 248  # VinDr: R8, R9 and R10 read 94% of the abnormal images

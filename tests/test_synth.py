@@ -102,3 +102,63 @@ def test_bad_settings_are_one_line(tmp_path, capsys):
             main(["synth", "--out", str(tmp_path / "s"), *flags])
         assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
     assert not (tmp_path / "s").exists()
+
+
+def test_synthetic_readers_follow_their_real_figures(tmp_path):
+    """The simulated readers are the real ones: the same sets read the abnormal images, and the readers who
+    agree more (R9 over R8) and stray more (R9 over R8) in train.csv do so in the synthetic labels too."""
+    from cxr.fusion import fuse_readers
+    from cxr.labels import read_train_labels
+    from cxr.synth import load_stats, reader_stats
+
+    out = generate(SynthConfig(out=str(tmp_path / "s"), n_train=900, n_test=1, size=32, seed=1, stray_boxes=0.5))
+    labels = read_train_labels(out / "train.csv")
+    figures, triples = reader_stats(labels, fuse_readers(labels))
+    real = load_stats()
+    assert triples["abnormal"]["R10,R8,R9"] > 0.85 and real["reader_triples"]["abnormal"]["R10,R8,R9"] > 0.9
+    assert set(triples["normal"]) <= set(real["reader_triples"]["normal"])
+
+    def agreement(f):
+        return sum(v[0] for v in f["agreement"].values()) / sum(v[1] for v in f["agreement"].values())
+
+    for source in (real["reader_figures"], figures):
+        assert agreement(source["R9"]) > agreement(source["R10"]) > agreement(source["R8"]), source
+        assert source["R9"]["stray"] > source["R8"]["stray"], source
+    assert all(figures[r]["normal_share"] == 1.0 for r in ("R1", "R3", "R4", "R5", "R6", "R7") if r in figures)
+
+
+def test_reader_stats_say_what_the_real_labels_say(real_labels):
+    """``compute_stats`` on the real train.csv gives the committed vindr_stats.json, and its per-reader figures
+    agree with a direct pandas count."""
+    import json
+
+    from conftest import TRAIN_INFO, real
+    from cxr.labels import read_sizes
+    from cxr.synth import STATS_PATH, compute_stats
+
+    stats = compute_stats(real_labels, read_sizes(real(TRAIN_INFO)))
+    assert json.loads(json.dumps(stats)) == json.loads(STATS_PATH.read_text())
+    reads = real_labels.drop_duplicates(["image_id", "rad_id"])
+    abnormal = set(real_labels.loc[real_labels["class_id"] != 14, "image_id"])
+    for r, f in stats["reader_figures"].items():
+        mine = reads[reads["rad_id"] == r]
+        assert f["images"] == len(mine)
+        assert abs(f["normal_share"] - (1 - mine["image_id"].isin(abnormal).mean())) < 1e-5
+    r9 = real_labels[(real_labels["rad_id"] == "R9") & (real_labels["class_id"] == 3)]["image_id"]
+    co = real_labels[(real_labels["rad_id"] != "R9") & (real_labels["class_id"] == 3)
+                     & real_labels["image_id"].isin(reads.loc[reads["rad_id"] == "R9", "image_id"])]["image_id"]
+    assert stats["reader_figures"]["R9"]["agreement"]["3"] == [len(set(co) & set(r9)), len(set(co))]
+    triples = reads.groupby("image_id")["rad_id"].agg(lambda r: ",".join(sorted(r)))
+    abnormal_triples = triples[triples.index.isin(abnormal)].value_counts(normalize=True)
+    assert abs(stats["reader_triples"]["abnormal"]["R10,R8,R9"] - abnormal_triples["R10,R8,R9"]) < 1e-6
+
+
+def test_the_readme_shows_the_committed_reader_table():
+    """The README's per-reader table is ``cxr stats --readers`` of the committed stats, as printed."""
+    from pathlib import Path
+
+    from cxr.synth import reader_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("<!-- readers: cxr stats --readers -->\n", 1)[1].split("\n<!-- /readers -->", 1)[0]
+    assert shown == reader_table(load_stats())
