@@ -855,8 +855,8 @@ def predict_speed(name: str, adapter: Any, cfg: Any, data: Any, out: Path, hooks
     ends: list[float] = []
     hooks.count_inference()
 
-    def timed(images):
-        result = infer(images)
+    def timed(images, *size):
+        result = infer(images, *size)
         if cuda:
             torch.cuda.synchronize()
         ends.append(time.perf_counter())

@@ -37,7 +37,7 @@ from ensemble.ensemble import apply  # noqa: E402
 from ensemble.predict_images import (  # noqa: E402
     Decoded, decode, load_ensemble, predict_folder, stream, write_pictures, write_view,
 )
-from models.common import predict_split  # noqa: E402
+from models.common import predict_checkpoints  # noqa: E402
 
 DICOMS = REPO.parent / "shared" / "data" / "vindr-cxr-images" / "dfloreaa"
 # Training cut short; inference keys (score_thr, max_det, tta) left as the demo profiles set them.
@@ -76,7 +76,8 @@ def stages(run: Path, src: Path, meta: Path, size: int, workers: int, batch: int
         tables: dict[str, list] = {}
         for m in ens.detectors:
             start = time.perf_counter()
-            tables[m.name] = [[predict_split(f, v, "test", ids, m.tta, m.batch) for f in m.folds] for v, ids in views]
+            tables[m.name] = [[predict_checkpoints(f, v, "test", ids, m.batch, tta=m.tta, **m.views) for f in m.folds]
+                              for v, ids in views]
             _rate(m.name, len(jobs), time.perf_counter() - start, f"{len(m.folds)} folds, tta={m.tta}")
         p_abnormal = []
         if ens.classifier:

@@ -9,7 +9,7 @@ size, or ``--size``) and given to every fold model of every model, exactly as ``
 treats the test set (one code path):
 
     per model in runs/NAME/ensemble/params.json (+ the classifier when the gate is on), per fold:
-        the fold's config.yaml -> the adapter's load_infer -> models.common.predict_split (flip TTA)
+        the fold's config.yaml -> the adapter's load_infer -> models.common.predict_checkpoints (its TTA views and checkpoints)
     folds  -> one table per model, as ``python -m models MODEL merge`` (WBF; mean of p_abnormal)
     models -> ensemble.ensemble.apply(params, ...)   (the tuned WBF and gate)
 
@@ -53,7 +53,7 @@ import shutil
 import sys
 import tempfile
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator, Sequence
@@ -81,7 +81,7 @@ from ensemble.overlays import display_size, draw, findings_text, side_by_side, t
 from ensemble.provenance import ensemble_rows, load_params, profile_summary, training_data
 import models as model_table
 from models.__main__ import fold_fusion
-from models.common import predict_split
+from models.common import fold_infers, predict_checkpoints
 from models.members import parse_member
 
 INFO_COLUMNS = ["image_id", "file", "width", "height"]  # one row per predicted image in OUT/.parts
@@ -98,9 +98,10 @@ class Member:
 
     name: str
     folds: list[Callable]
-    tta: bool
+    tta: bool | tuple[str | float, ...]
     batch: int  # the batch its own predict uses, so each model sees the batches make submission gave it
     fusion: WBF = FOLD_MERGE  # how merge fused its folds (RUN/MODEL/fold_fusion.yaml)
+    views: dict = field(default_factory=dict)  # its predict's TTA settings: tta_fusion, imgsz, stride
 
 
 @dataclass
@@ -178,12 +179,17 @@ def _load_member(run: Path, model: str, kind: str, fold_ids: list[int]) -> Membe
         cfg = load(adapter.Config, out / "config.yaml",
                    overrides={**{key: v for key, v in (predicted or {}).items() if key in only}, "device": "auto"})
         try:
-            folds.append(_classifier_infer(adapter, cfg, out) if kind == "classifier" else adapter.load_infer(cfg, out))
+            # a detector fold: its checkpoints (with checkpoint_views, its snapshots too), as its predict used them
+            folds.append(_classifier_infer(adapter, cfg, out) if kind == "classifier" else
+                         fold_infers(adapter.load_infer, cfg, out))
         except FileNotFoundError as e:
             raise DataError(out, f"fold {k} of {model!r} is not trained ({e})") from None
     # the batch each adapter's predict passes on (yolo: predict_batch; the others: batch)
-    return Member(model, folds, bool(cfg.tta), int(getattr(cfg, "predict_batch", cfg.batch)),
-                  fold_fusion(member.folder(run).parent, member.folder_name))
+    views = {} if kind == "classifier" else {
+        "tta_fusion": cfg.tta_fusion, "imgsz": cfg.imgsz,
+        "stride": adapter.stride(cfg) if hasattr(adapter, "stride") else 32}  # the same views as its own predict
+    return Member(model, folds, cfg.tta, int(getattr(cfg, "predict_batch", cfg.batch)),
+                  fold_fusion(member.folder(run).parent, member.folder_name), views)
 
 
 def _classifier_infer(adapter: ModuleType, cfg, out: Path) -> Callable[[list[Path]], np.ndarray]:
@@ -203,7 +209,7 @@ def predict_view(ens: Ensemble, view: DataFolder, ids: list[str]) -> pd.DataFram
     sizes = view.test_sizes
     tables = []
     for m in ens.detectors:
-        per_fold = [predict_split(infer, view, "test", ids, m.tta, m.batch) for infer in m.folds]
+        per_fold = [predict_checkpoints(infers, view, "test", ids, m.batch, tta=m.tta, **m.views) for infers in m.folds]
         # the fold fusion of models/__main__.py merge, with the settings that merge saved
         tables.append(fuse_group(per_fold, sizes, m.fusion))
     p_abnormal = None

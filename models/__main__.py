@@ -51,7 +51,8 @@ from cxr.dataset import NO_FINDING
 from models import MODELS, kind, names
 from models import adapter as import_adapter
 from models.members import (INPUTS_FILE, SCORES_FILE, WHERE_IT_RUNS, Member, asked_key, changed_inputs, fold_inputs,
-                            mark_predicted, read_inputs, record_settings, same_as_asked, settings, write_inputs)
+                            fold_start, mark_predicted, read_inputs, record_settings, same_as_asked, settings,
+                            start_input, write_inputs)
 
 HERE = Path(__file__).parent
 
@@ -186,20 +187,22 @@ def _changes(old: dict, new: dict, keys: list[str], verb: str) -> list[str]:
     return [f"{k}: {verb} {old.get(k, '<unset>')!r}, asked {new.get(k, '<unset>')!r}" for k in keys]
 
 
-def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dict[int, dict]) -> dict[int, tuple[str, list[str]]]:
+def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dict[int, dict], run: Path,
+                family: str) -> dict[int, tuple[str, list[str]]]:
     """Folds of a member whose saved results were made otherwise than ``cfg`` and ``inputs`` (per fold) ask:
     fold -> ("train", what differs) when the weights are not this config's (a model-defining key, the
     labels, the image size or the split changed), or ("predict", what differs) when only the prediction
     settings (the adapter's ``PREDICT_ONLY``) of its OOF/test tables differ. Where a job runs never counts.
     Folds with nothing trained yet are not listed (there is nothing to reuse)."""
     only = frozenset(getattr(adapter, "PREDICT_ONLY", ()))
-    new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    asked = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     stale: dict[int, tuple[str, list[str]]] = {}
     for k in ks:
         out = folder / f"fold{k}"
         saved = out / "config.yaml"
         if not saved.is_file():
             continue
+        new = {**asked, "weights": fold_start(asked["weights"], run, k, family)} if asked.get("weights") else asked
         old = read_yaml(saved.read_text()) or {}
         keys = differing(old, new, WHERE_IT_RUNS | only)
         lines = _changes(old, new, keys, "trained") + changed_inputs(read_inputs(out), inputs[k])
@@ -224,7 +227,7 @@ def check(model: str, member: Member, cfg: Any, inputs: dict[int, dict], run: Pa
     training settings still hold are kept: only its predictions are redone)."""
     folder = member.folder(run)
     adapter = import_adapter(model)
-    stale = stale_folds(adapter, cfg, folder, ks, inputs)
+    stale = stale_folds(adapter, cfg, folder, ks, inputs, run, model)
     if not stale:
         return
     retrain = sorted(k for k, (what, _) in stale.items() if what == "train")
@@ -286,7 +289,7 @@ def predict_config(adapter: Any, cfg: Any, out: Path) -> Any:
         raise DataError(saved, f"this fold was trained with other settings ({changes}): predict with the training "
                                f"settings (same PROFILE, no SET for these keys); only {', '.join(sorted(free))} may "
                                f"change at predict time")
-    return dataclasses.replace(trained, **{k: new[k] for k in free if k in new})
+    return dataclasses.replace(trained, **{k: getattr(cfg, k) for k in free if k in new})  # typed, not to_dict's
 
 
 def record_prediction(adapter: Any, cfg: Any, out: Path) -> Path:
@@ -442,7 +445,10 @@ def main(argv: list[str] | None = None) -> None:
             ks = sorted(int(k) for k in folds["fold"].unique()) if a.fold is None else [a.fold]
             if not any((folder / f"fold{k}" / "config.yaml").is_file() for k in ks):
                 return  # nothing trained yet: nothing could be reused
-            inputs = {k: fold_inputs(data.root, Path(a.folds), folds, k) for k in ks}  # hashed once, used twice
+            weights = (asked_value(profile_path(a.model, a.profile), overrides, "share_weights")
+                       or asked_value(profile_path(a.model, a.profile), overrides, "weights"))
+            inputs = {k: {**fold_inputs(data.root, Path(a.folds), folds, k), **start_input(weights, run, k, a.model)}
+                      for k in ks}  # hashed once, used twice
             if same_as_asked(folder, ks, key, inputs):
                 return  # made with exactly what is asked (no framework import needed to know it)
             cfg = load(import_adapter(a.model).Config, profile_path(a.model, a.profile), overrides)
@@ -462,11 +468,16 @@ def main(argv: list[str] | None = None) -> None:
         fold = 0 if a.fold is None else a.fold
         check_fold(folds, fold, a.folds)
         out = folder / f"fold{fold}"
+        asked_start = getattr(cfg, "weights", None)
+        if asked_start:  # a second stage: this fold's own start (the saved config holds the file it was)
+            cfg = dataclasses.replace(cfg, weights=fold_start(asked_start, run, fold, a.model))
         if a.verb == "predict":
             cfg = predict_config(adapter, cfg, out)
         if a.verb in ("train", "predict"):
             check_launcher(cfg)
-        inputs = fold_inputs(data.root, Path(a.folds), folds, fold) if a.verb == "train" else {}
+        shared = getattr(cfg, "share_weights", None)
+        inputs = ({**fold_inputs(data.root, Path(a.folds), folds, fold),
+                   **start_input(shared or asked_start, run, fold, a.model)} if a.verb == "train" else {})
         if a.verb == "train":
             check_run_config(cfg, out, frozenset(getattr(adapter, "PREDICT_ONLY", ())))
             changed = changed_inputs(read_inputs(out), inputs) if out.is_dir() and has_progress(out) else []
@@ -484,7 +495,10 @@ def main(argv: list[str] | None = None) -> None:
             if rank0 and a.verb == "train":
                 write_inputs(out, {**inputs, "asked": key})
             started = time.time()
-            result = getattr(adapter, a.verb)(cfg, data, folds, fold, out)
+            if a.verb == "train" and shared:
+                result = share_fold(adapter, cfg, shared, run, fold, out, a.model)
+            else:
+                result = getattr(adapter, a.verb)(cfg, data, folds, fold, out)
             if not rank0:
                 return
             if a.verb == "train":
@@ -500,6 +514,45 @@ def main(argv: list[str] | None = None) -> None:
                       f"test predictions {test}", flush=True)
             else:
                 print(f"{member} fold {fold} prepared: {result}", flush=True)
+
+
+def share_fold(adapter: Any, cfg: Any, shared: str, run: Path, fold: int, out: Path, family: str) -> Path:
+    """``share_weights``: fold ``fold`` takes the trained fold of member ``shared`` (same family, the same
+    training settings; only prediction settings may differ) instead of training: its weight files are hard
+    links (one copy on disk), its config, curves and metrics copies. Returns the final weights' path here."""
+    final = Path(fold_start(shared, run, fold, family))
+    source = final.parent
+    free = set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
+    old = read_yaml((source / "config.yaml").read_text()) or {}
+    new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    diff = differing(old, new, free)
+    if diff:
+        raise DataError(out, f"share_weights: {shared} fold {fold} was trained with other settings "
+                             f"({'; '.join(_changes(old, new, diff, 'trained'))}): only {', '.join(sorted(free))} "
+                             f"may differ from the member whose weights are shared")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or path.name in ("inputs.json", "log.txt", "oof.csv", "test.csv", "predict.yaml"):
+            continue
+        target = out / path.name
+        target.unlink(missing_ok=True)
+        if path.suffix in (".pt", ".pth"):
+            try:
+                os.link(path, target)
+                continue
+            except OSError:  # another filesystem: a copy
+                pass
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
+    print(f"{family} fold {fold}: shares the weights of {shared} ({final}); not trained here", flush=True)
+    return out / final.name
+
+
+def asked_value(profile_file: Path, overrides: dict, key: str) -> Any:
+    """The value of ``key`` a command asks for (its override, else the profile's), read without the framework."""
+    if key in overrides:
+        return overrides[key]
+    return (read_yaml(Path(profile_file).read_text()) or {}).get(key) if Path(profile_file).is_file() else None
 
 
 def profile_path(model: str, profile: str) -> Path:

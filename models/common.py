@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,10 +37,13 @@ from cxr.images import read_image
 from cxr.io import DataError
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import write_predictions
-from cxr.wbf import flip_boxes, fuse_predictions
+from cxr.wbf import WBF, flip_boxes, fuse_predictions
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, scores (N,), classes (N,)
-Infer = Callable[[list[np.ndarray]], list[Detections]]
+# infer(images, size=None): ``size`` is the network's input side for this view (None: the profile's imgsz)
+Infer = Callable[..., list[Detections]]
+View = tuple[float, bool]  # (scale of the network input, horizontal flip)
+TTA_FUSION = WBF(iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")  # how a detector's views of one image are fused
 
 
 # --- one vocabulary -----------------------------------------------------------------------------------
@@ -57,7 +61,15 @@ VOCABULARY: dict[str, str] = {
                   "on the same fold, optimistic OOF",
     "workers": "loader workers per GPU at most (fewer when the job has fewer cores)",
     "amp": "mixed precision on GPU: training, validation and prediction",
-    "tta": "horizontal-flip test-time augmentation at prediction",
+    "tta": "test-time views fused with WBF: false; true (= [hflip]); or a list of views: hflip, a scale of the "
+           "input (0.83, 1.2: imgsz x scale, rounded to the network's stride) or both (0.83+hflip)",
+    "tta_fusion": "WBF of the TTA views of one image (iou_thr, skip_box_thr, conf_type)",
+    "snapshots": "keep this many evenly spaced end-of-epoch weights of the second half of training "
+                 "(snapshot_e<N>.pt[h]) for checkpoint_views",
+    "checkpoint_views": "predict also with the fold's snapshots and fuse them with the final weights' predictions "
+                        "(WBF, tta_fusion), each with every TTA view",
+    "share_weights": "a member of the same family (yolo, yolo@s96) whose trained folds this one predicts with, "
+                     "untrained here: the same weights under other prediction settings (tta, score_thr, ...)",
     "seed": "seed of the initial weights, shuffling and augmentation",
     "device": "auto: a usable GPU, else the CPU; cuda: a GPU or stop; cpu: the CPU on purpose",
     "gpus": "GPUs of one training job (the first N visible); batch is per GPU",
@@ -67,7 +79,8 @@ VOCABULARY: dict[str, str] = {
     "scale": "random zoom in [1 - scale, 1 + scale]",
     "degrees": "random rotation, +- degrees",
     "brightness_contrast": "brightness and contrast jitter, +- (YOLO: hsv_v, brightness only)",
-    "labels": "reader fusion of the training labels (mode, iou_thr, drop_readers)",
+    "labels": "training labels: reader fusion (mode, iou_thr, drop_readers) and reader selection "
+              "(images_read_only_by, select, normals_too)",
     "score_thr": "lowest box score kept at prediction (low: the metric does not punish extra boxes)",
     "max_det": "most boxes kept per image",
 }
@@ -253,38 +266,94 @@ def trained_weights(path: Path, model: str) -> Path:
     return path
 
 
+def tta_views(tta: bool | Sequence[str | float]) -> list[View]:
+    """A profile's ``tta`` -> its views, the plain one first: ``false`` none else, ``true`` the flip (the
+    original switch), a list names views: ``hflip``, a scale (``0.83``: the input at imgsz x 0.83) or both
+    (``0.83+hflip``). A name of no view is a :class:`DataError` before anything is predicted."""
+    if isinstance(tta, bool):
+        return [(1.0, False), (1.0, True)] if tta else [(1.0, False)]
+    views = [(1.0, False)]
+    for name in tta:
+        scale, flip = 1.0, False
+        for part in str(name).split("+"):
+            if part == "hflip" and not flip:
+                flip = True
+                continue
+            try:
+                scale = float(part)
+            except ValueError:
+                scale = -1.0
+            if not 0.25 <= scale <= 4 or part in ("nan", "inf"):
+                raise DataError("tta", f"{name!r} is not a view: hflip, a scale in [0.25, 4] such as 0.83 or 1.2, "
+                                       f"or both (0.83+hflip)")
+        if (scale, flip) not in views:
+            views.append((scale, flip))
+    return views
+
+
+def view_name(view: View) -> str:
+    scale, flip = view
+    return "+".join(([] if scale == 1.0 and flip else [f"{scale:g}"]) + (["hflip"] if flip else []))
+
+
+def view_size(imgsz: int, scale: float, stride: int) -> int:
+    """The network input side of a view: imgsz x scale, rounded to the network's stride (at least one stride)."""
+    return max(stride, int(round(imgsz * scale / stride)) * stride)
+
+
 def predict_split(
     infer: Infer,
     data: DataFolder,
     split_name: str,
     image_ids: Sequence[str],
-    tta: bool = False,
+    tta: bool | Sequence[str | float] = False,
     batch_size: int = 16,
-    tta_iou: float = 0.55,
+    tta_fusion: WBF = TTA_FUSION,
     workers: int = 0,
+    imgsz: int | None = None,
+    stride: int = 32,
+    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Run ``infer`` over ``image_ids`` of ``split_name`` and return original-pixel predictions.
 
+    Each TTA view (:func:`tta_views`) runs the network on the images (mirrored for a flip) at its own input
+    side (:func:`view_size` of ``imgsz``); ``infer`` returns boxes normalized to the image it was given, so a
+    scaled view needs no mapping back and a flipped one is mirrored back in original pixels. The views of
+    each image are fused with WBF (``tta_fusion``); with several, the cost of each in images/s is printed.
     ``workers`` > 0 decodes the PNGs in that many loader processes while the model runs (GPU jobs; on
     the CPU they would compete with the model for the same cores)."""
+    views = tta_views(tta)
     sizes = data.sizes(split_name).set_index("image_id")
-    views: list[list[pd.DataFrame]] = [[], []] if tta else [[]]
+    tables: list[list[pd.DataFrame]] = [[] for _ in views]
+    seconds = [0.0 for _ in views]
     image_ids = list(image_ids)
     batches = image_batches([data.image(split_name, i) for i in image_ids], batch_size, workers)
     for start, images in zip(range(0, len(image_ids), batch_size), batches):
         ids = image_ids[start : start + batch_size]
         wh = sizes.loc[ids, ["width", "height"]].to_numpy(dtype=float)
-        views[0].append(_to_table(ids, infer(images), wh))
-        if tta:
-            flipped = _to_table(ids, infer([np.ascontiguousarray(im[:, ::-1]) for im in images]), wh)
-            for i, (w, _) in zip(ids, wh):
-                rows = (flipped["image_id"] == i) & (flipped["class_id"] != NO_FINDING)
-                flipped.loc[rows, BOX_COLUMNS] = flip_boxes(flipped.loc[rows, BOX_COLUMNS].to_numpy(), w)
-            views[1].append(flipped)
-    tables = [pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=PREDICTION_COLUMNS) for v in views]
-    if not tta:
-        return tables[0]
-    return fuse_predictions(tables, data.sizes(split_name), iou_thr=tta_iou)
+        for v, (scale, flip) in enumerate(views):
+            started = time.perf_counter()
+            shown = [np.ascontiguousarray(im[:, ::-1]) for im in images] if flip else images
+            size = None if imgsz is None or scale == 1.0 else view_size(imgsz, scale, stride)
+            table = _to_table(ids, infer(shown, size) if size else infer(shown), wh)
+            seconds[v] += time.perf_counter() - started
+            if flip:
+                rows = (table["class_id"] != NO_FINDING).to_numpy()
+                width = table.loc[rows, "image_id"].map(dict(zip(ids, wh[:, 0]))).to_numpy(dtype=float)
+                b = table.loc[rows, BOX_COLUMNS].to_numpy(dtype=float)
+                table.loc[rows, ["x_min", "x_max"]] = np.column_stack([width - b[:, 2], width - b[:, 0]])
+            tables[v].append(table)
+    out = [pd.concat(t, ignore_index=True) if t else pd.DataFrame(columns=PREDICTION_COLUMNS) for t in tables]
+    if len(views) == 1:
+        return out[0]
+    if image_ids:
+        costs = ", ".join(f"{view_name(view)}"
+                          f"{f' ({view_size(imgsz, view[0], stride)} px)' if imgsz else ''} "
+                          f"{len(image_ids) / max(t, 1e-9):.1f}" for view, t in zip(views, seconds))
+        log(f"tta {split_name}: {len(views)} views of {len(image_ids)} images, images/s per view: {costs}; fused "
+            f"with WBF iou_thr {tta_fusion.iou_thr}")
+    return fuse_predictions(out, data.sizes(split_name), None, tta_fusion.iou_thr, tta_fusion.skip_box_thr,
+                            tta_fusion.conf_type)
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -376,14 +445,61 @@ def _to_table(ids: list[str], detections: list[Detections], wh: np.ndarray) -> p
     return table[keep][PREDICTION_COLUMNS].reset_index(drop=True)
 
 
+def snapshot_epochs(epochs: int, k: int) -> list[int]:
+    """The 1-based epochs whose end-of-epoch weights ``snapshots: K`` keeps: K evenly spaced over the second
+    half of training, before the last (whose weights are the fold's final ones): 40 epochs, K=4 -> 20, 25,
+    30, 35. Fewer when the run is too short to hold K distinct ones."""
+    return sorted({e for i in range(1, k + 1) if 1 <= (e := round(epochs * (1 - i / (2 * k)))) < epochs}) if k else []
+
+
+def snapshot_path(out: Path, epoch: int, suffix: str = ".pt") -> Path:
+    return Path(out) / f"snapshot_e{epoch}{suffix}"
+
+
+def snapshot_files(out: Path) -> list[Path]:
+    """A finished fold's snapshots (``snapshot_e<N>.pt[h]``), by epoch."""
+    return sorted(Path(out).glob("snapshot_e*.pt*"), key=lambda p: int(p.stem.split("_e")[1]))
+
+
+def fold_infers(load_infer: Callable[..., Infer], cfg: Any, out: Path) -> list[tuple[str, Infer]]:
+    """The fold's weights ``predict`` uses, each as ``(file name, infer)``: the config's ``checkpoint`` and, with
+    ``checkpoint_views``, every snapshot the training kept (a fold without any is a :class:`DataError`)."""
+    infers = [("final" if cfg.checkpoint == "last" else "best", load_infer(cfg, out))]
+    if getattr(cfg, "checkpoint_views", False):
+        snaps = snapshot_files(out)
+        if not snaps:
+            raise DataError(out, "checkpoint_views: this fold kept no snapshots: train it with snapshots: K (K >= 1)")
+        infers += [(p.name, load_infer(cfg, out, p)) for p in snaps]
+    return infers
+
+
+def predict_checkpoints(infers: list[tuple[str, Infer]], data: DataFolder, split_name: str, ids: Sequence[str],
+                        batch_size: int, workers: int = 0, tta_fusion: WBF = TTA_FUSION, **views: Any) -> pd.DataFrame:
+    """One fold's predictions of ``ids``: each checkpoint's (:func:`fold_infers`) with its TTA ``views``
+    (:func:`predict_split`), several checkpoints' tables fused with WBF (``tta_fusion``)."""
+    tables = [predict_split(infer, data, split_name, ids, batch_size=batch_size, workers=workers,
+                            tta_fusion=tta_fusion, **views) for _, infer in infers]
+    if len(tables) == 1:
+        return tables[0]
+    return fuse_predictions(tables, data.sizes(split_name), None, tta_fusion.iou_thr, tta_fusion.skip_box_thr,
+                            tta_fusion.conf_type)
+
+
 def write_fold_predictions(
-    infer: Infer, data: DataFolder, folds: pd.DataFrame, fold: int, out_dir: Path, tta: bool, batch_size: int,
-    workers: int = 0,
+    infers: Infer | list[tuple[str, Infer]], data: DataFolder, folds: pd.DataFrame, fold: int, out_dir: Path, cfg: Any,
+    batch_size: int, workers: int = 0, stride: int = 32,
 ) -> tuple[Path, Path]:
-    """Write ``oof.csv`` (fold ``fold``'s images) and ``test.csv`` (every test image) into ``out_dir``."""
+    """Write ``oof.csv`` (fold ``fold``'s images) and ``test.csv`` (every test image) into ``out_dir``, with the
+    TTA views of ``cfg`` (``tta``, ``tta_fusion``, ``imgsz``; ``stride``: the network's) of each checkpoint of
+    ``infers`` (:func:`fold_infers`), several checkpoints' tables fused with WBF (``tta_fusion``)."""
+    infers = infers if isinstance(infers, list) else [("final", infers)]
     _, val_ids = split(folds, fold)
-    oof = predict_split(infer, data, "train", val_ids, tta, batch_size, workers=workers)
-    test = predict_split(infer, data, "test", data.test_ids(), tta, batch_size, workers=workers)
+    views = dict(tta=cfg.tta, tta_fusion=cfg.tta_fusion, imgsz=cfg.imgsz, stride=stride)
+    oof = predict_checkpoints(infers, data, "train", val_ids, batch_size, workers, **views)
+    test = predict_checkpoints(infers, data, "test", data.test_ids(), batch_size, workers, **views)
+    if len(infers) > 1:
+        print(f"checkpoint views: {', '.join(name for name, _ in infers)}: {len(infers)} checkpoints' predictions "
+              f"fused with WBF iou_thr {cfg.tta_fusion.iou_thr}", flush=True)
     oof_path = write_predictions(oof, out_dir / "oof.csv", data.train_sizes)
     test_path = write_predictions(test, out_dir / "test.csv", data.test_sizes)
     return oof_path, test_path

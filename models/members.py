@@ -148,6 +148,44 @@ def image_px(data_root: Path) -> int | None:
     return int(max(size)) if size else None
 
 
+FINAL_WEIGHTS = ("weights.pt", "weights.pth")  # what each adapter's train leaves in a finished fold
+
+
+def fold_start(value: str | None, run: Path, fold: int, family: str) -> str | None:
+    """The checkpoint fold ``fold`` starts from, for a ``weights`` value that names one per fold (a second
+    stage): a path with ``{fold}`` (``runs/stage1/yolo/fold{fold}/weights.pt``), or a member of the same
+    family (``yolo``, ``yolo@stage1``, ``demo:yolo``) whose fold ``fold`` final weights it takes. Any other
+    value (a public checkpoint, null) is returned as given. A first stage not trained yet is one error."""
+    if not value:
+        return value
+    if "{fold}" in value:
+        path = Path(value.replace("{fold}", str(fold)))
+        if not path.is_file():
+            raise DataError("weights", f"{value!r} is {path} for fold {fold}, which does not exist: train that "
+                                       f"stage's fold {fold} first")
+        return str(path)
+    m = MEMBER_RE.fullmatch(value.strip())
+    if m is None or m["family"] not in MODELS or Path(value).is_file():
+        return value
+    member = parse_member(value, "weights")
+    if member.family != family:
+        raise DataError("weights", f"{value!r} is a {member.family} member: a {family} fold cannot start from it")
+    out = member.folder(run) / f"fold{fold}"
+    found = [out / name for name in FINAL_WEIGHTS if (out / name).is_file()]
+    if not found:
+        raise DataError("weights", f"{member} has no final weights for fold {fold} ({out}/weights.pt[h]): train it "
+                                   f"first (make oof MODEL={member.family}"
+                                   f"{f' VARIANT={member.variant}' if member.variant else ''})")
+    return str(found[0])
+
+
+def start_input(value: str | None, run: Path, fold: int, family: str) -> dict[str, Any]:
+    """``{"start_sha256": ...}`` when fold ``fold`` starts from weights of its own (:func:`fold_start`), so a
+    retrained first stage makes the second stage's fold stale; {} for a public checkpoint or none."""
+    start = fold_start(value, run, fold, family)
+    return {"start_sha256": sha256(Path(start))} if start and start != value else {}
+
+
 def fold_inputs(data_root: Path, folds_path: Path, folds: pd.DataFrame, fold: int) -> dict[str, Any]:
     """What fold ``fold`` trains on now (see the module docstring's ``inputs.json``)."""
     data_root = Path(data_root)
@@ -213,7 +251,7 @@ def same_as_asked(folder: Path, ks: list[int], key: dict[str, Any], inputs: dict
 
 # What counts when a fold is reused: the labels, the images' size and the split (not where the folder is).
 _INPUT_KEYS = {"labels_sha256": "labels ({data}/train.csv)", "image_px": "image size (px)",
-               "split_sha256": "fold split ({folds})"}
+               "split_sha256": "fold split ({folds})", "start_sha256": "the weights it starts from or shares (weights, share_weights)"}
 
 
 def changed_inputs(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:

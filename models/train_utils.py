@@ -47,7 +47,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from cxr.io import DataError, atomic_path
-from models.common import cpu_count, device, loader_workers, rank_world, scale_for_gpus, trained_weights
+from models.common import (cpu_count, device, loader_workers, rank_world, scale_for_gpus, snapshot_epochs, snapshot_path,
+                           trained_weights)
 from models.curves import Curves, Progress
 
 
@@ -356,6 +357,9 @@ def run_epochs(cfg: Any, out: Path, score: str, loader: torch.utils.data.DataLoa
                 if row[score] is not None:
                     best = save_if_best(out, stepper.final_model(), row[score], best)
                 curves.add(row)
+                if epoch + 1 in snapshot_epochs(cfg.epochs, getattr(cfg, "snapshots", 0)):
+                    with atomic_path(snapshot_path(out, epoch + 1)) as tmp:
+                        torch.save({"model": stepper.final_model().state_dict()}, tmp)
                 save_checkpoint(out / "last.pt", network, stepper, epoch, best, curves.log)
                 saved = time.perf_counter()
         if rank == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 # `make test` runs one pytest-xdist worker per core: each worker's torch gets its share of the cores
 # instead of every worker starting one thread per core. Set before torch is first imported.
@@ -17,6 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -246,3 +247,25 @@ def fold0_against_prior(model: str, root: Path, *overrides: str, every_class: bo
         results.append(json.loads(buf.getvalue()))
     found = sorted(int(c) for c, ap in results[0]["ap"].items() if int(c) != NO_FINDING and ap)
     return results[0]["map"], results[1]["map"], minutes, found
+
+
+def assert_infer_takes_a_view_size(adapter: Any, out: Path, data: Path) -> None:
+    """A trained fold's ``infer`` runs the network at a TTA view's input side (here twice the profile's, rounded
+    to the adapter's stride): boxes still normalized to the image given, and not the plain view's boxes."""
+    from cxr.config import load
+    from cxr.data import DataFolder
+    from cxr.images import read_image
+    from models.common import view_size
+
+    cfg = load(adapter.Config, out / "config.yaml", {"score_thr": 0.0, "device": "cpu"})
+    infer = adapter.load_infer(cfg, out)
+    folder = DataFolder(data)
+    image = read_image(folder.image("test", folder.test_ids()[0]))
+    size = view_size(cfg.imgsz, 2.0, adapter.stride(cfg) if hasattr(adapter, "stride") else 32)
+    (plain, _, _), (larger, _, _) = infer([image])[0], infer([image], size)[0]
+    assert size > cfg.imgsz and len(larger) > 0
+    # raw boxes of an untrained model may cross the border (the table clips them); boxes divided by the wrong
+    # side would put the typical center near 0.5 x or 2 x where it is
+    centers = (larger[:, :2] + larger[:, 2:]) / 2
+    assert 0.2 < float(np.median(centers)) < 0.8, larger
+    assert plain.shape != larger.shape or not np.allclose(plain, larger), "the view's size was ignored"

@@ -29,7 +29,7 @@ from tests.conftest import kill_when, model_args
 # fold 0 of `tiny`: 4 training images at batch 2 = 2 iterations per epoch
 FAST = ["imgsz=128", "batch=2", "rpn_post_nms_topk_test=100"]
 # 3 epochs, validation at epochs 2 and 3 (the last always validates); an opts pair for detectron2's config
-TRAINED = [*FAST, "epochs=3", "validate_every=2", 'opts=[MODEL.RPN.NMS_THRESH, "0.6"]']
+TRAINED = [*FAST, "epochs=3", "validate_every=2", "snapshots=1", 'opts=[MODEL.RPN.NMS_THRESH, "0.6"]']
 PROFILES = Path(__file__).resolve().parents[1] / "models" / "detectron"
 COLUMNS = ["epoch", "train_loss", "val_loss", "val_map", "lr", "seconds"]
 
@@ -383,3 +383,28 @@ def test_gpus_launch_on_a_free_local_port(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="detectron2 trains on several processes on CUDA only"):
         d.train(Config(gpus=2, device="cpu", norm="GN"), None, None, 0, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_infer_takes_a_view_size(trained, tiny):
+    import models.detectron.detectron as adapter
+    from tests.conftest import assert_infer_takes_a_view_size
+
+    assert_infer_takes_a_view_size(adapter, trained[0], tiny[0])
+
+
+def test_a_snapshot_is_a_checkpoint_view(trained, tiny):
+    """snapshots=1 of 3 epochs keeps epoch 2 (snapshot_e2.pth, the bare model as best.pth); with
+    checkpoint_views the fold predicts with it and with the final weights, which differ."""
+    import models.detectron.detectron as adapter
+    from cxr.config import load
+    from cxr.images import read_image
+    from models.common import fold_infers
+
+    out = trained[0]
+    assert [p.name for p in out.glob("snapshot_*")] == ["snapshot_e2.pth"]
+    cfg = load(Config, out / "config.yaml", {"checkpoint_views": True, "score_thr": 0.0})
+    infers = fold_infers(adapter.load_infer, cfg, out)
+    assert [name for name, _ in infers] == ["final", "snapshot_e2.pth"]
+    image = read_image(DataFolder(tiny[0]).image("test", DataFolder(tiny[0]).test_ids()[0]))
+    (a, _, _), (b, _, _) = (infer([image])[0] for _, infer in infers)
+    assert a.shape != b.shape or not np.allclose(a, b)

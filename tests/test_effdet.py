@@ -1,6 +1,8 @@
 """EfficientDet adapter through its real entry point on the synthetic benchmark (offline, CPU)."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cxr.config import load
 from cxr.data import DataFolder
@@ -277,3 +280,80 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     figures(f"effdet full (D4, 1024 px) on CPU: the epoch (one step on 1 image, validation on 1) {epoch_s:.1f} s, "
             f"peak RSS of the training run {done.stdout.split()[-1]} MiB, prediction of 1 image with flip TTA "
             f"{predict_s:.1f} s")
+
+
+def test_second_stage_starts_each_fold_from_its_first_stage(tiny_folds, tmp_path, capsys):
+    """``weights`` naming a member (or a ``{fold}`` path): fold K starts from that member's fold K weights, with
+    the one ``loaded N of M tensors`` line; the start's hash is a fold input, so a retrained first stage makes
+    the second stage stale; a first stage not trained for a fold is one line, exit 2."""
+    from cxr.io import sha256
+
+    main(args("train", tiny_folds, "--set", *FAST, run=tmp_path))
+    first = tmp_path / "effdet" / "fold0" / "weights.pt"
+    capsys.readouterr()
+    main(args("train", tiny_folds, "--variant", "stage2", "--set", *FAST, "weights=effdet", "lr=1e-30", run=tmp_path))
+    log = capsys.readouterr().out
+    assert re.search(rf"loaded (\d+) of \1 tensors from {re.escape(str(first))}", log), log
+    second = tmp_path / "effdet@stage2" / "fold0"
+    assert json.loads((second / "inputs.json").read_text())["start_sha256"] == sha256(first)
+    assert str(first) in (second / "config.yaml").read_text()
+    got, start = (torch.load(p, weights_only=True)["model"] for p in (second / "weights.pt", first))
+    convs = [k for k in got if k.endswith(".weight") and got[k].ndim == 4]
+    assert len(convs) > 100 and all(torch.equal(got[k], start[k]) for k in convs)
+    check = args("check", tiny_folds, "--variant", "stage2", "--set", *FAST, "weights=effdet", "lr=1e-30", run=tmp_path)
+    main(check)  # unchanged: reused
+    first.write_bytes(first.read_bytes() + b"\0")  # a retrained first stage, as far as the hash can tell
+    with pytest.raises(SystemExit) as e:
+        main(check)
+    assert e.value.code == 2 and "the weights it starts from or shares (weights, share_weights): changed since training" in capsys.readouterr().err
+    for weights in ("effdet", f"{tmp_path}/effdet/fold{{fold}}/weights.pt"):
+        with pytest.raises(SystemExit) as e:
+            main(model_args("effdet", "train", tiny_folds, "--variant", "s3", "--set", *FAST, f"weights={weights}",
+                            fold=1, run=tmp_path))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "fold 1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_infer_takes_a_view_size(trained, fold_setup):
+    """A TTA scale runs EfficientDet at its own input side, with anchors made for it (effdet's are per size)."""
+    from tests.conftest import assert_infer_takes_a_view_size
+
+    assert_infer_takes_a_view_size(adapter, trained, fold_setup[0])
+
+
+def test_a_member_can_share_another_members_weights(tiny_folds, tmp_path, capsys):
+    """``share_weights``: a variant predicts with another member's trained folds (hard links, no training) under
+    its own prediction settings (here 3 TTA views); a training setting that differs is one line, exit 2."""
+    main(args("train", tiny_folds, "--set", *FAST, run=tmp_path))
+    views = ["share_weights=effdet", "tta=[hflip,2]"]
+    main(args("train", tiny_folds, "--variant", "tta3", "--set", *FAST, *views, run=tmp_path))
+    main(args("predict", tiny_folds, "--variant", "tta3", "--set", *FAST, *views, run=tmp_path))
+    log = capsys.readouterr().out
+    source, shared = tmp_path / "effdet" / "fold0", tmp_path / "effdet@tta3" / "fold0"
+    assert (shared / "weights.pt").samefile(source / "weights.pt") and "not trained here" in log
+    assert re.search(r"tta train: 3 views of 2 images, images/s per view: 1 \(128 px\) [\d.]+, hflip \(128 px\) "
+                     r"[\d.]+, 2 \(256 px\) [\d.]+", log), log
+    assert yaml.safe_load((shared / "predict.yaml").read_text())["tta"] == ["hflip", 2]
+    assert (shared / "oof.csv").is_file() and not (source / "oof.csv").exists()
+    with pytest.raises(SystemExit) as e:
+        main(args("train", tiny_folds, "--variant", "other", "--set", *FAST, "lr=0.1", *views, run=tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lr: trained" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_checkpoint_views_fuse_the_snapshots(tiny_folds, tmp_path, capsys):
+    """snapshots=1 of 2 epochs keeps epoch 1; checkpoint_views fuses its predictions with the final weights'
+    (printed, recorded in predict.yaml); a fold that kept none is one line, exit 2."""
+    from models.common import snapshot_epochs
+
+    assert snapshot_epochs(40, 4) == [20, 25, 30, 35] and snapshot_epochs(2, 3) == [1] and snapshot_epochs(9, 0) == []
+    main(args("train", tiny_folds, "--set", *FAST, "epochs=2", "snapshots=1", run=tmp_path))
+    out = tmp_path / "effdet" / "fold0"
+    assert [p.name for p in out.glob("snapshot_*")] == ["snapshot_e1.pt"]
+    main(args("predict", tiny_folds, "--set", *FAST, "epochs=2", "snapshots=1", "checkpoint_views=true", run=tmp_path))
+    assert "checkpoint views: final, snapshot_e1.pt: 2 checkpoints' predictions fused" in capsys.readouterr().out
+    assert yaml.safe_load((out / "predict.yaml").read_text())["checkpoint_views"] is True
+    main(args("train", tiny_folds, "--variant", "none", "--set", *FAST, run=tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(args("predict", tiny_folds, "--variant", "none", "--set", *FAST, "checkpoint_views=true", run=tmp_path))
+    assert e.value.code == 2 and "kept no snapshots" in capsys.readouterr().err

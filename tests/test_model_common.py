@@ -392,3 +392,56 @@ def test_a_job_on_fewer_gpus_than_visible_says_so(fake_cuda, monkeypatch, capsys
     assert out.startswith("device: 1 x NVIDIA H100") and "note: 4 GPUs visible, this job trains on 1" in out
     job_device(SimpleNamespace(device="cuda", gpus=4))
     assert "note" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tta", [["hflip"], ["0.5"], ["2"], ["0.75+hflip"], ["hflip", "0.5", "1.5+hflip"]])
+def test_every_tta_view_maps_a_box_back_exactly(synth_dir, tmp_path, tta):
+    """A detector that finds the one bright rectangle of the image it is given, at the input side each view
+    asks: every view (mirrored, smaller, larger) gives the rectangle back in original pixels, to a network
+    pixel, so the fused table has the one box where it is."""
+    import shutil
+
+    import cv2
+
+    from models.common import tta_views, view_size
+
+    data = DataFolder(shutil.copytree(synth_dir, tmp_path / "data"))  # one of its images is redrawn below
+    image_id = data.test_ids()[0]
+    w, h = data.test_sizes.set_index("image_id").loc[image_id, ["width", "height"]]
+    truth = np.array([0.125, 0.25, 0.5, 0.625])  # on a 64-px grid: exact at every size used here
+    sizes = []
+
+    def infer(images, size=None):
+        size = size or 64
+        sizes.append(size)
+        out = []
+        for image in images:
+            bright = cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST) > 200
+            ys, xs = np.nonzero(bright)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
+            out.append((box[None], np.array([0.9]), np.array([4])))
+        return out
+
+    picture = np.zeros((256, 256), np.uint8)
+    x0, y0, x1, y1 = (truth * 256).astype(int)
+    picture[y0:y1, x0:x1] = 255
+    cv2.imwrite(str(data.image("test", image_id)), picture)
+    logged = []
+    table = predict_split(infer, data, "test", [image_id], tta=tta, imgsz=64, stride=32, log=logged.append)
+    views = tta_views(tta)
+    assert sorted(set(sizes)) == sorted({64 if s == 1 else view_size(64, s, 32) for s, _ in views})
+    assert len(sizes) == len(views) and len(logged) == 1 and f"{len(views)} views of 1 images" in logged[0], logged
+    row = table[table["class_id"] == 4]
+    assert len(row) == 1, table
+    np.testing.assert_allclose(row[B].to_numpy()[0], truth * [w, h, w, h], rtol=1e-6)
+
+
+def test_tta_names_only_views():
+    from cxr.io import DataError
+    from models.common import tta_views
+
+    assert tta_views(False) == [(1.0, False)] and tta_views(True) == [(1.0, False), (1.0, True)]
+    assert tta_views(["hflip", "0.83", "0.83+hflip", "1"]) == [(1.0, False), (1.0, True), (0.83, False), (0.83, True)]
+    for bad in (["vflip"], ["5"], ["0.1"], ["nan"], ["hflip+hflip"]):
+        with pytest.raises(DataError, match="is not a view"):
+            tta_views(bad)

@@ -28,7 +28,9 @@ def test_adapter_implements_the_contract(name):
         fn = getattr(adapter, verb, None)
         assert callable(fn), f"{name} lacks {verb}"
         params = list(inspect.signature(fn).parameters)
-        expected = ["cfg", "out"] if verb == "load_infer" else ["cfg", "data", "folds", "fold", "out"]
+        # a detector's load_infer also loads one of the fold's snapshots (checkpoint views)
+        infer_args = ["cfg", "out", "snapshot"] if models.kind(name) == "detector" else ["cfg", "out"]
+        expected = infer_args if verb == "load_infer" else ["cfg", "data", "folds", "fold", "out"]
         assert params == expected, f"{name}.{verb}{params}"
 
 

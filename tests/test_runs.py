@@ -274,3 +274,29 @@ def test_no_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"no runs in {tmp_path / 'runs'}/"
     assert (tmp_path / "index.html").is_file()
+
+
+def test_the_ablation_of_a_run_is_shown(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """bench/levers.py's ablation.json / ablation.md of a run: `make runs` prints the table and its page shows it
+    (every figure a nested one; a missing figure is '-')."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("levers", Path(__file__).resolve().parents[1] / "bench" / "levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    runs = shutil.copytree(tree["runs"], tmp_path / "runs")
+    rows_ = [{"lever": "none", "member": "yolo", "what": "as it is", "fold_mean": 0.19, "test": None,
+              "ensemble": 0.46, "ensemble_instead": None, "seconds": None},
+             {"lever": "tta", "member": "yolo@tta", "what": "multi-scale <TTA>", "fold_mean": 0.2012, "test": 0.3,
+              "ensemble": 0.4711, "ensemble_instead": 0.4655, "seconds": 61}]
+    write_json({"run": "big", "family": "yolo", "rows": rows_}, runs / "big" / "ablation.json")
+    table = levers.ablation_markdown(rows_, ["yolo", "yolo@s640"])
+    (runs / "big" / "ablation.md").write_text(table + "\n")
+    assert "| tta | yolo@tta | 0.2012 | 0.4600 | 0.4711 | 0.4655 | 0.3000 | 61 |" in table
+    main(["--runs-dir", str(runs), "--html", str(tmp_path / "index.html")])
+    out = capsys.readouterr().out
+    assert "ablation of run big (bench/levers.py; nested OOF figures):\n" + table in out
+    page = (tmp_path / "index.html").read_text()
+    assert "Ablation: the winners' levers on big" in page and "multi-scale &lt;TTA&gt;" in page
+    assert "<td>0.4711</td><td>0.4655</td><td>0.3000</td><td>61</td>" in page

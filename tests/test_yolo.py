@@ -105,8 +105,9 @@ def test_curves_and_validate_every(small, tmp_path, capfd, recwarn):
     from models.curves import COLUMNS
     from models.yolo.yolo import MAP_KEY
 
-    main(args("train", small, "--set", "epochs=3", "validate_every=2", "plots=true", run=tmp_path))
+    main(args("train", small, "--set", "epochs=3", "validate_every=2", "plots=true", "snapshots=1", run=tmp_path))
     out = tmp_path / "yolo" / "fold0"
+    assert [p.name for p in out.glob("snapshot_*")] == ["snapshot_e2.pt"]  # epoch 2 of 3: the second half
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns) == [c for c in COLUMNS if c != "val_auc"]
     assert metrics["epoch"].tolist() == [1, 2, 3]
@@ -133,7 +134,7 @@ def test_best_is_the_best_validation_and_weights_the_final(small, tmp_path, monk
 
     scores = iter([0.5, 0.1])
     monkeypatch.setattr(yolo.PretrainedTrainer, "validation_map", lambda self, net: next(scores))
-    main(args("train", small, "--set", "epochs=3", "patience=1", run=tmp_path))
+    main(args("train", small, "--set", "epochs=3", "patience=1", "validate_every=1", run=tmp_path))
     out = tmp_path / "yolo" / "fold0"
     assert pd.read_csv(out / "metrics.csv")["val_map"].tolist() == [0.5, 0.1]  # stopped early by patience
     weights = out / "train" / "weights"
@@ -145,7 +146,7 @@ def test_best_is_the_best_validation_and_weights_the_final(small, tmp_path, monk
     loaded = []
     real_yolo = yolo.YOLO
     monkeypatch.setattr(yolo, "YOLO", lambda path, **kw: loaded.append(Path(path)) or real_yolo(path, **kw))
-    main(args("predict", small, "--set", "epochs=3", "patience=1", "checkpoint=best", run=tmp_path))
+    main(args("predict", small, "--set", "epochs=3", "patience=1", "validate_every=1", "checkpoint=best", run=tmp_path))
     yolo.load_infer(load(yolo.Config, PROFILES / "demo.yaml"), out)
     assert loaded == [out / "best.pt", out / "weights.pt"]
     assert read_predictions(out / "oof.csv", DataFolder(small[0]).train_sizes)["image_id"].nunique() > 1
@@ -164,7 +165,7 @@ def test_resume_after_kill(small, tmp_path):
     """The rerun is in this process (only the killed run needs one of its own). It resumed rather than
     restarted: results.csv keeps the killed run's epoch-1 row (its elapsed time) and goes on from it."""
     weights = tmp_path / "yolo" / "fold0" / "train" / "weights"
-    argv = args("train", small, "--set", "epochs=3", run=tmp_path)
+    argv = args("train", small, "--set", "epochs=3", "validate_every=1", run=tmp_path)
     # epoch 1 always writes last.pt and then best.pt (first fitness is the best): kill once both are complete
     kill_when(argv, lambda: _complete(weights / "last.pt") and _complete(weights / "best.pt"))
     assert not (tmp_path / "yolo" / "fold0" / "weights.pt").exists()
@@ -315,3 +316,19 @@ def test_amp_check_downloads_nothing(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
         assert yolo.check_amp(OnCuda()) is amp, name
     assert yolo.check_amp(torch.nn.Linear(1, 1)) is False  # the CPU: no AMP
+
+
+def test_infer_takes_a_view_size(trained, fold_setup):
+    import models.yolo.yolo as yolo_adapter
+    from tests.conftest import assert_infer_takes_a_view_size
+
+    assert_infer_takes_a_view_size(yolo_adapter, trained, fold_setup[0])
+
+
+def test_checkpoint_views_fuse_the_snapshots(small, tmp_path, capsys):
+    """snapshots=1 keeps epoch 1 of 2; checkpoint_views predicts with it and the final weights, fused."""
+    main(args("train", small, "--set", "epochs=2", "snapshots=1", run=tmp_path))
+    main(args("predict", small, "--set", "epochs=2", "snapshots=1", "checkpoint_views=true", run=tmp_path))
+    out = tmp_path / "yolo" / "fold0"
+    assert "checkpoint views: final, snapshot_e1.pt: 2 checkpoints' predictions fused" in capsys.readouterr().out
+    assert yaml.safe_load((out / "predict.yaml").read_text())["checkpoint_views"] is True

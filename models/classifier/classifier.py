@@ -46,7 +46,7 @@ from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNega
 from cxr.data import DataFolder, split
 from cxr.dataset import NO_FINDING
 from cxr.images import read_image
-from cxr.io import write_table
+from cxr.io import DataError, write_table
 from models.common import all_gather, amp_autocast, device, load_efficientnet_lite0, loader_workers, read_state_dict
 from models.curves import Progress
 from models.train_utils import (Stepper, augmentations, channels_last, cosine_schedule, eval_loader, launch,
@@ -88,7 +88,7 @@ class Config:
     seed: NonNegative = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpus: Count = 1
-    tta: bool = False
+    tta: bool | tuple[str | float, ...] = False  # the classifier's only view: hflip (true = [hflip])
     validate_every: Count = 1
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_minutes: NonNegativeFloat = 30.0  # also checkpoint within an epoch every N minutes of training (0: off)
@@ -206,6 +206,16 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
                lambda final: evaluate(final, val_loader, dev, cfg.amp), resumed)
 
 
+def flip_only(tta: bool | tuple[str | float, ...]) -> bool:
+    """Whether the classifier averages the flip (its one TTA view); a scale is a detector's view only."""
+    if isinstance(tta, bool):
+        return tta
+    views = [str(v) for v in tta]
+    if set(views) - {"hflip"}:
+        raise DataError("tta", f"the classifier's only TTA view is hflip, got {', '.join(views)}")
+    return bool(views)
+
+
 @torch.inference_mode()
 def _probabilities(model: torch.nn.Module, loader, dev: str, tta: bool, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(p_abnormal, labels) over ``loader`` (under AMP on GPU, when ``amp``)."""
@@ -242,7 +252,7 @@ def load_infer(cfg: Config, out: Path) -> Callable[[list[np.ndarray]], np.ndarra
         x = torch.stack([torch.from_numpy(transform(image=np.repeat(im[:, :, None], 3, axis=2))["image"].transpose(2, 0, 1).copy())
                          for im in images])
         loader = [(x, torch.zeros(len(images)))]
-        return _probabilities(model, loader, dev, cfg.tta, cfg.amp)[0]
+        return _probabilities(model, loader, dev, flip_only(cfg.tta), cfg.amp)[0]
 
     return infer
 
@@ -254,6 +264,6 @@ def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     paths = []
     for split_name, ids, name in (("train", val_ids, "oof.csv"), ("test", data.test_ids(), "test.csv")):
         ds = Images([data.image(split_name, i) for i in ids], None, cfg.imgsz, augment=None)
-        p, _ = _probabilities(model, eval_loader(ds, cfg.batch, loader_workers(cfg.workers), dev), dev, cfg.tta, cfg.amp)
+        p, _ = _probabilities(model, eval_loader(ds, cfg.batch, loader_workers(cfg.workers), dev), dev, flip_only(cfg.tta), cfg.amp)
         paths.append(write_table(pd.DataFrame({"image_id": ids, "p_abnormal": p}), out / name))
     return paths[0], paths[1]

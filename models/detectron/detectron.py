@@ -81,9 +81,11 @@ from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
+from cxr.wbf import WBF
 from cxr.io import DataError, atomic_path
-from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, loader_workers,
-                           scale_for_gpus, trained_weights, validation_map, write_fold_predictions)
+from models.common import (TTA_FUSION, Detections, Infer, all_gather, amp_autocast, decode_workers, device, loader_workers,
+                           fold_infers, scale_for_gpus, snapshot_epochs, snapshot_path, trained_weights,
+                           validation_map, write_fold_predictions)
 from models.curves import Curves
 from models.weights import resolve, transfer
 
@@ -93,7 +95,7 @@ logging.getLogger("torch.fx._symbolic_trace").addFilter(
     lambda record: not record.getMessage().startswith("is_fx_tracing will return true"))
 
 OUTPUT = "detections"
-PREDICT_ONLY = frozenset({"tta", "score_thr", "max_det", "checkpoint"})  # keys that only change prediction
+PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "max_det", "checkpoint"})  # keys that only change prediction
 
 
 @dataclass
@@ -146,15 +148,22 @@ class Config:
     workers: NonNegative = 2
     seed: NonNegative = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    tta: bool = False
+    tta: bool | tuple[str | float, ...] = False
+    tta_fusion: WBF = field(default_factory=lambda: TTA_FUSION)
+    share_weights: str | None = None
+    snapshots: NonNegative = 0
+    checkpoint_views: bool = False
     opts: list[str] = field(
         default_factory=list)  # other detectron2 keys: KEY VALUE strings for CfgNode.merge_from_list, applied last
 
 
 def records(data: DataFolder, ids: list[str], fusion: FusionConfig = DEFAULT) -> list[dict]:
     """Dataset dicts for ``ids``: PNG path, original ``width``/``height`` (meta table), and the
-    fused finding boxes (``boxes`` (N, 4) original pixels, ``classes`` (N,)); the mapper scales."""
+    fused finding boxes (``boxes`` (N, 4) original pixels, ``classes`` (N,)); the mapper scales. An id the
+    fusion's reader selection (or dropped readers) left out has no record: it is not a normal image."""
     fused = data.fused(fusion)
+    kept = set(fused["image_id"])
+    ids = [i for i in ids if i in kept]
     by_image = {k: g for k, g in fused[fused["class_id"] != NO_FINDING].groupby("image_id")}
     wh = data.train_sizes.set_index("image_id")[["width", "height"]]
     out = []
@@ -372,7 +381,7 @@ class ValidationHook(HookBase):
 
     def __init__(self, cfg: Config, data: DataFolder, val_ids: list[str], per_epoch: int, out: Path, workers: int = 0):
         self.cfg, self.data, self.val_ids, self.per_epoch, self.out, self.workers = cfg, data, val_ids, per_epoch, out, workers
-        self.records = records(data, val_ids[comm.get_rank()::comm.get_world_size()], cfg.labels)
+        self.records = records(data, val_ids[comm.get_rank()::comm.get_world_size()])
         self.mapper = Mapper(cfg, train=False)
         self.log: list[dict] = []  # metrics.csv's rows of the epochs done
         self.best = -math.inf
@@ -415,6 +424,10 @@ class ValidationHook(HookBase):
                     model = getattr(self.trainer.model, "module", self.trainer.model)
                     with atomic_path(self.out / "best.pth") as tmp:
                         torch.save({"model": model.state_dict()}, tmp)
+        if epoch in snapshot_epochs(self.cfg.epochs, self.cfg.snapshots) and not last and comm.is_main_process():
+            model = getattr(self.trainer.model, "module", self.trainer.model)
+            with atomic_path(snapshot_path(self.out, epoch, ".pth")) as tmp:
+                torch.save({"model": model.state_dict()}, tmp)
         if "lr" in storage.histories():
             row["lr"] = float(storage.history("lr").latest())
         now = time.perf_counter()
@@ -506,7 +519,7 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     """Check that fold ``fold``'s records build (images present, sizes known); nothing is written.
     Returns the number of (train, validation) images."""
     train_ids, val_ids = split(folds, fold)
-    return len(records(data, train_ids, cfg.labels)), len(records(data, val_ids, cfg.labels))
+    return len(records(data, train_ids, cfg.labels)), len(records(data, val_ids))
 
 
 def _train_worker(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> None:
@@ -570,11 +583,11 @@ def train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Pa
 def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
     """``model`` as an ``infer`` function: gray images (any size) -> boxes normalized to [0, 1]."""
     dev = next(model.parameters()).device
-    s = cfg.imgsz
-    resize = A.Resize(s, s)
 
     @torch.no_grad()
-    def infer(images: list[np.ndarray]) -> list[Detections]:
+    def infer(images: list[np.ndarray], size: int | None = None) -> list[Detections]:
+        s = size or cfg.imgsz
+        resize = A.Resize(s, s)
         was_training = model.training
         model.eval()
         batch = [{"image": torch.as_tensor(np.repeat(resize(image=im)["image"][None], 3, axis=0)).to(dev, non_blocking=True),
@@ -592,17 +605,18 @@ def _infer_fn(model: torch.nn.Module, cfg: Config) -> Infer:
     return infer
 
 
-def load_infer(cfg: Config, out: Path) -> Infer:
+def load_infer(cfg: Config, out: Path, snapshot: Path | None = None) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py): the final weights, or the best
-    validation epoch's with ``checkpoint: best``."""
+    validation epoch's with ``checkpoint: best``, or the file ``snapshot``."""
     weights = trained_weights(out / "weights.pth", "detectron")  # also: the run finished
     if cfg.checkpoint == "best":
         weights = trained_weights(out / "best.pth", "detectron")
+    weights = snapshot or weights
     model = build_model(build_cfg(cfg, out))
     DetectionCheckpointer(model).load(str(weights))
     return _infer_fn(model, cfg)
 
 
 def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
-    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch,
+    return write_fold_predictions(fold_infers(load_infer, cfg, out), data, folds, fold, out, cfg, cfg.batch,
                                   decode_workers(cfg.workers, device(cfg.device)))

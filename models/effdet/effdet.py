@@ -37,7 +37,7 @@ filters); predictions come back ``xyxy`` with 1-based classes.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, ClassVar, Literal
@@ -52,9 +52,10 @@ from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
+from cxr.wbf import WBF
 from cxr.io import write_table
-from models.common import (Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
-                           read_state_dict, validation_map, write_fold_predictions)
+from models.common import (TTA_FUSION, Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
+                           fold_infers, read_state_dict, validation_map, write_fold_predictions)
 from models.curves import Progress
 from models.train_utils import (Stepper, augmentations, channels_last, cosine_schedule, eval_loader, launch,
                                 make_optimizer, microbatches, resume, run_epochs, start_rank, train_loader,
@@ -65,7 +66,7 @@ OUTPUT = "detections"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-PREDICT_ONLY = frozenset({"tta", "score_thr", "max_det", "checkpoint"})  # may differ from the fold's training config
+PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "max_det", "checkpoint"})  # may differ from the fold's training config
 
 
 def effdet() -> ModuleType:
@@ -109,7 +110,11 @@ class Config:
     gpus: Count = 1
     score_thr: Fraction = 0.001
     max_det: Count = 100
-    tta: bool = False
+    tta: bool | tuple[str | float, ...] = False
+    tta_fusion: WBF = field(default_factory=lambda: TTA_FUSION)
+    share_weights: str | None = None
+    snapshots: NonNegative = 0
+    checkpoint_views: bool = False
     validate_every: Count = 1
     checkpoint: Literal["last", "best"] = "last"
     checkpoint_minutes: NonNegativeFloat = 30.0  # also checkpoint within an epoch every N minutes of training (0: off)
@@ -278,30 +283,42 @@ def _train(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: P
 
 
 def _infer_fn(model: torch.nn.Module, cfg: Config, dev: str) -> Infer:
-    bench = effdet().DetBenchPredict(model).to(dev).eval()
+    benches: dict[int, torch.nn.Module] = {}
     mean, std = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1), torch.tensor(STD, device=dev).view(1, 3, 1, 1)
-    resize = A.Resize(cfg.imgsz, cfg.imgsz)
+
+    def bench_for(size: int) -> torch.nn.Module:
+        """An EfficientDet is built for one input side (its BiFPN resamples to fixed feature sizes, its anchors
+        are made for it): a TTA scale gets a model of its own side holding the same weights."""
+        if size not in benches:
+            sized = model
+            if size != cfg.imgsz:
+                sized = build(Config(**{**vars(cfg), "imgsz": size, "backbone_init": None, "weights": None})).model
+                sized.load_state_dict(model.state_dict())
+            benches[size] = effdet().DetBenchPredict(sized).to(dev).eval()
+        return benches[size]
 
     @torch.inference_mode()
-    def infer(images: list[np.ndarray]) -> list[Detections]:
+    def infer(images: list[np.ndarray], size: int | None = None) -> list[Detections]:
+        size = size or cfg.imgsz
+        resize = A.Resize(size, size)
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(resize(image=im)["image"])) for im in images])
         x = x.pin_memory().to(dev, non_blocking=True) if dev.startswith("cuda") else x
         x = (x.float().div(255).unsqueeze(1).repeat(1, 3, 1, 1) - mean) / std
         with amp_autocast(dev, cfg.amp):  # effdet decodes the boxes in fp32 itself
-            det = bench(x).float().cpu().numpy()  # (B, max_det, 6): x0 y0 x1 y1 score class(1-based), input pixels
+            det = bench_for(size)(x).float().cpu().numpy()  # (B, max_det, 6): x0 y0 x1 y1 score class(1-based), input px
         outs = []
         for d in det:
             d = d[d[:, 4] >= cfg.score_thr]
-            outs.append((d[:, :4] / cfg.imgsz, d[:, 4], d[:, 5] - 1))
+            outs.append((d[:, :4] / size, d[:, 4], d[:, 5] - 1))
         return outs
 
     return infer
 
 
-def load_infer(cfg: Config, out: Path) -> Infer:
+def load_infer(cfg: Config, out: Path, snapshot: Path | None = None) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py): the final EMA weights, or the
-    best validation epoch's with ``checkpoint: best``."""
-    weights = trained_checkpoint(cfg, out, "effdet")
+    best validation epoch's with ``checkpoint: best``, or the file ``snapshot``."""
+    weights = snapshot or trained_checkpoint(cfg, out, "effdet")
     dev = device(cfg.device)
     model = build(Config(**{**vars(cfg), "backbone_init": None, "weights": None})).model
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
@@ -309,5 +326,10 @@ def load_infer(cfg: Config, out: Path) -> Infer:
 
 
 def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
-    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.batch,
-                                  decode_workers(cfg.workers, device(cfg.device)))
+    return write_fold_predictions(fold_infers(load_infer, cfg, out), data, folds, fold, out, cfg, cfg.batch,
+                                  decode_workers(cfg.workers, device(cfg.device)), stride=stride(cfg))
+
+
+def stride(cfg: Config) -> int:
+    """The largest feature stride (2^max_level): an input side must be a multiple of it."""
+    return 2 ** effdet().get_efficientdet_config(cfg.arch).max_level

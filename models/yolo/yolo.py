@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,22 +69,25 @@ from cxr.config import Count, Degrees, Fraction, ImageSize, NonNegative, NonNega
 from cxr.data import DataFolder, split
 from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
+from cxr.wbf import WBF
 from cxr.io import DataError, atomic_path
-from models.common import (Detections, Infer, amp_autocast, decode_workers, device, loader_workers,
-                           trained_weights, validation_map, write_fold_predictions)
+from models.common import (TTA_FUSION, Detections, Infer, amp_autocast, decode_workers, device, loader_workers,
+                           fold_infers, snapshot_epochs, snapshot_path, trained_weights, validation_map,
+                           write_fold_predictions)
 from models.curves import Curves
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"  # what merge does with the folds' tables (see models/__main__.py)
 # the keys that only change prediction: `python -m models yolo predict` may set them apart from the fold's config.yaml
-PREDICT_ONLY = frozenset({"tta", "score_thr", "nms_iou", "max_det", "predict_batch", "checkpoint"})
+PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "nms_iou", "max_det", "predict_batch", "checkpoint"})
 MAP_KEY = "metrics/mAP40(competition)"  # our mAP@0.4 in ultralytics' results.csv, its TensorBoard and checkpoints
 
 
 @dataclass
 class Config:
     """A profile (models/yolo/demo.yaml, full.yaml). Most fields are ultralytics train/predict args (four
-    under other names, see the module doc); validate_every, checkpoint, tta and predict_batch are ours."""
+    under other names, see the module doc); validate_every, checkpoint, tta, tta_fusion, snapshots,
+    checkpoint_views, share_weights and predict_batch are ours."""
 
     PASSTHROUGH: ClassVar[str] = "other ultralytics train keys go in train_args, e.g. --set 'train_args={mixup: 0.1}'"
 
@@ -117,7 +121,11 @@ class Config:
     score_thr: Fraction = 0.001  # ultralytics' conf
     nms_iou: Fraction = 0.6  # IoU above which NMS drops the lower-scored box of a class (ultralytics' iou)
     max_det: Count = 300
-    tta: bool = False  # merged with WBF
+    tta: bool | tuple[str | float, ...] = False
+    tta_fusion: WBF = field(default_factory=lambda: TTA_FUSION)
+    share_weights: str | None = None
+    snapshots: NonNegative = 0
+    checkpoint_views: bool = False
     predict_batch: Count = 16  # images per forward pass at prediction and validation
     plots: bool = False  # ultralytics' plots in train/: training batches, labels, results.png, PR curves
     train_args: dict[str, Any] = field(default_factory=dict)  # any other ultralytics train key: {mixup: 0.1, shear: 2.0}
@@ -367,11 +375,16 @@ def prepare(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: 
     data_yaml = root / "data.yaml"
     if data_yaml.exists():
         return data_yaml
-    fused = data.fused(cfg.labels)
-    fused = fused[fused["class_id"] != NO_FINDING]
-    by_image = dict(tuple(fused.groupby("image_id")))
     sizes = data.train_sizes.set_index("image_id")
     for part, ids in zip(("train", "val"), split(folds, fold)):
+        # training labels follow the run's reader fusion and selection (an image it drops is not trained on,
+        # never a normal one); validation always scores every held-out image against the default fusion
+        fused = data.fused(cfg.labels if part == "train" else DEFAULT)
+        if part == "train":
+            kept = set(fused["image_id"])
+            ids = [i for i in ids if i in kept]
+        fused = fused[fused["class_id"] != NO_FINDING]
+        by_image = dict(tuple(fused.groupby("image_id")))
         (root / "images" / part).mkdir(parents=True, exist_ok=True)
         (root / "labels" / part).mkdir(parents=True, exist_ok=True)
         for image_id in ids:
@@ -438,6 +451,10 @@ def _callbacks(cfg: Config, out: Path) -> list[tuple[str, Any]]:
     def on_fit_epoch_end(trainer) -> None:
         if RANK in {-1, 0} and "curves" in state:
             state["curves"].add(epoch_row(trainer))
+        epoch = trainer.epoch + 1  # ultralytics saved this epoch's last.pt just before this callback
+        if RANK in {-1, 0} and epoch in snapshot_epochs(cfg.epochs, cfg.snapshots) and Path(trainer.last).is_file():
+            with atomic_path(snapshot_path(out, epoch)) as tmp:
+                shutil.copyfile(trainer.last, tmp)
 
     def teardown(trainer) -> None:
         if "curves" in state:
@@ -502,19 +519,20 @@ def _done_rows(out: Path, start_epoch: int) -> list[dict[str, Any]]:
     return [{k: (None if pd.isna(v) else v) for k, v in rows[e].items()} for e in sorted(rows)]
 
 
-def load_infer(cfg: Config, out: Path) -> Infer:
+def load_infer(cfg: Config, out: Path, snapshot: Path | None = None) -> Infer:
     """The trained fold model as an ``infer`` function (see models/common.py): ``weights.pt`` (the final
-    weights), or ``best.pt`` with ``checkpoint: best``."""
+    weights), or ``best.pt`` with ``checkpoint: best``, or the file ``snapshot``."""
     weights = trained_weights(out / "weights.pt", "yolo")
     if cfg.checkpoint == "best":
         weights = trained_weights(out / "best.pt", "yolo")
+    weights = snapshot or weights
     model = YOLO(str(weights), task="detect")
 
     dev = _device(cfg)
 
-    def infer(images: list[np.ndarray]) -> list[Detections]:
+    def infer(images: list[np.ndarray], size: int | None = None) -> list[Detections]:
         bgr = [np.repeat(im[:, :, None], 3, axis=2) for im in images]
-        results = model.predict(bgr, imgsz=cfg.imgsz, conf=cfg.score_thr, iou=cfg.nms_iou, max_det=cfg.max_det,
+        results = model.predict(bgr, imgsz=size or cfg.imgsz, conf=cfg.score_thr, iou=cfg.nms_iou, max_det=cfg.max_det,
                                 # fp16 on GPU when amp; `quantize` is the 8.4 name of the deprecated `half` flag
                                 device=dev, quantize=16 if cfg.amp and dev != "cpu" else None, verbose=False)
         return [(r.boxes.xyxyn.cpu().numpy(), r.boxes.conf.cpu().numpy(), r.boxes.cls.cpu().numpy()) for r in results]
@@ -524,5 +542,5 @@ def load_infer(cfg: Config, out: Path) -> Infer:
 
 def predict(cfg: Config, data: DataFolder, folds: pd.DataFrame, fold: int, out: Path) -> tuple[Path, Path]:
     """Write ``oof.csv`` and ``test.csv`` for ``fold`` from its trained weights."""
-    return write_fold_predictions(load_infer(cfg, out), data, folds, fold, out, cfg.tta, cfg.predict_batch,
+    return write_fold_predictions(fold_infers(load_infer, cfg, out), data, folds, fold, out, cfg, cfg.predict_batch,
                                   decode_workers(cfg.workers, device(cfg.device)))
