@@ -48,10 +48,11 @@ class DataFolder:
 
     def fused(self, cfg: FusionConfig = DEFAULT) -> pd.DataFrame:
         """The labels fused by ``cfg``; a reader selection says what it kept (once per setting)."""
+        fused = fuse_readers(self.labels, cfg)
         if cfg.selects() and cfg not in self._told:
             self._told.add(cfg)
-            print(selection_summary(self.labels, cfg), flush=True)
-        return fuse_readers(self.labels, cfg)
+            print(selection_summary(self.labels, cfg, fused), flush=True)
+        return fused
 
     @cached_property
     def _told(self) -> set:

@@ -105,11 +105,11 @@ def select_images(labels: pd.DataFrame, cfg: FusionConfig) -> pd.DataFrame:
     return labels[labels["image_id"].isin(selected_images(labels, cfg))]
 
 
-def selection_summary(labels: pd.DataFrame, cfg: FusionConfig) -> str:
+def selection_summary(labels: pd.DataFrame, cfg: FusionConfig, fused: pd.DataFrame | None = None) -> str:
     """What ``cfg``'s reader selection keeps, for a run's log: images (abnormal ones) and fused boxes per class,
-    each as kept/all."""
+    each as kept/all. ``fused``: ``fuse_readers(labels, cfg)`` where the caller has it already."""
     fused_all = fuse_readers(labels, replace(cfg, images_read_only_by=()))
-    fused = fuse_readers(labels, cfg)
+    fused = fuse_readers(labels, cfg) if fused is None else fused
     rule = (f"images read only by {','.join(cfg.images_read_only_by)}"
             f"{'' if cfg.normals_too else ' with a finding'}: {'dropped' if cfg.select == 'drop' else 'the only ones kept'}")
 

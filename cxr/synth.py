@@ -197,6 +197,11 @@ def reader_stats(labels: pd.DataFrame, fused: pd.DataFrame) -> tuple[dict, dict]
     return dict(sorted(figures.items(), key=lambda kv: int(kv[0].lstrip("R")) if kv[0][1:].isdigit() else 0)), triples
 
 
+def agreement_totals(figures: dict) -> tuple[int, int]:
+    """A reader's (marked, chances) over every class of its ``agreement``."""
+    return (sum(v[0] for v in figures["agreement"].values()), sum(v[1] for v in figures["agreement"].values()))
+
+
 def reader_table(stats: dict) -> str:
     """The per-reader figures of ``stats`` as a Markdown table (the README's)."""
     figures = stats["reader_figures"]
@@ -205,8 +210,7 @@ def reader_table(stats: dict) -> str:
              "agreement with co-readers (chances) | box jitter | stray boxes per abnormal image |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r, f in figures.items():
-        hits = sum(v[0] for v in f["agreement"].values())
-        chances = sum(v[1] for v in f["agreement"].values())
+        hits, chances = agreement_totals(f)
         ab = round(f["images"] * (1 - f["normal_share"]))
         agree = f"{hits / chances:.2f} ({chances})" if chances else "-"
         lines.append(f"| {r} | {f['images']} | {f['normal_share']:.2%} | {ab} | {f['boxes_per_image'] or '-'} | "
@@ -305,8 +309,8 @@ def reader_models(stats: dict) -> dict[str, dict[str, float]]:
     ``reader_figures``: agreement with the co-readers (shrunk towards the pool: R2 had one chance), box jitter
     and stray boxes relative to the pool weighted by abnormal images read. Empty for stats without them."""
     figures = stats.get("reader_figures", {})
-    hits = {r: sum(v[0] for v in f["agreement"].values()) for r, f in figures.items()}
-    chances = {r: sum(v[1] for v in f["agreement"].values()) for r, f in figures.items()}
+    totals = {r: agreement_totals(f) for r, f in figures.items()}
+    hits, chances = {r: t[0] for r, t in totals.items()}, {r: t[1] for r, t in totals.items()}
     pooled = sum(hits.values()) / max(sum(chances.values()), 1)
     weight = {r: f["images"] * (1 - f["normal_share"]) for r, f in figures.items()}
     total = max(sum(weight.values()), 1e-9)

@@ -445,8 +445,8 @@ def main(argv: list[str] | None = None) -> None:
             ks = sorted(int(k) for k in folds["fold"].unique()) if a.fold is None else [a.fold]
             if not any((folder / f"fold{k}" / "config.yaml").is_file() for k in ks):
                 return  # nothing trained yet: nothing could be reused
-            weights = (asked_value(profile_path(a.model, a.profile), overrides, "share_weights")
-                       or asked_value(profile_path(a.model, a.profile), overrides, "weights"))
+            profile = profile_path(a.model, a.profile)
+            weights = asked_value(profile, overrides, "share_weights") or asked_value(profile, overrides, "weights")
             inputs = {k: {**fold_inputs(data.root, Path(a.folds), folds, k), **start_input(weights, run, k, a.model)}
                       for k in ks}  # hashed once, used twice
             if same_as_asked(folder, ks, key, inputs):

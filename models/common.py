@@ -340,8 +340,7 @@ def predict_split(
             if flip:
                 rows = (table["class_id"] != NO_FINDING).to_numpy()
                 width = table.loc[rows, "image_id"].map(dict(zip(ids, wh[:, 0]))).to_numpy(dtype=float)
-                b = table.loc[rows, BOX_COLUMNS].to_numpy(dtype=float)
-                table.loc[rows, ["x_min", "x_max"]] = np.column_stack([width - b[:, 2], width - b[:, 0]])
+                table.loc[rows, BOX_COLUMNS] = flip_boxes(table.loc[rows, BOX_COLUMNS].to_numpy(), width[:, None])
             tables[v].append(table)
     out = [pd.concat(t, ignore_index=True) if t else pd.DataFrame(columns=PREDICTION_COLUMNS) for t in tables]
     if len(views) == 1:
