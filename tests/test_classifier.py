@@ -159,3 +159,13 @@ def test_full_profile_builds_steps_and_predicts(tiny_folds, tmp_path, figures):
     epoch_s = metrics["seconds"].iloc[0]
     figures(f"classifier full (B5, 768 px) on CPU: the epoch (one step on 1 image, validation on 2) {epoch_s:.1f} s, "
             f"peak RSS {done.stdout.split()[-1]} MiB (build, step, validation on 2 images)")
+
+
+def test_the_classifier_takes_the_flip_view_only():
+    """The classifier's tta: true or [hflip]; a scale (a detector's view) is a one-line error naming it."""
+    from cxr.io import DataError
+    from models.classifier.classifier import flip_only
+
+    assert flip_only(True) and flip_only(("hflip",)) and not flip_only(False) and not flip_only(())
+    with pytest.raises(DataError, match="the classifier's only TTA view is hflip, got hflip, 0.83"):
+        flip_only(("hflip", 0.83))

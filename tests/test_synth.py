@@ -162,3 +162,11 @@ def test_the_readme_shows_the_committed_reader_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     shown = readme.split("<!-- readers: cxr stats --readers -->\n", 1)[1].split("\n<!-- /readers -->", 1)[0]
     assert shown == reader_table(load_stats())
+
+
+def test_stats_without_labels_is_one_line_exit_2(capsys):
+    """``cxr stats`` needs --labels and --sizes unless it only prints the reader table."""
+    with pytest.raises(SystemExit) as e:
+        main(["stats", "--out", "unused.json"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "give --labels and --sizes" in err and len(err.strip().splitlines()) == 1, err
