@@ -15,9 +15,10 @@ README = (REPO / "README.md").read_text()
 
 
 def readme_make_lines() -> list[str]:
-    """Every `make ...` line of the README's bash blocks (comments cut)."""
+    """Every `make ...` command of the README's bash blocks (comments cut, backslash continuations joined)."""
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()
+    commands = [re.sub(r"\\\n\s*", "", block) for block in blocks]
+    return [line.split("  #")[0].strip() for block in commands for line in block.splitlines()
             if line.strip().startswith("make ")]
 
 
@@ -40,7 +41,10 @@ def test_every_output_path_the_readme_suggests_is_ignored_by_git() -> None:
 @pytest.mark.parametrize("line", readme_make_lines())
 def test_readme_make_commands_parse_as_written(line: str, tmp_path: Path) -> None:
     """`make -n` of each README command: the target exists and make accepts its variables (quoting included)."""
-    done = subprocess.run(["bash", "-c", f"{line} -n -o .venv/.installed"], cwd=REPO, capture_output=True, text=True,
+    # -n goes right after `make`: appended to a line that ends in a backslash it would be an argument, and the
+    # command would really run
+    dry = line.replace("make ", "make -n -o .venv/.installed ", 1)
+    done = subprocess.run(["bash", "-c", dry], cwd=REPO, capture_output=True, text=True,
                           timeout=60, check=False)
     assert "no target" not in done.stderr and "No rule to make target" not in done.stderr, done.stderr
     assert "unterminated" not in done.stderr and "Syntax error" not in done.stderr, done.stderr
