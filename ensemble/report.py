@@ -54,6 +54,7 @@ from cxr.submission import read_submission  # noqa: E402
 from ensemble.ensemble import Params  # noqa: E402
 from ensemble.overlays import about_table, display_size, draw, legend, page, side_by_side, write_image  # noqa: E402
 from ensemble.provenance import TrainingData, ensemble_rows  # noqa: E402
+from ensemble.runs import ablation_html, read_ablation  # noqa: E402
 from ensemble.scoring import Scored, Truth, score_rows  # noqa: E402
 
 ENSEMBLES = ("ensemble", "ensemble_gated")  # the rows whose parameters were tuned on these OOF predictions
@@ -731,6 +732,9 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
         else:
             body += [f'<p class="muted"><b>{html.escape(m)}</b>, {html.escape(note)}</p>',
                      f'<img class="fig" src="{src(path)}" alt="{html.escape(m)} training curves">']
+    ablation = read_ablation(info.run) if info.run else {}
+    if ablation:
+        body += ablation_html(info.run.name, ablation)
     with atomic_path(folder / "index.html") as tmp:
         tmp.write_text(page(title, "\n".join(body), ".row { display: flex; flex-wrap: wrap; gap: 10px; }\n"
                             ".caution { background: #fff4e0; border: 2px solid #c77700; color: #6b4100; "
@@ -751,5 +755,8 @@ def _write_pages(folder: Path, prefix: str, c: dict) -> None:
         md += [f"## {auc_title}", "", auc_text, "", *_md_table(auc), ""]
     md += ["## Per-class AP@0.4 (pooled OOF)", "", *_md_table(pooled_ap, 3), "",
            f"![PR curves]({src(c['figures']['pr'])})", f"![confusion]({src(c['figures']['confusion'])})", ""]
+    if ablation and (info.run / "ablation.md").is_file():
+        md += [f"## Ablation: the winners' levers on {info.run.name} (bench/levers.py; nested OOF mAP@0.4)", "",
+               (info.run / "ablation.md").read_text().strip(), ""]
     with atomic_path(folder / "index.md") as tmp:
         tmp.write_text("\n".join(md), encoding="utf-8")

@@ -548,21 +548,7 @@ def page(rows: list[dict], runs_dir: Path, sort: str | None, diff: tuple[str, st
             items = "".join(f"<li><b>{e(w)}</b>: {e(n)}</li>" for w, n in notes)
             body.append(f'<h2>Notes</h2><ul class="notes">{items}</ul>')
     for run, ablation in ablations(runs_dir).items():
-        rows_ = ablation.get("rows", [])
-        none = next((r for r in rows_ if r.get("lever") == "none"), {})
-        body.append(f'<h2 id="ablation-{e(run)}">Ablation: the winners\' levers on {e(run)} '
-                    f'(bench/levers.py)</h2><p class="muted">Each lever is a variant of '
-                    f'{e(ablation.get("family"))}; every figure is a nested OOF mAP@0.4 (member: fold mean; '
-                    "ensemble: tuned without fold k, scored on fold k); test mAP reported, never used to "
-                    "choose.</p>")
-        head = ("<tr><th>lever</th><th>member</th><th>what</th><th>member OOF</th><th>ensemble without</th>"
-                "<th>with it added</th><th>with it instead</th><th>member test</th><th>make oof (s)</th></tr>")
-        trs = "".join(
-            "<tr>" + "".join(f"<td>{e(v)}</td>" for v in (
-                r.get("lever"), r.get("member"), r.get("what"), _fig(r.get("fold_mean")), _fig(none.get("ensemble")),
-                _fig(r.get("ensemble")) if r.get("lever") != "none" else "-", _fig(r.get("ensemble_instead")),
-                _fig(r.get("test")), _fig(r.get("seconds")))) + "</tr>" for r in rows_)
-        body.append(f"<table><thead>{head}</thead><tbody>{trs}</tbody></table>")
+        body += ablation_html(run, ablation)
     if diff:
         a, b = diff
         body.append(f'<h2 id="diff">Diff: {e(a)} vs {e(b)}</h2><p class="muted">Settings from each member\'s '
@@ -580,14 +566,35 @@ def _fig(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def ablation_html(run: str, ablation: dict) -> list[str]:
+    """The ablation table of ``runs/<run>/ablation.json`` as HTML (``make runs``' page and the run's report)."""
+    def e(x: Any) -> str:
+        return html.escape(str(x), quote=True)
+
+    rows_ = ablation.get("rows", [])
+    none = next((r for r in rows_ if r.get("lever") == "none"), {})
+    head = ("<tr><th>lever</th><th>member</th><th>what</th><th>member OOF</th><th>ensemble without</th>"
+            "<th>with it added</th><th>with it instead</th><th>member test</th><th>make oof (s)</th></tr>")
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{e(v)}</td>" for v in (
+            r.get("lever"), r.get("member"), r.get("what"), _fig(r.get("fold_mean")), _fig(none.get("ensemble")),
+            _fig(r.get("ensemble")) if r.get("lever") != "none" else "-", _fig(r.get("ensemble_instead")),
+            _fig(r.get("test")), _fig(r.get("seconds")))) + "</tr>" for r in rows_)
+    return [f'<h2 id="ablation-{e(run)}">Ablation: the winners\' levers on {e(run)} (bench/levers.py)</h2>'
+            f'<p class="muted">Each lever is a variant of {e(ablation.get("family"))}; every figure is a nested '
+            "OOF mAP@0.4 (member: fold mean; ensemble: tuned without fold k, scored on fold k); test mAP reported, "
+            "never used to choose.</p>", f"<table><thead>{head}</thead><tbody>{trs}</tbody></table>"]
+
+
+def read_ablation(run: Path) -> dict:
+    """``run/ablation.json`` (bench/levers.py writes it) when it has rows, else ``{}``."""
+    d = _read_json(Path(run) / "ablation.json")
+    return d if d.get("rows") else {}
+
+
 def ablations(runs_dir: Path) -> dict[str, dict]:
-    """``runs/<run>/ablation.json`` of every run that has one (bench/levers.py writes it)."""
-    out = {}
-    for name in run_names(runs_dir):
-        d = _read_json(Path(runs_dir) / name / "ablation.json")
-        if d.get("rows"):
-            out[name] = d
-    return out
+    """``runs/<run>/ablation.json`` of every run that has one."""
+    return {name: d for name in run_names(runs_dir) if (d := read_ablation(Path(runs_dir) / name))}
 
 
 def write_page(path: Path, text: str) -> Path:

@@ -208,6 +208,28 @@ def test_report_with_the_gate_off_says_nothing_gated_and_names_weak_members(cli_
     assert f"{scores_json['test_map']:.4f}" in (reports / "index.md").read_text()
 
 
+def test_report_shows_the_runs_ablation(cli_run, tmp_path):  # noqa: F811
+    """The run's ablation (bench/levers.py's runs/NAME/ablation.json and .md) is in every report page of the run,
+    the latest set's included; a run without one has no such section."""
+    *_, run, common = cli_run
+    main(["tune", *common, "--models", "yolo", "--classifier", "none"])
+    main(["submit", *common, "--models", "yolo", "--classifier", "none", "--name", "plain"])
+    assert "Ablation" not in (tmp_path / "reports" / "plain" / "index.html").read_text()
+    rows = [{"lever": "none", "member": "yolo", "what": "as it is", "fold_mean": 0.19, "test": None,
+             "ensemble": 0.46, "ensemble_instead": None, "seconds": None},
+            {"lever": "tta", "member": "yolo@tta", "what": "multi-scale TTA", "fold_mean": 0.2012, "test": 0.3,
+             "ensemble": 0.4711, "ensemble_instead": 0.4655, "seconds": 61}]
+    (run / "ablation.json").write_text(json.dumps({"run": run.name, "family": "yolo", "rows": rows}))
+    (run / "ablation.md").write_text("| lever | member |\n| --- | --- |\n| tta | yolo@tta |\n")
+    main(["submit", *common, "--models", "yolo", "--classifier", "none", "--name", "abl"])
+    reports = tmp_path / "reports" / "abl"
+    for page in (reports / "index.html", reports / SET_B / "index.html"):
+        text = page.read_text()
+        assert f"Ablation: the winners' levers on {run.name}" in text, page
+        assert "<td>0.4711</td><td>0.4655</td><td>0.3000</td><td>61</td>" in text, page
+    assert "| tta | yolo@tta |" in (reports / "index.md").read_text()
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(cli_run, tmp_path):  # noqa: F811
     """The page with its pictures, then without them: the figures are what makes it dark."""
