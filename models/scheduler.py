@@ -33,7 +33,8 @@ Contract:
   does; a difference stops the run with its one line, exit 2.
 - A fold whose ``oof.csv`` exists and is not older than the fold file is finished and skipped; a
   model is merged when all its folds are finished and its ``oof.csv`` is missing or older than one
-  of theirs (the Makefile's rules).
+  of theirs (the Makefile's rules). The checks, and the merges after the jobs, run on this host one per
+  core at once.
 - Faults: a job whose node or Ray worker dies is retried by Ray (``--retries``, default 2) on any free
   cards and resumes from the fold's last checkpoint; its processes die with their worker. A job whose
   verb exits non-zero is reported with its log (path and last lines) and not retried; the other jobs go
@@ -61,8 +62,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -71,6 +74,8 @@ from cxr.data import read_folds
 from cxr.io import DataError, one_line_errors, read_table, write_json, write_table
 from models import MODELS, OFFLINE_ENV
 from models.members import Member, parse_member
+
+T, R = TypeVar("T"), TypeVar("R")
 
 JOB_COLUMNS = ["model", "fold", "verb", "attempt", "cards", "host", "node", "start", "end", "exit_code", "log"]
 LOST, INTERRUPTED = -1, 130  # exit_code of a verb whose node or Ray worker died / that Ctrl-C stopped
@@ -458,36 +463,54 @@ def schedule(a: argparse.Namespace) -> int:
                   f"{attempt['attempt']}) but {oof} is {state} here on {here}: is {run} on a filesystem every node "
                   f"shares, and are the nodes' clocks in step?", flush=True)
             failed.add(m)
+    to_merge = []
     for m in models:
         if m in failed:
             print(f"not merged: {m} (a fold failed or its output is missing)", flush=True)
         elif all(finished(run, m, k, folds_file) for k in folds) and needs_merge(run, m, folds):
-            argv = [*adapter, *member_args(m), "merge", *common, *(["--fold-fusion", *a.fold_fusion] if a.fold_fusion else [])]
-            log, start = str(run / "logs" / f"{m}_merge.log"), now()
-            row = {"model": m, "fold": "", "verb": "merge", "attempt": "", "cards": "", "host": here, "node": "",
-                   "start": start, "exit_code": run_step(argv, log, str(cwd)), "end": now(), "log": log}
-            record([row])
-            if row["exit_code"]:
-                failed.add(m)
-                report_failure(row, m, "-", cwd)
-            elif needs_merge(run, m, folds):
-                print(f"MISSING {m}: merge exited 0 but {run / m / 'oof.csv'} is missing or older than its folds' "
-                      f"(log {log})", flush=True)
-                failed.add(m)
-            else:
-                print(f"merged {m}: {run / m / 'oof.csv'}", flush=True)
+            to_merge.append(m)
+
+    def merge(m: str) -> dict:
+        argv = [*adapter, *member_args(m), "merge", *common, *(["--fold-fusion", *a.fold_fusion] if a.fold_fusion else [])]
+        log, start = str(run / "logs" / f"{m}_merge.log"), now()
+        return {"model": m, "fold": "", "verb": "merge", "attempt": "", "cards": "", "host": here, "node": "",
+                "start": start, "exit_code": run_step(argv, log, str(cwd)), "end": now(), "log": log}
+
+    # the merges are independent single-process steps on this host: one per core at once (on the demo's 2 cores
+    # 4 merges take 2 rounds instead of 4); their rows and lines come in model order
+    for row in on_cores(merge, to_merge):
+        m, log = row["model"], row["log"]
+        record([row])
+        if row["exit_code"]:
+            failed.add(m)
+            report_failure(row, m, "-", cwd)
+        elif needs_merge(run, m, folds):
+            print(f"MISSING {m}: merge exited 0 but {run / m / 'oof.csv'} is missing or older than its folds' "
+                  f"(log {log})", flush=True)
+            failed.add(m)
+        else:
+            print(f"merged {m}: {run / m / 'oof.csv'}", flush=True)
     if failed:
         print(f"failed: {', '.join(sorted(failed))} (see the lines above); finished folds are skipped on a re-run",
               flush=True)
     return 1 if failed else 0
 
 
+def on_cores(step: Callable[[T], R], items: list[T]) -> list[R]:
+    """``step`` of every item, as many at once as this host has cores (each ``step`` runs a subprocess), in
+    ``items``' order."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), len(os.sched_getaffinity(0))))) as pool:
+        return list(pool.map(step, items))
+
+
 def stale_check(models: list[str], adapter: list[str], common: list[str], force: bool, cwd: Path) -> None:
     """Each member's ``check`` verb before any job (the Makefile runs the same before ``make oof``): a
     member whose trained folds were made with other settings stops the run with the check's line."""
-    for m in models:
+    def check(m: str) -> subprocess.CompletedProcess:
         argv = [*adapter, *member_args(m), "check", *common, *(["--force"] if force else [])]
-        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+
+    for m, done in zip(models, on_cores(check, models)):
         if done.stdout.strip():
             print(done.stdout.strip(), flush=True)
         if done.returncode:  # the check's own one line (it names the member's folder), then exit 2
