@@ -31,6 +31,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cxr.dataset import PREDICTION_COLUMNS  # noqa: E402
 from cxr.synth import SynthConfig, generate  # noqa: E402
 from cxr.wbf import fuse_predictions  # noqa: E402
 from ensemble.ensemble import apply  # noqa: E402
@@ -66,7 +67,8 @@ def stages(run: Path, src: Path, meta: Path, size: int, workers: int, batch: int
     start = time.perf_counter()
     ens = load_ensemble(run, "classifier", None)
     print(f"  load models    {time.perf_counter() - start:6.1f} s  ({len(ens.detectors)} detectors"
-          f"{' + classifier' if ens.classifier else ''}, {len(ens.detectors[0].folds)} folds each)")
+          f"{' + classifier' if ens.classifier else ''}, {max(len(m.folds) for m in ens.detectors)} folds each; "
+          "weight 0: none)")
     with ProcessPoolExecutor(workers) as pool:
         start = time.perf_counter()
         batches: list[list[Decoded]] = list(stream(jobs, batch, pool))
@@ -89,7 +91,8 @@ def stages(run: Path, src: Path, meta: Path, size: int, workers: int, batch: int
         start = time.perf_counter()
         fused = []
         for k, (v, ids) in enumerate(views):
-            per_model = [fuse_predictions(tables[m.name][k], v.test_sizes) for m in ens.detectors]
+            per_model = [fuse_predictions(tables[m.name][k], v.test_sizes) if m.folds else
+                         pd.DataFrame(columns=PREDICTION_COLUMNS) for m in ens.detectors]
             fused.append(apply(ens.params, per_model, v.test_sizes, p_abnormal[k] if p_abnormal else None))
         boxes = sum(int((f["class_id"] != 14).sum()) for f in fused)
         _rate("fold+model WBF, gate", len(jobs), time.perf_counter() - start, f"{boxes / len(jobs):.0f} boxes/image out")

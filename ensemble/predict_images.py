@@ -8,7 +8,7 @@ LUT, MONOCHROME1, JPEG 2000), squashed ONCE to the size the models were trained 
 size, or ``--size``) and given to every fold model of every model, exactly as ``make submission``
 treats the test set (one code path):
 
-    per model in runs/NAME/ensemble/params.json (+ the classifier when the gate is on), per fold:
+    per model of weight > 0 in runs/NAME/ensemble/params.json (+ the classifier when the gate is on), per fold:
         the fold's config.yaml -> the adapter's load_infer -> models.common.predict_checkpoints (its TTA views and checkpoints)
     folds  -> one table per model, as ``python -m models MODEL merge`` (WBF; mean of p_abnormal)
     models -> ensemble.ensemble.apply(params, ...)   (the tuned WBF and gate)
@@ -97,7 +97,7 @@ class Member:
     """One model of the ensemble: its trained folds as ``infer`` functions (see models/common.py)."""
 
     name: str
-    folds: list[Callable]
+    folds: list[Callable]  # none for a detector of weight 0 in the tuned fusion (not loaded, not run)
     tta: bool | tuple[str | float, ...]
     batch: int  # the batch its own predict uses, so each model sees the batches make submission gave it
     fusion: WBF = FOLD_MERGE  # how merge fused its folds (RUN/MODEL/fold_fusion.yaml)
@@ -129,7 +129,10 @@ def load_ensemble(run: Path, classifier: str, fold_ids: Sequence[int] | None = N
         classifier = params.classifier  # the member the gate was tuned with (a variant or borrowed one too)
     if gate and classifier == "none":
         raise DataError(path, f"the tuned gate {params.gate.rule!r} needs the classifier; --classifier none drops it")
-    kinds = {**{m: "detector" for m in params.fusion.models}, **({classifier: "classifier"} if gate else {})}
+    # a detector of weight 0 is left out of the fusion (ensemble.fuse): it is neither checked, loaded nor run
+    unused = {m for m, w in zip(params.fusion.models, params.fusion.weights) if w == 0}
+    kinds = {**{m: "detector" for m in params.fusion.models if m not in unused},
+             **({classifier: "classifier"} if gate else {})}
     for m, kind in kinds.items():
         family = _family(m)
         if family not in model_table.MODELS or model_table.kind(family) != kind:
@@ -145,7 +148,8 @@ def load_ensemble(run: Path, classifier: str, fold_ids: Sequence[int] | None = N
         if missing:
             raise DataError(parse_member(m).folder(run), f"model {m!r} has no fold(s) {missing} of folds {expected}: "
                                                          f"run make oof MODEL={m}")
-    detectors = [_load_member(run, m, "detector", expected) for m in params.fusion.models]
+    detectors = [Member(m, [], False, 1) if m in unused else _load_member(run, m, "detector", expected)
+                 for m in params.fusion.models]
     return Ensemble(params, detectors, _load_member(run, classifier, "classifier", expected) if gate else None)
 
 
@@ -209,6 +213,9 @@ def predict_view(ens: Ensemble, view: DataFolder, ids: list[str]) -> pd.DataFram
     sizes = view.test_sizes
     tables = []
     for m in ens.detectors:
+        if not m.folds:  # weight 0: fuse leaves its table out
+            tables.append(pd.DataFrame(columns=PREDICTION_COLUMNS))
+            continue
         per_fold = [predict_checkpoints(infers, view, "test", ids, m.batch, tta=m.tta, **m.views) for infers in m.folds]
         # the fold fusion of models/__main__.py merge, with the settings that merge saved
         tables.append(fuse_group(per_fold, sizes, m.fusion))

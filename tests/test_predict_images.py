@@ -112,6 +112,36 @@ def test_test_pngs_reproduce_the_submission(predicted: dict) -> None:
 
 
 @pytest.mark.slow
+def test_a_detector_of_weight_0_is_not_loaded(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The tuned fusion leaves a weight-0 detector out (ensemble.fuse), so the command neither loads nor runs it:
+    with its weights gone it still gives the submission made with that weight, number for number."""
+    from ensemble.__main__ import main as ensemble_main
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained["root"], root, ignore=shutil.ignore_patterns("submissions", "reports"))
+    run, data, folds = root / "run", root / trained["data"].name, root / trained["folds"].name
+    params = json.loads((run / "ensemble" / "params.json").read_text())
+    params["fusion"]["weights"][params["fusion"]["models"].index("detectron")] = 0.0
+    write_json(params, params_path(run, params["fusion"]["models"], "classifier"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        ensemble_main(["submit", "--data", str(data), "--folds", str(folds), "--run-dir", str(run), "--name", "zero"])
+    gone = sorted((run / "detectron").glob("fold*/*.pth"))
+    assert gone, "the detectron folds must have weights to remove"
+    for f in gone:
+        f.unlink()
+    code, summary, err = run_cli(["--src", str(data / "test"), "--run-dir", str(run), "--out", str(tmp_path / "out"),
+                                  "--data", str(data), "--meta", str(data / "test_meta.csv"), "--folds", str(folds),
+                                  "--workers", "1"], capsys)
+    assert code == 0, err
+    ours = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False).set_index("image_id")
+    theirs = pd.read_csv(root / "submissions" / "zero.csv", dtype=str, keep_default_na=False).set_index("image_id")
+    assert ours.sort_index().equals(theirs.sort_index())
+    with_detectron = pd.read_csv(trained["submission"], dtype=str, keep_default_na=False).set_index("image_id")
+    assert not theirs.sort_index().equals(with_detectron.sort_index()), "weight 0 must change the submission"
+
+
+@pytest.mark.slow
 def test_every_model_and_fold_keeps_curves_a_log_and_its_prediction_settings(trained: dict) -> None:
     """What a user opens after a run, the same for all four models: log.txt (every verb run on the fold; what
     it prints is checked through the real command line in test_models_contract),
