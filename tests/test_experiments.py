@@ -186,7 +186,7 @@ def make(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_experiment_loop_through_make(synth_dir, figures) -> None:
+def test_the_experiment_loop_through_make(synth_dir, figures, tmp_path: Path) -> None:
     """The loop of issue 28 on the synthetic data, through make: train a member; change SET: `make oof`
     refuses by key; FORCE=1 retrains; add a variant (one that keeps no finding box); `make submission`
     fuses both, names the empty one and may leave it out (weight 0 is searched); `make runs` lists both
@@ -223,7 +223,8 @@ def test_the_experiment_loop_through_make(synth_dir, figures) -> None:
         search = pd.read_csv(run / "ensemble" / "yolo-yolo@strict" / "search.csv")
         assert (search["weights"].astype(str).str.contains(r"\b0\.0\b")).any()  # leaving a member out was searched
         assert (REPO / "submissions" / f"{name}.csv").is_file()
-        runs = make("runs", f"DATA={synth_dir}", "RUNS_ARGS=--json")
+        # the page goes to tmp_path: the checkout's own reports/index.html is the user's
+        runs = make("runs", f"DATA={synth_dir}", f"RUNS_ARGS=--json --html {tmp_path / 'runs.html'}")
         assert runs.returncode == 0, runs.stderr[-3000:]
         rows = [r for r in json.loads(runs.stdout[runs.stdout.index("["):runs.stdout.rindex("]") + 1])
                 if r.get("run") == name]
@@ -231,6 +232,7 @@ def test_the_experiment_loop_through_make(synth_dir, figures) -> None:
         assert {"yolo", "yolo@strict"} <= set(members), rows
         assert "score_thr" in str(members["yolo@strict"]["settings"]) and "epochs" in str(members["yolo"]["settings"])
         assert members["yolo"]["fold_mean"] not in (None, "-")
+        assert name in (tmp_path / "runs.html").read_text()
     finally:
         for path in made:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
