@@ -9,7 +9,8 @@ over its framework; ``predict`` hands this module an ``infer`` function
 taking 8-bit grayscale squashed images and returning, per image, boxes normalized to [0, 1]
 of the image it was given. :func:`predict_split` turns that into the shared prediction
 format in original pixels (the squash is undone per axis by multiplying with the original
-width and height), with optional horizontal-flip TTA merged by :func:`cxr.wbf.fuse_predictions`.
+width and height), with optional TTA views (flip, input scales) and checkpoint views fused by
+:func:`cxr.wbf.fuse_group`.
 
 Devices: a profile's ``device:`` is ``auto`` (demo profiles: a usable GPU, else the CPU), ``cuda``
 (full profiles: a usable GPU or one line saying what was found and how to run on the CPU on
@@ -37,7 +38,7 @@ from cxr.images import read_image
 from cxr.io import DataError
 from cxr.metric import ground_truth, mean_average_precision
 from cxr.predictions import write_predictions
-from cxr.wbf import WBF, flip_boxes, fuse_predictions
+from cxr.wbf import WBF, flip_boxes, fuse_group
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, scores (N,), classes (N,)
 # infer(images, size=None): ``size`` is the network's input side for this view (None: the profile's imgsz)
@@ -351,8 +352,7 @@ def predict_split(
                           f"{len(image_ids) / max(t, 1e-9):.1f}" for view, t in zip(views, seconds))
         log(f"tta {split_name}: {len(views)} views of {len(image_ids)} images, images/s per view: {costs}; fused "
             f"with WBF iou_thr {tta_fusion.iou_thr}")
-    return fuse_predictions(out, data.sizes(split_name), None, tta_fusion.iou_thr, tta_fusion.skip_box_thr,
-                            tta_fusion.conf_type)
+    return fuse_group(out, data.sizes(split_name), tta_fusion)
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -478,10 +478,7 @@ def predict_checkpoints(infers: list[tuple[str, Infer]], data: DataFolder, split
     (:func:`predict_split`), several checkpoints' tables fused with WBF (``tta_fusion``)."""
     tables = [predict_split(infer, data, split_name, ids, batch_size=batch_size, workers=workers,
                             tta_fusion=tta_fusion, **views) for _, infer in infers]
-    if len(tables) == 1:
-        return tables[0]
-    return fuse_predictions(tables, data.sizes(split_name), None, tta_fusion.iou_thr, tta_fusion.skip_box_thr,
-                            tta_fusion.conf_type)
+    return fuse_group(tables, data.sizes(split_name), tta_fusion)  # one checkpoint: its table as it is
 
 
 def write_fold_predictions(
