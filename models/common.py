@@ -45,6 +45,10 @@ Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4) xyxyn, sc
 Infer = Callable[..., list[Detections]]
 View = tuple[float, bool]  # (scale of the network input, horizontal flip)
 TTA_FUSION = WBF(iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")  # how a detector's views of one image are fused
+# what every detector may set at predict time apart from its fold's training config (each adapter's PREDICT_ONLY
+# adds its own): the views it predicts with, the weights it shares, the checkpoint it reads, its box filters
+DETECTOR_PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "checkpoint", "score_thr",
+                                   "max_det"})
 
 
 # --- one vocabulary -----------------------------------------------------------------------------------

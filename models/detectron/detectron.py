@@ -83,9 +83,9 @@ from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.wbf import WBF
 from cxr.io import DataError, atomic_path
-from models.common import (TTA_FUSION, Detections, Infer, all_gather, amp_autocast, decode_workers, device, loader_workers,
-                           fold_infers, scale_for_gpus, snapshot_epochs, snapshot_path, trained_weights,
-                           validation_map, write_fold_predictions)
+from models.common import (DETECTOR_PREDICT_ONLY, TTA_FUSION, Detections, Infer, all_gather, amp_autocast,
+                           decode_workers, device, loader_workers, fold_infers, scale_for_gpus, snapshot_epochs,
+                           snapshot_path, trained_weights, validation_map, write_fold_predictions)
 from models.curves import Curves
 from models.weights import resolve, transfer
 
@@ -95,7 +95,7 @@ logging.getLogger("torch.fx._symbolic_trace").addFilter(
     lambda record: not record.getMessage().startswith("is_fx_tracing will return true"))
 
 OUTPUT = "detections"
-PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "max_det", "checkpoint"})  # keys that only change prediction
+PREDICT_ONLY = DETECTOR_PREDICT_ONLY  # keys that only change prediction
 
 
 @dataclass

@@ -54,8 +54,9 @@ from cxr.fusion import DEFAULT, FusionConfig
 from cxr.images import read_image
 from cxr.wbf import WBF
 from cxr.io import write_table
-from models.common import (TTA_FUSION, Detections, Infer, all_gather, amp_autocast, decode_workers, device, load_efficientnet_lite0,
-                           fold_infers, read_state_dict, validation_map, write_fold_predictions)
+from models.common import (DETECTOR_PREDICT_ONLY, TTA_FUSION, Detections, Infer, all_gather, amp_autocast,
+                           decode_workers, device, load_efficientnet_lite0, fold_infers, read_state_dict,
+                           validation_map, write_fold_predictions)
 from models.curves import Progress
 from models.train_utils import (Stepper, augmentations, channels_last, cosine_schedule, eval_loader, launch,
                                 make_optimizer, microbatches, resume, run_epochs, start_rank, train_loader,
@@ -66,7 +67,7 @@ OUTPUT = "detections"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "max_det", "checkpoint"})  # may differ from the fold's training config
+PREDICT_ONLY = DETECTOR_PREDICT_ONLY  # may differ from the fold's training config
 
 
 def effdet() -> ModuleType:

@@ -71,15 +71,15 @@ from cxr.dataset import BOX_COLUMNS, CLASS_NAMES, FINDING_CLASSES, NO_FINDING
 from cxr.fusion import DEFAULT, FusionConfig
 from cxr.wbf import WBF
 from cxr.io import DataError, atomic_path
-from models.common import (TTA_FUSION, Detections, Infer, amp_autocast, decode_workers, device, loader_workers,
-                           fold_infers, snapshot_epochs, snapshot_path, trained_weights, validation_map,
-                           write_fold_predictions)
+from models.common import (DETECTOR_PREDICT_ONLY, TTA_FUSION, Detections, Infer, amp_autocast, decode_workers, device,
+                           loader_workers, fold_infers, snapshot_epochs, snapshot_path, trained_weights,
+                           validation_map, write_fold_predictions)
 from models.curves import Curves
 from models.weights import resolve, transfer
 
 OUTPUT = "detections"  # what merge does with the folds' tables (see models/__main__.py)
 # the keys that only change prediction: `python -m models yolo predict` may set them apart from the fold's config.yaml
-PREDICT_ONLY = frozenset({"tta", "tta_fusion", "share_weights", "checkpoint_views", "score_thr", "nms_iou", "max_det", "predict_batch", "checkpoint"})
+PREDICT_ONLY = DETECTOR_PREDICT_ONLY | {"nms_iou", "predict_batch"}
 MAP_KEY = "metrics/mAP40(competition)"  # our mAP@0.4 in ultralytics' results.csv, its TensorBoard and checkpoints
 
 
