@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr.io import write_json  # noqa: E402
+from cxr.io import DataError, one_line_errors, write_json  # noqa: E402
 from ensemble.ensemble import params_from_dict, params_path  # noqa: E402
 from models import names  # noqa: E402
 
@@ -83,6 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     run = REPO / "runs" / a.name
     base = [m for m in names("detector")]
+    levers = [x for x in a.only.split(",") if x]
+    with one_line_errors():  # before the first make: a typo costs no minutes of training
+        unknown = [x for x in levers if x not in LEVERS]
+        if unknown:
+            raise DataError("--only", f"{', '.join(unknown)}: not a lever ({', '.join(LEVERS)})")
+        if a.family not in base:
+            raise DataError("--family", f"{a.family!r} is not a detector ({', '.join(base)})")
+        if not (run / a.family).is_dir():
+            raise DataError(run, f"no {a.family} member in this run: make demo (or make pipeline NAME={a.name}) first")
     classifier = "classifier"
     common = [f"NAME={a.name}", f"DATA={a.data}"]
     fill = {"family": a.family, "lr_quarter": profile_value(a.family, "lr") / 4,
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append({"lever": "none", "member": a.family, "what": "the run's members as they are",
                  **member_figures(run, a.family), "ensemble": without["nested"], "ensemble_instead": None,
                  "seconds": None})
-    for lever in [x for x in a.only.split(",") if x]:
+    for lever in levers:
         what, sets = LEVERS[lever]
         member = f"{a.family}@{lever}"
         seconds = make("oof", *common, f"MODEL={a.family}", f"VARIANT={lever}",

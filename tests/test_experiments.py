@@ -26,8 +26,8 @@ from cxr.folds import make_folds
 from cxr.io import DataError, write_table
 from models import adapter as import_adapter
 from models.__main__ import main, profile_path
-from models.members import (Member, check_same_folds, fold_inputs, parse_member, read_record, read_scores,
-                            record_settings, write_inputs)
+from models.members import (Member, check_same_folds, fold_inputs, fold_start, parse_member, read_record,
+                            read_scores, record_settings, start_input, write_inputs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,25 @@ def test_member_names() -> None:
     for bad in ("yolo@", "../x:yolo", "yolo@a/b", "resnet", "demo:resnet@a", "@s640"):
         with pytest.raises(DataError):
             parse_member(bad)
+
+
+def test_a_fold_start_names_its_own_weights_or_passes_through(tmp_path) -> None:
+    """``weights``: a member of the same family or a ``{fold}`` path is that fold's file (and a fold input); a
+    public checkpoint or none passes as given (no input); another family's member or a missing fold is an error."""
+    run = tmp_path / "runs" / "x"
+    (run / "yolo@s1" / "fold0").mkdir(parents=True)
+    (run / "yolo@s1" / "fold0" / "weights.pt").write_bytes(b"w")
+    own = str(run / "yolo@s1" / "fold0" / "weights.pt")
+    assert fold_start("yolo@s1", run, 0, "yolo") == own
+    assert fold_start(str(run / "yolo@s1" / "fold{fold}" / "weights.pt"), run, 0, "yolo") == own
+    assert set(start_input("yolo@s1", run, 0, "yolo")) == {"start_sha256"}
+    for public in ("yolov8x.pt", None):
+        assert fold_start(public, run, 0, "yolo") == public and start_input(public, run, 0, "yolo") == {}
+    for value, family, fold, words in (("yolo@s1", "effdet", 0, "a effdet fold cannot start from it"),
+                                       ("yolo@s1", "yolo", 1, "no final weights for fold 1"),
+                                       (str(run / "yolo@s1" / "fold{fold}" / "weights.pt"), "yolo", 1, "fold 1")):
+        with pytest.raises(DataError, match=words):
+            fold_start(value, run, fold, family)
 
 
 def test_a_changed_setting_is_never_up_to_date(setup, tmp_path, capsys) -> None:

@@ -276,6 +276,27 @@ def test_no_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (tmp_path / "index.html").is_file()
 
 
+def test_levers_refuse_a_bad_lever_family_or_run_before_any_make(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/levers.py: an unknown lever, a family that is no detector, a run without that member: one line, exit 2,
+    before the first make (which would train for minutes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("levers", Path(__file__).resolve().parents[1] / "bench" / "levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    monkeypatch.setattr(levers, "make", lambda *a: pytest.fail(f"make {a} ran"))
+    monkeypatch.setattr(levers, "REPO", tmp_path)
+    (tmp_path / "runs" / "demo" / "effdet").mkdir(parents=True)
+    for argv, words in ((["--only", "tta,sle"], "--only: sle: not a lever"),
+                        (["--family", "classifier"], "--family: 'classifier' is not a detector"),
+                        (["--name", "nothing"], "no effdet member in this run")):
+        with pytest.raises(SystemExit) as e:
+            levers.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_ablation_of_a_run_is_shown(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """bench/levers.py's ablation.json / ablation.md of a run: `make runs` prints the table and its page shows it
     (every figure a nested one; a missing figure is '-')."""
