@@ -187,6 +187,17 @@ def _changes(old: dict, new: dict, keys: list[str], verb: str) -> list[str]:
     return [f"{k}: {verb} {old.get(k, '<unset>')!r}, asked {new.get(k, '<unset>')!r}" for k in keys]
 
 
+def predict_free(adapter: Any) -> set[str]:
+    """The keys that may differ from a fold's training config: the adapter's ``PREDICT_ONLY`` and where it runs."""
+    return set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
+
+
+def trained_changes(adapter: Any, old: dict, new: dict) -> list[str]:
+    """``key: trained X, asked Y`` for each training setting (not :func:`predict_free`) of ``new`` that differs from
+    the saved config ``old``: weights trained with ``old`` do not fit ``new``."""
+    return _changes(old, new, differing(old, new, predict_free(adapter)), "trained")
+
+
 def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dict[int, dict], run: Path,
                 family: str) -> dict[int, tuple[str, list[str]]]:
     """Folds of a member whose saved results were made otherwise than ``cfg`` and ``inputs`` (per fold) ask:
@@ -204,8 +215,7 @@ def stale_folds(adapter: Any, cfg: Any, folder: Path, ks: list[int], inputs: dic
             continue
         new = {**asked, "weights": fold_start(asked["weights"], run, k, family)} if asked.get("weights") else asked
         old = read_yaml(saved.read_text()) or {}
-        keys = differing(old, new, WHERE_IT_RUNS | only)
-        lines = _changes(old, new, keys, "trained") + changed_inputs(read_inputs(out), inputs[k])
+        lines = trained_changes(adapter, old, new) + changed_inputs(read_inputs(out), inputs[k])
         if lines:
             stale[k] = ("train", lines)
             continue
@@ -281,11 +291,9 @@ def predict_config(adapter: Any, cfg: Any, out: Path) -> Any:
     if not saved.is_file():
         return cfg  # not trained here: load_infer says which make target trains it
     trained = load(adapter.Config, saved, overrides_from=str(saved))
-    free = set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
-    old, new = to_dict(trained), to_dict(cfg)
-    diff = differing(old, new, free)
-    if diff:
-        changes = "; ".join(f"{k}: trained {old.get(k)!r}, asked {new.get(k)!r}" for k in diff)
+    free, new = predict_free(adapter), to_dict(cfg)
+    changes = "; ".join(trained_changes(adapter, to_dict(trained), new))
+    if changes:
         raise DataError(saved, f"this fold was trained with other settings ({changes}): predict with the training "
                                f"settings (same PROFILE, no SET for these keys); only {', '.join(sorted(free))} may "
                                f"change at predict time")
@@ -295,7 +303,7 @@ def predict_config(adapter: Any, cfg: Any, out: Path) -> Any:
 def record_prediction(adapter: Any, cfg: Any, out: Path) -> Path:
     """``predict.yaml``: the prediction settings the fold's tables were made with (the report reads
     ``checkpoint`` from it: ``best`` marks the fold's OOF figures as optimistic)."""
-    keys = sorted(set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS)
+    keys = predict_free(adapter)
     values = {k: v for k, v in to_dict(cfg).items() if k in keys}
     with atomic_path(out / "predict.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(values, sort_keys=False))
@@ -522,13 +530,11 @@ def share_fold(adapter: Any, cfg: Any, shared: str, run: Path, fold: int, out: P
     links (one copy on disk), its config, curves and metrics copies. Returns the final weights' path here."""
     final = Path(fold_start(shared, run, fold, family))
     source = final.parent
-    free = set(getattr(adapter, "PREDICT_ONLY", ())) | WHERE_IT_RUNS
     old = read_yaml((source / "config.yaml").read_text()) or {}
-    new = read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    diff = differing(old, new, free)
-    if diff:
+    changes = trained_changes(adapter, old, read_yaml(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    if changes:
         raise DataError(out, f"share_weights: {shared} fold {fold} was trained with other settings "
-                             f"({'; '.join(_changes(old, new, diff, 'trained'))}): only {', '.join(sorted(free))} "
+                             f"({'; '.join(changes)}): only {', '.join(sorted(predict_free(adapter)))} "
                              f"may differ from the member whose weights are shared")
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
